@@ -1,0 +1,88 @@
+"""`Losses`: what evaluating an objective on one batch gives.
+
+Conventions (shared by the objective, every balancer and the trainer):
+
+* ``parts[name]`` is the *unweighted* value of a loss part: a scalar tensor, attached to the autograd graph,
+  the mean over the labelled examples of the batch (see :mod:`lossport.objective`).
+* ``weights[name]`` is the weight applied to that part. The objective fills it with the static weight of the
+  spec (``weights=`` times any ``Scaled`` factor); a balancer replaces it with ``static * balancer_weight``.
+* ``extra`` holds terms added to the total that are not task parts: L1/L2 regularization parts and terms a
+  balancer adds (the ``log sigma`` term of uncertainty weighting, for example). Their values are final.
+* ``total = sum_i weights[i] * parts[i] + sum(extra)``: the scalar to backpropagate.
+* ``missing`` lists the parts with no labelled example in the batch; they are not in ``parts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def weighted_total(
+    parts: Mapping[str, Tensor], weights: Mapping[str, Tensor | float], extra: Mapping[str, Tensor]
+) -> Tensor:
+    """``sum_i weights[i] * parts[i] + sum(extra)`` as a scalar tensor."""
+    terms = [parts[k] * weights[k] for k in parts] + list(extra.values())
+    if not terms:
+        raise ValueError("no loss part to sum: every part is missing from this batch and there is no extra term")
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+@dataclass
+class Losses:
+    """The loss parts of one batch, their weights and their weighted total."""
+
+    parts: dict[str, Tensor]
+    weights: dict[str, Tensor | float]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+    counts: dict[str, int] = field(default_factory=dict)
+    """Number of labelled examples behind each part (for averaging over batches)."""
+    outputs: Any = None
+    """The net's outputs for this batch (by output name), for balancers that need the representation."""
+    per_example: dict[str, Tensor] = field(default_factory=dict)
+    """Per-example loss values of each part (NaN where unlabelled), detached."""
+    _total: Tensor | None = None
+
+    @property
+    def total(self) -> Tensor:
+        """The scalar to backpropagate: weighted parts plus the extra terms."""
+        if self._total is None:
+            self._total = weighted_total(self.parts, self.weights, self.extra)
+        return self._total
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the parts present in this batch, in declaration order."""
+        return list(self.parts)
+
+    def stacked(self) -> Tensor:
+        """The parts as one vector (declaration order), still attached to the graph."""
+        return torch.stack([self.parts[k] for k in self.parts])
+
+    def reweighted(self, weights: Mapping[str, Tensor | float], extra: Mapping[str, Tensor] | None = None) -> Losses:
+        """A copy with new weights (and extra terms added to the existing ones); the total is recomputed."""
+        missing_w = [k for k in self.parts if k not in weights]
+        if missing_w:
+            raise ValueError(f"reweighted: no weight given for parts {missing_w}")
+        new_extra = dict(self.extra)
+        new_extra.update(extra or {})
+        return replace(self, weights={k: weights[k] for k in self.parts}, extra=new_extra, _total=None)
+
+    def as_dict(self) -> dict[str, float]:
+        """Floats: ``loss`` (the total), every part, every extra term, and ``weight/<part>``."""
+        out: dict[str, float] = {"loss": float(self.total.detach())}
+        for k, v in self.parts.items():
+            out[k] = float(v.detach())
+        for k, v in self.extra.items():
+            out[k] = float(v.detach())
+        for k, w in self.weights.items():
+            out[f"weight/{k}"] = float(w.detach()) if isinstance(w, Tensor) else float(w)
+        return out
