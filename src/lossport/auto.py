@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 
 from .losses import Contrastive, CrossEntropy, LossLayer, PairDistance, MSE
@@ -138,14 +137,12 @@ def choose(producer: Producer) -> tuple[LossLayer | None, bool, str]:
 def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[int, Tensor]]]:
     """Within the block, record for each named module ``id(output) -> first input`` of every call."""
     got: dict[str, dict[int, Tensor]] = {n: {} for n in modules}
-    keep: list[Tensor] = []
     handles = []
 
     def make(name: str):
         def hook(mod: nn.Module, args: tuple, out: object) -> None:
             if isinstance(out, Tensor) and args and isinstance(args[0], Tensor):
                 got[name][id(out)] = args[0]
-                keep.append(out)
 
         return hook
 
@@ -157,5 +154,3 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[int
         for h in handles:
             h.remove()
 
-
-_ = torch

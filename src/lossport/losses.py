@@ -66,6 +66,15 @@ def reduce_elements(values: Tensor, weights: Tensor, reduction: str = "mean") ->
     return num / den
 
 
+def _plain(target: Tensor, sample_weight: Tensor | None, reduction: str) -> bool:
+    """True when no element is masked or weighted: the fused torch loss gives the same mean, faster."""
+    return (
+        reduction == "mean"
+        and sample_weight is None
+        and not (target.is_floating_point() and bool(torch.isnan(target).any()))
+    )
+
+
 def _float_target_mask(target: Tensor) -> Tensor:
     return ~torch.isnan(target) if target.is_floating_point() else torch.ones_like(target, dtype=torch.bool)
 
@@ -115,12 +124,16 @@ def _regression(kind: str, input: Tensor, target: Tensor, delta: float = 1.0) ->
 
 def mse(input: Tensor, target: Tensor, *, sample_weight: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Mean squared error ``(x - y)^2`` per element; NaN targets are missing labels (see module docstring)."""
+    if _plain(target, sample_weight, reduction):
+        return F.mse_loss(input, _check_same_shape("mse", input, target).to(input.dtype))
     vals, mask = _regression("mse", input, target)
     return reduce_elements(vals, mask * _sample_weights(vals, sample_weight), reduction)
 
 
 def mae(input: Tensor, target: Tensor, *, sample_weight: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Mean absolute error ``|x - y|`` per element; NaN targets are missing labels."""
+    if _plain(target, sample_weight, reduction):
+        return F.l1_loss(input, _check_same_shape("mae", input, target).to(input.dtype))
     vals, mask = _regression("mae", input, target)
     return reduce_elements(vals, mask * _sample_weights(vals, sample_weight), reduction)
 
@@ -183,6 +196,8 @@ def cross_entropy(
     cw = None if class_weights is None else torch.as_tensor(class_weights, dtype=input.dtype, device=input.device)
     if form == "binary":
         target = _check_same_shape("binary cross-entropy", input, target).to(input.dtype)
+        if from_logits and cw is None and _plain(target, sample_weight, reduction):
+            return F.binary_cross_entropy_with_logits(input, target)
         mask = _float_target_mask(target)
         y = torch.where(mask, target, torch.zeros_like(target))
         if from_logits:
@@ -212,6 +227,11 @@ def cross_entropy(
                     f"{tuple(input.shape)} it must have shape {tuple(expected)} (one class index per example)"
                 )
         n_classes = input.shape[class_dim]
+        if from_logits and sample_weight is None and reduction == "mean" and class_dim == 1:
+            try:
+                return F.cross_entropy(input, t, weight=cw, ignore_index=IGNORE_INDEX)
+            except (IndexError, RuntimeError):
+                pass  # out-of-range classes or wrong class weights: the checks below say what is wrong
         mask = t != IGNORE_INDEX
         bad = mask & ((t < 0) | (t >= n_classes))
         if bool(bad.any()):

@@ -25,6 +25,7 @@ optimizer step (it runs the balancer's post-step update, e.g. FAMO's).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -83,9 +84,14 @@ def name_outputs(out: Any) -> tuple[dict[str, Tensor], str]:
 
 def forward_parameters(net: nn.Module) -> tuple[list[str], list[str], bool]:
     """(all named parameters of forward, the required ones, whether it takes **kwargs)."""
-    sig = inspect.signature(unwrap(net).forward)
+    return _forward_parameters(type(unwrap(net)))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_parameters(cls: type) -> tuple[list[str], list[str], bool]:
+    sig = inspect.signature(cls.forward)
     names, required, var_kw = [], [], False
-    for p in sig.parameters.values():
+    for p in list(sig.parameters.values())[1:]:  # skip self
         if p.kind == p.VAR_KEYWORD:
             var_kw = True
         elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
@@ -100,14 +106,12 @@ def _count_labelled(target: Tensor | None, batch_size: int) -> int:
         return batch_size
     if target.dim() == 0:
         return 1
-    t = target.reshape(target.shape[0], -1)
-    if t.is_floating_point():
-        ok = ~torch.isnan(t)
-    elif t.dtype == torch.bool:
-        return int(t.shape[0])
-    else:
-        ok = t != -100
-    return int(ok.any(dim=1).sum())
+    if target.dtype == torch.bool:
+        return int(target.shape[0])
+    absent = torch.isnan(target) if target.is_floating_point() else target == -100
+    if not bool(absent.any()):
+        return int(target.shape[0])
+    return int((~absent).reshape(target.shape[0], -1).any(dim=1).sum())
 
 
 class Objective:
@@ -271,6 +275,9 @@ class Objective:
             self.compile(net, batch)
         inner = unwrap(net)
         args, kwargs = self._inputs(inner, batch)
+        if not self._producers:
+            outputs, _ = name_outputs(net(*args, **kwargs))
+            return outputs, {}
         mods = dict(inner.named_modules())
         wanted = {self._producers[o]: mods[self._producers[o]] for o in self._producers}
         with capture_inputs(wanted) as got:

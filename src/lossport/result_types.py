@@ -26,13 +26,17 @@ def weighted_total(
     parts: Mapping[str, Tensor], weights: Mapping[str, Tensor | float], extra: Mapping[str, Tensor]
 ) -> Tensor:
     """``sum_i weights[i] * parts[i] + sum(extra)`` as a scalar tensor."""
-    terms = [parts[k] * weights[k] for k in parts] + list(extra.values())
+    terms = [_times(parts[k], weights[k]) for k in parts] + list(extra.values())
     if not terms:
         raise ValueError("no loss part to sum: every part is missing from this batch and there is no extra term")
     total = terms[0]
     for t in terms[1:]:
         total = total + t
     return total
+
+
+def _times(part: Tensor, w: Tensor | float) -> Tensor:
+    return part if isinstance(w, float) and w == 1.0 else part * w
 
 
 @dataclass

@@ -46,7 +46,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .errors import LossSpecError
@@ -349,7 +348,7 @@ class _Compiler:
     def named_entry(self, s: Any, scale: float) -> None:
         if isinstance(s, Scaled):
             return self.named_entry(s.spec, scale * s.r)
-        if isinstance(s, str):
+        if isinstance(s, str) and (s in self.outputs or s == "auto"):
             return self.top(s, scale)
         if _is_pair(s):
             o, inner = s
@@ -477,5 +476,3 @@ def _number(w: Any, name: str) -> float:
 
 
 __all__ = ["Scaled", "CustomLoss", "L1", "L2", "Term", "compile_spec", "apply_weights", "callable_needs_target"]
-
-_ = torch  # torch is used in type positions only

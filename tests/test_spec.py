@@ -1,0 +1,122 @@
+"""Random specs against random nets: compiling either succeeds (and then evaluates to a finite total with the
+weighted-sum identity) or raises LossSpecError; nothing else ever escapes."""
+
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lossport import L1, L2, CustomLoss, LossSpecError, Objective, Scaled
+from lossport.losses import MAE, MSE, CrossEntropy
+
+OUTPUT_KINDS = ["linear", "softmax", "sigmoid", "scalar"]
+
+
+class RandomNet(nn.Module):
+    def __init__(self, kinds: list[str], structure: str) -> None:
+        super().__init__()
+        self.kinds, self.structure = kinds, structure
+        self.trunk = nn.Linear(3, 4)
+        heads = []
+        for k in kinds:
+            if k == "softmax":
+                heads.append(nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)))
+            elif k == "sigmoid":
+                heads.append(nn.Sequential(nn.Linear(4, 1), nn.Sigmoid()))
+            else:
+                heads.append(nn.Linear(4, 1))
+        self.heads = nn.ModuleList(heads)
+
+    def names(self):
+        if self.structure == "single":
+            return ["out"]
+        if self.structure == "tuple":
+            return [f"out{i}" for i in range(len(self.kinds))]
+        return [f"y{i}" for i in range(len(self.kinds))]
+
+    def forward(self, x):
+        h = self.trunk(x)
+        outs = []
+        for k, head in zip(self.kinds, self.heads):
+            o = head(h)
+            outs.append(o.mean() if k == "scalar" else o)
+        if self.structure == "single":
+            return outs[0]
+        if self.structure == "tuple":
+            return tuple(outs)
+        return dict(zip(self.names(), outs))
+
+
+def batch_for(net: RandomNet, n: int = 4):
+    g = torch.Generator().manual_seed(0)
+    b = {"x": torch.randn(n, 3, generator=g)}
+    for name, k in zip(net.names(), net.kinds):
+        if k == "softmax":
+            b[name] = torch.randint(0, 3, (n,), generator=g)
+        elif k == "sigmoid":
+            b[name] = torch.randint(0, 2, (n, 1), generator=g).float()
+        else:
+            b[name] = torch.randn(n, 1, generator=g)
+    return b
+
+
+def leaf_specs(names):
+    return st.one_of(
+        st.sampled_from(["auto", "mse", "mae", "huber", "ce", "bce", "contrastive", "msee", None]),
+        st.sampled_from(names + ["nope"]),
+        st.builds(MSE),
+        st.builds(MAE),
+        st.builds(CrossEntropy, st.sampled_from(["index", "binary", "probabilities"])),
+        st.just(lambda o, t: (o - t.float().reshape(o.shape[0], -1)[:, :1]).pow(2).mean()),
+        st.just(CustomLoss(lambda o: o.float().pow(2).mean(), target=False)),
+        st.just(lambda o: {"a": o.float().mean(), "b": o.float().pow(2).mean()}),
+        st.integers(0, 3),
+    )
+
+
+def specs(names):
+    leaf = leaf_specs(names)
+    scaled = st.builds(Scaled, leaf, st.floats(-2, 2, allow_nan=False))
+    item = st.one_of(leaf, scaled)
+    pair = st.tuples(st.sampled_from(names + ["nope"]), item)
+    regs = st.one_of(st.builds(L1, st.floats(0, 1)), st.builds(L2, st.floats(0, 1)))
+    return st.one_of(
+        item,
+        st.dictionaries(st.sampled_from(names + ["nope"]), st.one_of(item, st.lists(item, max_size=2)), max_size=4),
+        st.lists(st.one_of(item, pair, regs), max_size=4),
+    )
+
+
+def weight_specs(names):
+    return st.one_of(
+        st.none(),
+        st.floats(-3, 3, allow_nan=False),
+        st.lists(st.floats(0, 3), max_size=4),
+        st.dictionaries(st.sampled_from(names + ["nope", names[0] + "/mse"]), st.floats(0, 3), max_size=4),
+    )
+
+
+@st.composite
+def cases(draw):
+    kinds = draw(st.lists(st.sampled_from(OUTPUT_KINDS), min_size=1, max_size=3))
+    structure = draw(st.sampled_from(["dict", "tuple"] + (["single"] if len(kinds) == 1 else [])))
+    net = RandomNet(kinds, structure)
+    names = net.names()
+    return net, draw(specs(names)), draw(weight_specs(names))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_random_specs_compile_or_raise_loss_spec_error(case):
+    net, spec, weights = case
+    obj = Objective(spec, weights=weights)
+    try:
+        losses = obj(net, batch_for(net))
+    except LossSpecError:
+        return
+    d = losses.as_dict()
+    expected = sum(float(losses.weights[k]) * d[k] for k in losses.parts) + sum(d[k] for k in losses.extra)
+    assert math.isclose(d["loss"], expected, rel_tol=1e-5, abs_tol=1e-6)
+    assert obj.describe().count("\n") >= 1
