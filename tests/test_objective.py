@@ -268,7 +268,9 @@ def test_tuple_outputs_by_position_and_xy_pairs():
     assert torch.allclose(losses.total, F.mse_loss(a, y0) + 2 * F.l1_loss(b, y1))
     assert torch.allclose(Objective([None, "mse"])(net, (x, (None, y1))).total, F.mse_loss(b, y1))
     # dict batch keys for tuple outputs
-    assert torch.allclose(Objective()(net, {"x": x, "out0": y0, "out1": y1}).total, F.mse_loss(a, y0) + F.mse_loss(b, y1))
+    assert torch.allclose(
+        Objective()(net, {"x": x, "out0": y0, "out1": y1}).total, F.mse_loss(a, y0) + F.mse_loss(b, y1)
+    )
 
 
 # ----------------------------------------------------------------------------------------- errors

@@ -23,13 +23,13 @@ anything else                                mean squared error
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from .losses import Contrastive, CrossEntropy, LossLayer, PairDistance, MSE
+from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance
 
 
 @dataclass
@@ -37,7 +37,8 @@ class Producer:
     """The module (by qualified name) that returned an output, and the kind of loss it implies."""
 
     module_name: str | None
-    kind: str  # "softmax" | "logsoftmax" | "sigmoid" | "pair" | "loss" | "fn_softmax" | "fn_logsoftmax" | "fn_sigmoid" | "other"
+    kind: str
+    """softmax, logsoftmax, sigmoid, pair, loss, fn_softmax, fn_logsoftmax, fn_sigmoid or other."""
     dim: int = 1
 
 
@@ -153,4 +154,3 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[int
     finally:
         for h in handles:
             h.remove()
-

@@ -101,9 +101,7 @@ def _sample_weights(elements: Tensor, sample_weight: Tensor | None) -> Tensor:
     if sw.dim() == 0:
         return sw
     if sw.shape[0] != elements.shape[0]:
-        raise ValueError(
-            f"sample weights have {sw.shape[0]} entries for a batch of {elements.shape[0]} examples"
-        )
+        raise ValueError(f"sample weights have {sw.shape[0]} entries for a batch of {elements.shape[0]} examples")
     if sw.dim() == 1:
         return sw.reshape((-1,) + (1,) * (elements.dim() - 1))
     return sw

@@ -79,16 +79,19 @@ def name_outputs(out: Any) -> tuple[dict[str, Tensor], str]:
                 raise LossSpecError(f"output {i} of the tuple is a {type(v).__name__}, not a tensor")
             named[f"out{i}"] = v
         return named, "tuple"
-    raise LossSpecError(f"the net returned a {type(out).__name__}; lossport needs a tensor, a tuple or a dict of tensors")
+    raise LossSpecError(
+        f"the net returned a {type(out).__name__}; lossport needs a tensor, a tuple or a dict of tensors"
+    )
 
 
 def forward_parameters(net: nn.Module) -> tuple[list[str], list[str], bool]:
     """(all named parameters of forward, the required ones, whether it takes **kwargs)."""
-    return _forward_parameters(type(unwrap(net)))
+    cls: Any = type(unwrap(net))
+    return _forward_parameters(cls)
 
 
 @functools.lru_cache(maxsize=256)
-def _forward_parameters(cls: type) -> tuple[list[str], list[str], bool]:
+def _forward_parameters(cls: Any) -> tuple[list[str], list[str], bool]:
     sig = inspect.signature(cls.forward)
     names, required, var_kw = [], [], False
     for p in list(sig.parameters.values())[1:]:  # skip self
@@ -162,7 +165,9 @@ class Objective:
 
     def _need_compiled(self) -> None:
         if self.terms is None:
-            raise RuntimeError("the objective is compiled at its first call: objective(net, batch) or .compile(net, batch)")
+            raise RuntimeError(
+                "the objective is compiled at its first call: objective(net, batch) or .compile(net, batch)"
+            )
 
     def compile(self, net: nn.Module, batch: Batch) -> Objective:
         """Bind the spec to the net's outputs with one forward pass on ``batch`` (eval mode, grad enabled, so
@@ -331,7 +336,9 @@ class Objective:
                 target = _get_target(t, targets, self.output_names)
             sw = targets.get(f"{t.output}_weight")
             if t.kind == "port":
-                values = {t.name: (y_hat.sum() if y_hat.dim() else y_hat, None)}
+                values: dict[str, tuple[Tensor, Tensor | None]] = {
+                    t.name: (y_hat.sum() if y_hat.dim() else y_hat, None)
+                }
             elif t.kind == "layer":
                 x = logits.get(t.output, y_hat) if t.use_producer_input else y_hat
                 values = {t.name: _call_layer(t, x, target, sw, per_example)}
@@ -458,7 +465,9 @@ def _reduce_custom(name: str, v: Any, sw: Tensor | None) -> tuple[Tensor, Tensor
     return (per_ex * w).sum() / w.sum(), per_ex
 
 
-def _call_fn(t: Term, y_hat: Tensor, target: Tensor | None, sw: Tensor | None) -> dict[str, tuple[Tensor, Tensor | None]]:
+def _call_fn(
+    t: Term, y_hat: Tensor, target: Tensor | None, sw: Tensor | None
+) -> dict[str, tuple[Tensor, Tensor | None]]:
     fn: Callable[..., Any] = getattr(t.loss, "fn", t.loss)
     try:
         v = fn(y_hat, target) if t.needs_target else fn(y_hat)

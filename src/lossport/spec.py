@@ -62,11 +62,13 @@ class Scaled:
 
     def __init__(self, spec: Any, r: float) -> None:
         if isinstance(spec, Scaled):
-            spec, r = spec.spec, spec.r * r
+            inner: Scaled = spec
+            r = inner.r * r
+            spec = inner.spec
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise LossSpecError(f"Scaled(spec, r): r must be a number, got {r!r}")
-        self.spec = spec
-        self.r = float(r)
+        self.spec: Any = spec
+        self.r: float = float(r)
 
     def __repr__(self) -> str:
         return f"Scaled({self.spec!r}, {self.r})"
@@ -103,12 +105,12 @@ class _Regularization:
         or list of strings are glob patterns on parameter names (``"trunk.*"``); or explicit tensors."""
         named = dict(net.named_parameters())
         if self.params is None:
-            return [p for p in named.values() if p.requires_grad and p.dim() > 1]
+            return [p for p in named.values() if p.requires_grad and p.dim() > 1]  # type: ignore[misc]
         if isinstance(self.params, str) or (
             isinstance(self.params, Sequence) and all(isinstance(s, str) for s in self.params)
         ):
             patterns = [self.params] if isinstance(self.params, str) else list(self.params)
-            chosen = [p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+            chosen: list[Tensor] = [p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
             if not chosen:
                 raise LossSpecError(
                     f"{self!r}: no parameter name matches {patterns}; names look like {list(named)[:6]}"
@@ -242,8 +244,15 @@ class _Compiler:
             if spec in ALIASES:
                 layer = from_alias(spec)
                 self.terms.append(
-                    Term(name="", output=output, kind="layer", loss=layer, scale=scale, needs_target=True,
-                         how=f"alias {spec!r}")
+                    Term(
+                        name="",
+                        output=output,
+                        kind="layer",
+                        loss=layer,
+                        scale=scale,
+                        needs_target=True,
+                        how=f"alias {spec!r}",
+                    )
                 )
                 return None
             raise self.err(
@@ -259,8 +268,15 @@ class _Compiler:
         if isinstance(spec, (LossLayer, CustomLoss)) or _is_loss_like(spec):
             kind = "layer" if isinstance(spec, LossLayer) else "callable"
             self.terms.append(
-                Term(name="", output=output, kind=kind, loss=spec, scale=scale,
-                     needs_target=callable_needs_target(spec), how="given")
+                Term(
+                    name="",
+                    output=output,
+                    kind=kind,
+                    loss=spec,
+                    scale=scale,
+                    needs_target=callable_needs_target(spec),
+                    how="given",
+                )
             )
             return None
         raise self.err(f"output {output!r}: cannot use {spec!r} as a loss")
@@ -275,8 +291,9 @@ class _Compiler:
             if spec == "auto":
                 if self.scalars:
                     for o in self.scalars:
-                        self.terms.append(Term(name="", output=o, kind="port", scale=scale,
-                                               how="auto: scalar output is a loss"))
+                        self.terms.append(
+                            Term(name="", output=o, kind="port", scale=scale, how="auto: scalar output is a loss")
+                        )
                     return None
                 for o in self.outputs:
                     self.terms.append(Term(name="", output=o, kind="auto", scale=scale))
@@ -291,9 +308,7 @@ class _Compiler:
                 return None
             if spec in ALIASES:
                 return self.single(spec, scale)
-            raise self.err(
-                f"loss {spec!r} is neither an output name nor a loss alias ({_fmt(ALIASES)}) nor 'auto'"
-            )
+            raise self.err(f"loss {spec!r} is neither an output name nor a loss alias ({_fmt(ALIASES)}) nor 'auto'")
         if isinstance(spec, _Regularization):
             return self.add(None, spec, scale)
         if isinstance(spec, Mapping):
@@ -377,9 +392,7 @@ def _is_named_entry(s: Any, outputs: Sequence[str]) -> bool:
     return (isinstance(s, str) and s in outputs and s not in ALIASES) or _is_pair(s) or isinstance(s, Mapping)
 
 
-def compile_spec(
-    spec: Any, outputs: Sequence[str], *, structure: str, scalars: Sequence[str] = ()
-) -> list[Term]:
+def compile_spec(spec: Any, outputs: Sequence[str], *, structure: str, scalars: Sequence[str] = ()) -> list[Term]:
     """Turn a spec into terms with names (``auto`` terms are resolved later by :mod:`lossport.auto`).
 
     ``structure`` is ``"dict"``, ``"tuple"`` or ``"single"``; ``scalars`` the outputs that are scalars.

@@ -80,7 +80,9 @@ class Balancer:
         """Diagnostics of the last call (norms, cosines, solver residuals), reported in the history."""
 
     # -- the one method a subclass must write ---------------------------------------------------------
-    def balance(self, losses: Losses) -> Mapping[str, Tensor | float] | tuple[Mapping[str, Tensor | float], Mapping[str, Tensor]]:
+    def balance(
+        self, losses: Losses
+    ) -> Mapping[str, Tensor | float] | tuple[Mapping[str, Tensor | float], Mapping[str, Tensor]]:
         """Balancer weights ``b_i`` by part name, optionally with extra terms for the total.
 
         Return either ``{part: b}`` or ``({part: b}, {extra_name: term})``. Weights may be tensors; they are
