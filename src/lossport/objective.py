@@ -177,8 +177,9 @@ class Objective:
         was_training = inner.training
         inner.eval()
         try:
+            # the inner module, not a DDP wrapper: DDP replaces output tensors and would expect a backward
             with torch.enable_grad(), record_producers(inner) as seen:
-                out = net(*args, **kwargs)
+                out = inner(*args, **kwargs)
             outputs, structure = name_outputs(out)
             producers = {k: producer_of(v, seen) for k, v in outputs.items()}
         finally:
@@ -291,7 +292,10 @@ class Objective:
         logits: dict[str, Tensor] = {}
         for o, mname in self._producers.items():
             if o in outputs:
-                x = got[mname].get(id(outputs[o]))
+                calls = got[mname]
+                x = calls.get(id(outputs[o]))
+                if x is None and len(calls) == 1:  # a wrapper (DDP) replaced the output tensor
+                    x = next(iter(calls.values()))
                 if x is None:
                     raise LossSpecError(
                         f"output {o!r} was produced by {mname!r} when the objective was compiled but not in this "
