@@ -26,6 +26,7 @@ Gradient-level balancers need the Gramian of the *global* per-part gradients ``g
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -54,11 +55,12 @@ def _device_for_comm(t: Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def global_losses(losses: Losses, names: list[str]) -> Losses:
+def global_losses(losses: Losses, names: list[str], static_weights: Mapping[str, float] | None = None) -> Losses:
     """The surrogate parts of the module docstring: global values, gradients that DDP averages exactly.
 
     ``names`` lists every part the objective can produce, in the same order on every rank (so that ranks where
-    a part is missing still take part in the all-reduce). A part with no labelled example on any rank stays
+    a part is missing still take part in the all-reduce); ``static_weights`` gives their static weights (for
+    parts missing on this rank). A part with no labelled example on any rank stays
     missing; a part labelled elsewhere but not here becomes a constant with the global value.
     """
     if not is_distributed():
@@ -94,7 +96,7 @@ def global_losses(losses: Losses, names: list[str]) -> Losses:
             dtype = ref.dtype if ref is not None else torch.float32
             device = ref.device if ref is not None else torch.device("cpu")
             parts[name] = value.to(dtype).to(device) + _zero_anchor(losses, name)
-            weights[name] = 1.0
+            weights[name] = (static_weights or {}).get(name, 1.0)
         counts[name] = int(total_n)
     return replace(losses, parts=parts, weights=weights, counts=counts, missing=tuple(missing), _total=None)
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .auto import capture_inputs, choose, producer_of, record_producers
+from .distributed import global_losses, is_distributed
 from .errors import LossSpecError
 from .result_types import Losses
 from .spec import RESERVED, Term, _Regularization, apply_weights, compile_spec
@@ -156,6 +157,13 @@ class Objective:
             if t.kind != "reg":
                 names.extend(t.parts or [t.name])
         return names
+
+    @property
+    def static_weights(self) -> dict[str, float]:
+        """The static weight of every part (``weights=`` times ``Scaled``)."""
+        self._need_compiled()
+        assert self.terms is not None
+        return {p: t.static_weight for t in self.terms if t.kind != "reg" for p in (t.parts or [t.name])}
 
     @property
     def extra_names(self) -> list[str]:
@@ -375,10 +383,17 @@ class Objective:
     def __call__(self, net: nn.Module, batch: Batch, *, per_example: bool = False) -> Losses:
         """Forward ``batch`` through ``net`` and return its loss parts, weights and total (balanced if a
         balancer was given)."""
-        outputs, logits = self.forward(net, batch)
-        losses = self.losses(outputs, batch, net=net, logits=logits, per_example=per_example)
+        losses = self._evaluate(net, batch, per_example=per_example)
         if self.balancer is not None and losses.parts:
             losses = self.balancer(losses)
+        return losses
+
+    def _evaluate(self, net: nn.Module, batch: Batch, *, per_example: bool = False) -> Losses:
+        """Forward and parts; under torchrun the parts are the global batch's (:mod:`lossport.distributed`)."""
+        outputs, logits = self.forward(net, batch)
+        losses = self.losses(outputs, batch, net=net, logits=logits, per_example=per_example)
+        if is_distributed():
+            losses = global_losses(losses, self.part_names, self.static_weights)
         return losses
 
     def step(self, net: nn.Module, batch: Batch) -> None:
@@ -388,8 +403,7 @@ class Objective:
 
         def recompute() -> Losses:
             with torch.no_grad():
-                outputs, logits = self.forward(net, batch)
-                return self.losses(outputs, batch, net=net, logits=logits)
+                return self._evaluate(net, batch)
 
         self.balancer.step(recompute)
 
