@@ -1,0 +1,192 @@
+"""Gradient-level methods as functions ``G -> w`` of the Gramian ``G = J J^T`` of the parts' gradients.
+
+Each returns weights ``w`` such that the method's update of the shared parameters is ``J^T w``. Every
+function here returns the *paper's* weights; :mod:`lossport.balance.gradient` rescales them to the lossport
+convention (equal weighting = 1; normalised weights sum to ``T``) and says by which factor.
+Notation: ``T`` parts, ``g_i`` the gradient of part ``i``, ``G_ij = <g_i, g_j>``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..solvers import box_qp, min_norm_simplex, newton_positive, simplex_minimize
+
+
+def _f64(G: Tensor) -> Tensor:
+    return G.detach().to(torch.float64)
+
+
+def mgda(G: Tensor) -> Tensor:
+    """MGDA (Désidéri 2012; Sener & Koltun, NeurIPS 2018): ``w = argmin_{w in simplex} w^T G w``, the min-norm
+    point of the convex hull of the gradients. Sums to 1."""
+    return min_norm_simplex(_f64(G))
+
+
+def pcgrad(G: Tensor, order: list[list[int]]) -> Tensor:
+    """PCGrad (Yu et al., NeurIPS 2020) from the Gramian: ``g_i^PC`` starts at ``g_i`` and, for ``j`` in the
+    random order ``order[i]``, loses its component along ``g_j`` when ``<g_i^PC, g_j> < 0``. Every ``g_i^PC`` is
+    ``J^T c_i`` and each inner product is ``c_i^T G e_j``; ``w = sum_i c_i`` (sum reduction). For ``T = 2``
+    with ``G_12 < 0``: ``w = (1 - G_12/G_22, 1 - G_12/G_11)``."""
+    G = _f64(G)
+    T = G.shape[0]
+    C = torch.eye(T, dtype=torch.float64, device=G.device)
+    for i in range(T):
+        c = C[i].clone()
+        for j in order[i]:
+            dot = c @ G[:, j]
+            if float(dot) < 0 and float(G[j, j]) > 0:
+                c[j] -= dot / G[j, j]
+        C[i] = c
+    return C.sum(0)
+
+
+def imtl_g(G: Tensor) -> Tensor:
+    """IMTL-G (Liu et al., ICLR 2021): the update ``d = J^T w`` with equal projections on every unit gradient
+    ``u_i`` and ``sum w = 1``. In Gramian form ``w ∝ G^+ sqrt(diag G)``, normalised to sum 1 (for ``T = 2``:
+    ``w ∝ (||g_2||, ||g_1||)`` up to the conflict term: ``d`` bisects ``u_1`` and ``u_2``)."""
+    G = _f64(G)
+    d = G.diagonal().clamp_min(0).sqrt()
+    w = torch.linalg.pinv(G, hermitian=True) @ d
+    s = w.sum()
+    if float(s.abs()) < 1e-300:
+        return torch.full_like(d, 1.0 / len(d))
+    return w / s
+
+
+def cagrad(G: Tensor, c: float = 0.4) -> Tensor:
+    """CAGrad (Liu et al., NeurIPS 2021). With ``g_0 = mean_i g_i`` and ``phi = c^2 ||g_0||^2``:
+    ``w* = argmin_{w in simplex} w^T G 1/T + sqrt(phi) sqrt(w^T G w)`` and ``d = g_0 + sqrt(phi)/||g_w*|| g_w*``,
+    divided by ``1 + c^2`` (the authors' code). Returns the weights of ``d`` on the parts (sum ~1)."""
+    G = _f64(G)
+    T = G.shape[0]
+    avg = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
+    g0 = float((avg @ G @ avg).clamp_min(0).sqrt())
+    if g0 == 0.0:
+        return avg
+    sphi = c * g0
+    b = G @ avg
+
+    def fun(w: Tensor) -> Tensor:
+        return w @ b + sphi * torch.sqrt((w @ G @ w).clamp_min(1e-30))
+
+    w = simplex_minimize(fun, T, device=G.device)
+    gw = float((w @ G @ w).clamp_min(1e-30).sqrt())
+    return (avg + (sphi / gw) * w) / (1 + c * c)
+
+
+def upgrad(G: Tensor, eps: float = 1e-4) -> Tensor:
+    """UPGrad (Quinton & Rey 2024): project each ``g_i`` onto the dual cone ``{x : J x >= 0}`` and average.
+    The projection of ``J^T u`` is ``J^T v`` with ``v = argmin_{v >= u} v^T G v``; with ``u = e_i / T`` for every
+    ``i`` the ``T`` problems are solved together; ``w = sum_i v_i``. As TorchJD, ``G`` is normalised to
+    ``G / trace(G) + eps I``. For ``T = 2`` it equals PCGrad with mean reduction."""
+    G = _f64(G)
+    T = G.shape[0]
+    tr = float(G.diagonal().sum())
+    if tr <= 0:
+        return torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
+    Gn = G / tr + eps * torch.eye(T, dtype=torch.float64, device=G.device)
+    U = torch.eye(T, dtype=torch.float64, device=G.device) / T
+    V = box_qp(Gn, torch.zeros_like(U), U, ridge=0.0)
+    return V.sum(0)
+
+
+def dualproj(G: Tensor, eps: float = 1e-4) -> Tensor:
+    """DualProj (Quinton & Rey 2024): the projection of the mean gradient onto the dual cone:
+    ``w = argmin_{v >= 1/T} v^T G v`` (``G`` normalised as in :func:`upgrad`)."""
+    G = _f64(G)
+    T = G.shape[0]
+    tr = float(G.diagonal().sum())
+    avg = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
+    if tr <= 0:
+        return avg
+    Gn = G / tr + eps * torch.eye(T, dtype=torch.float64, device=G.device)
+    return box_qp(Gn, torch.zeros_like(avg), avg, ridge=0.0)
+
+
+def aligned_mtl(G: Tensor, scale: str = "min") -> Tensor:
+    """Aligned-MTL (Senushkin et al., CVPR 2023): with ``G = V diag(lambda) V^T`` (rank-``r`` part kept),
+    ``w = sigma V diag(lambda)^{-1/2} V^T 1/T``: the aligned gradients have condition number 1. ``sigma`` is
+    ``sqrt(lambda_min)`` (``"min"``, the paper and LibMTL), ``sqrt(median lambda)`` (``"median"``) or
+    ``sqrt(mean lambda)`` (``"rmse"``, the official code)."""
+    G = _f64(G)
+    T = G.shape[0]
+    lam, V = torch.linalg.eigh(G)
+    keep = lam > lam.max().clamp_min(0) * 1e-10
+    if not bool(keep.any()):
+        return torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
+    lam, V = lam[keep], V[:, keep]
+    if scale == "min":
+        sigma = lam.min().sqrt()
+    elif scale == "median":
+        sigma = lam.median().sqrt()
+    elif scale == "rmse":
+        sigma = lam.mean().sqrt()
+    else:
+        raise ValueError(f"aligned_mtl scale must be 'min', 'median' or 'rmse', not {scale!r}")
+    pref = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
+    return sigma * (V @ ((V.T @ pref) / lam.sqrt()))
+
+
+def nash_mtl(G: Tensor, x0: Tensor | None = None) -> Tensor:
+    """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution ``d = J^T a`` with ``G a = 1/a``,
+    ``a > 0`` (their Claim 3.1), solved by damped Newton on the convex ``1/2 a^T G a - sum log a`` instead of
+    the authors' sequence of cvxpy problems. For ``T = 2``: ``d = (u_1 + u_2)/sqrt(1 + cos(g_1, g_2))``."""
+    return newton_positive(_f64(G), 1.0, x0=x0)
+
+
+def fairgrad(G: Tensor, alpha: float = 2.0, x0: Tensor | None = None) -> Tensor:
+    """FairGrad (Ban & Ji, ICML 2024): alpha-fair allocation, ``G w = w^(-1/alpha)``, ``w > 0``; ``alpha = 1``
+    is Nash-MTL's condition."""
+    if alpha <= 0:
+        raise ValueError("fairgrad: alpha must be positive")
+    return newton_positive(_f64(G), 1.0 / alpha, x0=x0)
+
+
+def config(G: Tensor) -> Tensor:
+    """ConFIG (Liu et al. 2024) from the Gramian. With unit gradients ``u_i = g_i/||g_i||`` (rows of ``U``), the
+    direction is ``v = U^+ 1``, which lies in the row space of ``J``: ``v = J^T D^{-1/2} a`` with
+    ``a = G_n^+ 1``, ``G_n = D^{-1/2} G D^{-1/2}``, ``D = diag G``. The update ``d = (sum_i g_i^T v_hat) v_hat``
+    (``v_hat = v/||v||``) is ``J^T w`` with ``w = (1^T G D^{-1/2} a / (a^T G_n a)) D^{-1/2} a``."""
+    G = _f64(G)
+    T = G.shape[0]
+    d = G.diagonal().clamp_min(0).sqrt()
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    Gn = inv[:, None] * G * inv[None, :]
+    a = torch.linalg.pinv(Gn, hermitian=True) @ torch.ones(T, dtype=torch.float64, device=G.device)
+    vv = a @ Gn @ a
+    if float(vv) <= 1e-300:
+        return torch.zeros(T, dtype=torch.float64, device=G.device)
+    k = (torch.ones(T, dtype=torch.float64, device=G.device) @ G @ (inv * a)) / vv
+    return k * inv * a
+
+
+def gradvac(G: Tensor, order: list[list[int]], targets: Tensor, beta: float = 0.5) -> tuple[Tensor, Tensor]:
+    """GradVac (Wang et al., ICLR 2021) from the Gramian: for each ``i`` and ``j`` in random order, with
+    ``phi = cos(g_i^PC, g_j)`` below the EMA target ``phi_bar_ij``, add
+    ``g_j ||g_i^PC|| (phi_bar sqrt(1 - phi^2) - phi sqrt(1 - phi_bar^2)) / (||g_j|| sqrt(1 - phi_bar^2))`` to
+    ``g_i^PC``; then ``phi_bar_ij <- (1 - beta) phi_bar_ij + beta phi`` (whole-model grouping). Returns
+    ``(w, new targets)``."""
+    G = _f64(G)
+    T = G.shape[0]
+    tgt = targets.to(torch.float64).clone()
+    C = torch.eye(T, dtype=torch.float64, device=G.device)
+    for i in range(T):
+        c = C[i].clone()
+        for j in order[i]:
+            nj = float(G[j, j].clamp_min(0).sqrt())
+            ni = float((c @ G @ c).clamp_min(0).sqrt())
+            if nj == 0 or ni == 0:
+                continue
+            phi = float(c @ G[:, j]) / (ni * nj)
+            pb = float(tgt[i, j])
+            if phi < pb:
+                coef = ni * (pb * (1 - phi**2) ** 0.5 - phi * (1 - pb**2) ** 0.5) / (nj * (1 - pb**2) ** 0.5)
+                c[j] += coef
+            tgt[i, j] = (1 - beta) * pb + beta * phi
+        C[i] = c
+    return C.sum(0), tgt
+
+
+__all__ = ["mgda", "pcgrad", "imtl_g", "cagrad", "upgrad", "dualproj", "aligned_mtl", "nash_mtl", "fairgrad", "config", "gradvac"]
