@@ -1,6 +1,6 @@
 """lossport: several outputs, several losses. Declare, balance, train and inspect multi-output PyTorch nets."""
 
-from . import losses
+from . import balance, losses
 from .errors import LossSpecError, NonFiniteLossError
 from .objective import Objective
 from .result_types import Losses
@@ -16,5 +16,6 @@ __all__ = [
     "LossSpecError",
     "NonFiniteLossError",
     "losses",
+    "balance",
 ]
 __version__ = "0.1.0"

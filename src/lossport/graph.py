@@ -29,9 +29,29 @@ def reached_parameters(part: Tensor) -> list[Tensor]:
                 out.append(var)
             continue
         for nxt, _ in node.next_functions:
-            if nxt is not None and id(nxt) not in seen_nodes:
-                queue.append(nxt)
+            if nxt is None or id(nxt) in seen_nodes:
+                continue
+            leaf = _leaf_through(nxt)
+            if leaf is not None:  # a parameter used by this node (possibly through a transpose or view)
+                if id(leaf) not in seen_leaves:
+                    seen_leaves.add(id(leaf))
+                    out.append(leaf)
+                continue
+            queue.append(nxt)
     return out
+
+
+def _leaf_through(node: object, hops: int = 3) -> Tensor | None:
+    """The leaf at the end of a chain of single-input nodes (``TBackward0``, views) starting at ``node``."""
+    for _ in range(hops + 1):
+        var = getattr(node, "variable", None)
+        if var is not None:
+            return var
+        nxt = [n for n, _ in node.next_functions if n is not None]  # type: ignore[attr-defined]
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+    return None
 
 
 def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None = None) -> list[Tensor]:

@@ -72,7 +72,11 @@ def box_qp(
         step = torch.where(free, step, torch.zeros_like(step))
         # longest feasible fraction of the step
         decreasing = step < -1e-300
-        room = torch.where(decreasing, (lower - v) / torch.where(decreasing, step, -torch.ones_like(step)), torch.full_like(v, float("inf")))
+        room = torch.where(
+            decreasing,
+            (lower - v) / torch.where(decreasing, step, -torch.ones_like(step)),
+            torch.full_like(v, float("inf")),
+        )
         alpha = room.min(dim=-1, keepdim=True).values.clamp(max=1.0)
         v = torch.maximum(v + alpha * step, lower)
         blocking = decreasing & (room <= alpha + 1e-15) & (alpha < 1.0)
@@ -92,7 +96,9 @@ def box_qp(
     at_bound = v <= lower + 1e-12 * (1 + lower.abs())
     residual = torch.where(at_bound, (-grad).clamp_min(0), grad.abs()).max()
     if float(residual) > 100 * atol:
-        warnings.warn(f"box_qp: KKT residual {float(residual):.3g} after the iteration limit", SolverWarning, stacklevel=2)
+        warnings.warn(
+            f"box_qp: KKT residual {float(residual):.3g} after the iteration limit", SolverWarning, stacklevel=2
+        )
     return v
 
 
@@ -135,7 +141,9 @@ def project_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def newton_positive(G: Tensor, power: float, *, x0: Tensor | None = None, tol: float = 1e-10, max_iter: int = 100) -> Tensor:
+def newton_positive(
+    G: Tensor, power: float, *, x0: Tensor | None = None, tol: float = 1e-9, max_iter: int = 100
+) -> Tensor:
     """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal.
 
     It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h' (x) = x^-power``
@@ -143,7 +151,6 @@ def newton_positive(G: Tensor, power: float, *, x0: Tensor | None = None, tol: f
     Ban & Ji 2024). Damped Newton with a positivity-preserving backtracking line search; warm start ``x0``.
     """
     G = G.to(torch.float64)
-    T = G.shape[-1]
     d = G.diagonal().clamp_min(1e-300)
     x = (d ** (-1.0 / (1.0 + power))).clone() if x0 is None else x0.to(torch.float64).clamp_min(1e-12).clone()
 
@@ -169,7 +176,13 @@ def newton_positive(G: Tensor, power: float, *, x0: Tensor | None = None, tol: f
         slope = float(grad @ step)
         while t > 1e-12 and float(f(x + t * step)) > float(fx) + 1e-4 * t * slope:
             t *= 0.5
+        if t <= 1e-12:  # no decrease representable in float64: at the optimum up to rounding
+            break
         x = x + t * step
+    grad = G @ x - x ** (-power)
+    res = float(grad.abs().max() / (x ** (-power)).abs().max())
+    if res < 1e-6:
+        return x
     warnings.warn(f"newton_positive: residual {res:.3g} after {max_iter} iterations", SolverWarning, stacklevel=2)
     return x
 

@@ -1,5 +1,24 @@
 """Balancers: turn the loss parts of a batch into weights (see :mod:`lossport.balance.base`)."""
 
 from .base import Balancer, available, register, resolve
+from .gradient import IMTLG, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradVac, NashMTL, PCGrad, UPGrad
+from .gramian_base import GramianBalancer
 
-__all__ = ["Balancer", "available", "register", "resolve"]
+__all__ = [
+    "Balancer",
+    "available",
+    "register",
+    "resolve",
+    "GramianBalancer",
+    "MGDA",
+    "PCGrad",
+    "CAGrad",
+    "IMTLG",
+    "AlignedMTL",
+    "UPGrad",
+    "DualProj",
+    "NashMTL",
+    "FairGrad",
+    "ConFIG",
+    "GradVac",
+]

@@ -28,7 +28,7 @@ def pcgrad(G: Tensor, order: list[list[int]]) -> Tensor:
     """PCGrad (Yu et al., NeurIPS 2020) from the Gramian: ``g_i^PC`` starts at ``g_i`` and, for ``j`` in the
     random order ``order[i]``, loses its component along ``g_j`` when ``<g_i^PC, g_j> < 0``. Every ``g_i^PC`` is
     ``J^T c_i`` and each inner product is ``c_i^T G e_j``; ``w = sum_i c_i`` (sum reduction). For ``T = 2``
-    with ``G_12 < 0``: ``w = (1 - G_12/G_22, 1 - G_12/G_11)``."""
+    with ``G_12 < 0``: ``w = (1 - G_12/G_11, 1 - G_12/G_22)``."""
     G = _f64(G)
     T = G.shape[0]
     C = torch.eye(T, dtype=torch.float64, device=G.device)
@@ -189,4 +189,16 @@ def gradvac(G: Tensor, order: list[list[int]], targets: Tensor, beta: float = 0.
     return C.sum(0), tgt
 
 
-__all__ = ["mgda", "pcgrad", "imtl_g", "cagrad", "upgrad", "dualproj", "aligned_mtl", "nash_mtl", "fairgrad", "config", "gradvac"]
+__all__ = [
+    "mgda",
+    "pcgrad",
+    "imtl_g",
+    "cagrad",
+    "upgrad",
+    "dualproj",
+    "aligned_mtl",
+    "nash_mtl",
+    "fairgrad",
+    "config",
+    "gradvac",
+]

@@ -1,0 +1,267 @@
+"""Gradient-level balancers: weights as functions of the Gramian ``G`` of the parts' gradients.
+
+Each class wraps a function of :mod:`lossport.balance.weighting` and states the factor between the paper's
+weights and lossport's (``b = 1`` is equal weighting, the plain sum of the parts; normalised methods sum to
+``T``). All take the engine options of :class:`~lossport.balance.gramian_base.GramianBalancer`
+(``gramian="params" | "features"``, ``features=``, ``every=``, ``params=``).
+
+Not here: GradDrop and DB-MTL, whose updates are not weighted sums of the current gradients (GradDrop masks
+coordinates, DB-MTL averages past gradients); they are not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..result_types import Losses
+from . import weighting as W
+from .base import register
+from .gramian_base import GramianBalancer, normalized
+
+
+def _frobenius_normalized(G: Tensor) -> Tensor:
+    n = float(torch.linalg.matrix_norm(G))
+    return G / n if n > 0 else G
+
+
+@register("mgda")
+class MGDA(GramianBalancer):
+    """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the (normalised)
+    gradients. ``normalization``: ``"none"`` (nash-mtl/FAMO default), ``"l2"`` (``g_i / ||g_i||``), ``"loss"``
+    (``g_i / L_i``) or ``"loss+"`` (``g_i / (L_i ||g_i||)``, the official CelebA setting). With ``g_i' = s_i g_i``
+    and ``w'`` the min-norm weights of the ``g_i'``, the update ``sum_i w'_i g_i'`` has part weights
+    ``w'_i s_i``, scaled to sum to ``T`` (as nash-mtl/FAMO; the paper's weights sum to 1: factor ``T``)."""
+
+    name = "mgda"
+
+    def __init__(self, normalization: str = "none", **engine: Any) -> None:
+        super().__init__(**engine)
+        if normalization not in ("none", "l2", "loss", "loss+"):
+            raise ValueError(f"normalization must be 'none', 'l2', 'loss' or 'loss+', not {normalization!r}")
+        self.normalization = normalization
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        T = G.shape[0]
+        norms = G.diagonal().clamp_min(1e-300).sqrt()
+        vals = torch.stack([losses.parts[k].detach() for k in losses.names]).to(torch.float64).abs().clamp_min(1e-12)
+        s = {
+            "none": torch.ones_like(norms),
+            "l2": 1 / norms,
+            "loss": 1 / vals,
+            "loss+": 1 / (vals * norms),
+        }[self.normalization]
+        w = W.mgda(s[:, None] * G * s[None, :]) * s
+        return normalized(w, T)
+
+
+@register("pcgrad")
+class PCGrad(GramianBalancer):
+    """PCGrad (Yu et al., NeurIPS 2020) computed from the Gramian, with a seeded random order per step; sum
+    reduction, so ``b = 1`` when no two gradients conflict (factor 1 to the paper's sum)."""
+
+    name = "pcgrad"
+
+    def __init__(self, seed: int = 0, **engine: Any) -> None:
+        super().__init__(**engine)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        T = G.shape[0]
+        order = [[j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)]
+        return W.pcgrad(G, order)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["rng"])
+
+
+@register("cagrad")
+class CAGrad(GramianBalancer):
+    """CAGrad (Liu et al., NeurIPS 2021) with radius ``c`` (0.4: nash-mtl/FAMO default). The update
+    ``(g_0 + sqrt(phi)/||g_w|| g_w) / (1 + c^2)`` has part weights summing to about 1 (mean scale); lossport
+    multiplies by ``T`` to match the sum of losses, as nash-mtl/FAMO do."""
+
+    name = "cagrad"
+
+    def __init__(self, c: float = 0.4, **engine: Any) -> None:
+        super().__init__(**engine)
+        if c < 0:
+            raise ValueError("CAGrad: c must be >= 0")
+        self.c = float(c)
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        return G.shape[0] * W.cagrad(G, self.c)
+
+
+@register("imtl_g", "imtlg")
+class IMTLG(GramianBalancer):
+    """IMTL-G (Liu et al., ICLR 2021): equal projections of the update on every unit gradient. Paper weights
+    sum to 1; lossport's to ``T`` (factor ``T``)."""
+
+    name = "imtl_g"
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        return G.shape[0] * W.imtl_g(G)
+
+
+@register("aligned_mtl", "alignedmtl")
+class AlignedMTL(GramianBalancer):
+    """Aligned-MTL (Senushkin et al., CVPR 2023), ``scale`` in ``"min"`` (paper, LibMTL, TorchJD), ``"median"``,
+    ``"rmse"`` (official code). TorchJD's weights (uniform preference ``1/T``) times ``T``, so that orthogonal
+    gradients of equal norm give ``b = 1``."""
+
+    name = "aligned_mtl"
+
+    def __init__(self, scale: str = "min", **engine: Any) -> None:
+        super().__init__(**engine)
+        if scale not in ("min", "median", "rmse"):
+            raise ValueError(f"scale must be 'min', 'median' or 'rmse', not {scale!r}")
+        self.scale = scale
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        return G.shape[0] * W.aligned_mtl(G, self.scale)
+
+
+@register("upgrad")
+class UPGrad(GramianBalancer):
+    """UPGrad (Quinton & Rey 2024): the mean of the gradients projected onto the dual cone; never conflicts
+    with any part. TorchJD's weights times ``T`` (``b = 1`` when no gradients conflict)."""
+
+    name = "upgrad"
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        return G.shape[0] * W.upgrad(G)
+
+
+@register("dualproj")
+class DualProj(GramianBalancer):
+    """DualProj (Quinton & Rey 2024): the mean gradient projected onto the dual cone. TorchJD's weights times
+    ``T``."""
+
+    name = "dualproj"
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        return G.shape[0] * W.dualproj(G)
+
+
+@register("nash_mtl", "nashmtl", "nash")
+class NashMTL(GramianBalancer):
+    """Nash-MTL (Navon et al., ICML 2022): ``b = a`` with ``G_n a = 1/a``, ``G_n = G / ||G||_F`` (the authors'
+    code normalises ``G`` so; their weights, unscaled). Warm-started from the previous solution; with
+    ``every=K`` recomputed every ``K`` steps (the authors' ``update_weights_every``). The authors also clip the
+    shared gradient to norm 1; use the trainer's ``grad_clip`` for that."""
+
+    name = "nash_mtl"
+
+    def __init__(self, **engine: Any) -> None:
+        super().__init__(**engine)
+        self._warm: list[float] | None = None
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        x0 = torch.tensor(self._warm, dtype=torch.float64) if self._warm and len(self._warm) == G.shape[0] else None
+        a = W.nash_mtl(_frobenius_normalized(G), x0=x0)
+        self._warm = a.tolist()
+        return a
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warm": self._warm}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._warm = state["warm"]
+
+
+@register("fairgrad")
+class FairGrad(GramianBalancer):
+    """FairGrad (Ban & Ji, ICML 2024): ``G_n w = w^(-1/alpha)`` with ``G_n = G / ||G||_F``; ``alpha = 2`` in
+    every author run (``alpha = 1`` is Nash-MTL). Weights unscaled, as Nash-MTL."""
+
+    name = "fairgrad"
+
+    def __init__(self, alpha: float = 2.0, **engine: Any) -> None:
+        super().__init__(**engine)
+        if alpha <= 0:
+            raise ValueError("FairGrad: alpha must be > 0")
+        self.alpha = float(alpha)
+        self._warm: list[float] | None = None
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        x0 = torch.tensor(self._warm, dtype=torch.float64) if self._warm and len(self._warm) == G.shape[0] else None
+        w = W.fairgrad(_frobenius_normalized(G), self.alpha, x0=x0)
+        self._warm = w.tolist()
+        return w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warm": self._warm}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._warm = state["warm"]
+
+
+@register("config")
+class ConFIG(GramianBalancer):
+    """ConFIG (Liu et al. 2024): the direction of equal cosine with every gradient, with length the sum of the
+    gradients' projections on it; computed from the Gramian (see :func:`weighting.config`). Identical
+    gradients give ``b = 1``."""
+
+    name = "config"
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        return W.config(G)
+
+
+@register("gradvac")
+class GradVac(GramianBalancer):
+    """GradVac (Wang et al., ICLR 2021) with EMA rate ``beta`` (0.5, LibMTL), whole-model grouping, seeded
+    random order; the cosine targets are state. Sum reduction as PCGrad (``b = 1`` without conflict)."""
+
+    name = "gradvac"
+
+    def __init__(self, beta: float = 0.5, seed: int = 0, **engine: Any) -> None:
+        super().__init__(**engine)
+        self.beta = float(beta)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._targets: dict[str, float] = {}
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        names = losses.names
+        T = len(names)
+        tgt = torch.tensor([[self._targets.get(f"{a}|{b}", 0.0) for b in names] for a in names], dtype=torch.float64)
+        order = [[j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)]
+        w, new = W.gradvac(G, order, tgt, self.beta)
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                if i != j:
+                    self._targets[f"{a}|{b}"] = float(new[i, j])
+        return w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": self.generator.get_state(), "targets": dict(self._targets)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["rng"])
+        self._targets = dict(state["targets"])
+
+
+__all__ = [
+    "MGDA",
+    "PCGrad",
+    "CAGrad",
+    "IMTLG",
+    "AlignedMTL",
+    "UPGrad",
+    "DualProj",
+    "NashMTL",
+    "FairGrad",
+    "ConFIG",
+    "GradVac",
+]

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lossport
+from lossport.balance import resolve
+from lossport.gramian import gramian_reference
+from lossport.graph import shared_parameters
+
+METHODS = [
+    "mgda",
+    "pcgrad",
+    "cagrad",
+    "imtl_g",
+    "aligned_mtl",
+    "upgrad",
+    "dualproj",
+    "nash_mtl",
+    "fairgrad",
+    "config",
+    "gradvac",
+]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        self.a, self.b, self.c = nn.Linear(16, 1), nn.Linear(16, 1), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {"a": self.a(h), "b": self.b(h), "c": self.c(h), "h": h}
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(32, 4, generator=g),
+        "a": torch.randn(32, 1, generator=g),
+        "b": 30 * torch.randn(32, 1, generator=g),
+        "c": torch.randn(32, 1, generator=g),
+    }
+
+
+SPEC = {"a": "mse", "b": "mse", "c": "mse"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_trains_by_name_and_weights_follow_gramian(name):
+    net = Net()
+    obj = lossport.Objective(SPEC, balance=name)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    first = None
+    for step in range(25):
+        losses = obj(net, batch(step % 3))
+        if first is None:
+            first = sum(v.item() for v in losses.parts.values())
+        assert math.isclose(
+            losses.total.item(),
+            sum(float(losses.weights[k]) * losses.parts[k].item() for k in losses.parts),
+            rel_tol=1e-5,
+        )
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+        obj.step(net, batch(step % 3))
+    last = sum(v.item() for v in obj(net, batch(0)).parts.values())
+    assert last < first
+    info = obj.balancer.info
+    assert {"norm/a", "norm/b", "norm/c", "cos/a/b"} <= set(info)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_round_trip_gives_identical_weights(name):
+    net = Net()
+    bal = resolve(name)
+    obj = lossport.Objective(SPEC, balance=bal)
+    for s in range(3):
+        obj(net, batch(s))
+    state = bal.state_dict()
+    twin = resolve(name)
+    twin.load_state_dict(state)
+    obj2 = lossport.Objective(SPEC, balance=twin)
+    for s in range(3, 6):
+        w1 = obj(net, batch(s)).weights
+        w2 = obj2(net, batch(s)).weights
+        assert w1 == w2
+
+
+def test_weights_use_the_shared_parameter_gramian():
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    losses = obj(net, batch())
+    parts = [losses.parts[k] for k in losses.names]
+    G = gramian_reference(parts, shared_parameters(parts))
+    from lossport.balance import weighting as W
+
+    expected = 3 * W.upgrad(G)
+    got = resolve("upgrad")(obj(net, batch())).weights
+    assert torch.allclose(torch.tensor([got[k] for k in "abc"], dtype=torch.float64), expected, rtol=1e-6)
+
+
+def test_every_k_reuses_weights_and_features_mode():
+    net = Net()
+    bal = lossport.balance.MGDA(every=3)
+    obj = lossport.Objective(SPEC, balance=bal)
+    ws = [obj(net, batch(s)).weights for s in range(4)]
+    assert ws[0] == ws[1] == ws[2] and ws[3] != ws[0]
+    feat = lossport.Objective(SPEC, balance=lossport.balance.UPGrad(gramian="features", features="h"))
+    w = feat(net, batch()).weights
+    assert abs(sum(w.values()) - 3) < 3 and all(v > 0 for v in w.values())
+    mod = lossport.balance.MGDA(gramian="features", features=net.trunk)
+    w2 = lossport.Objective(SPEC, balance=mod)(net, batch()).weights
+    w3 = lossport.Objective(SPEC, balance=lossport.balance.MGDA(gramian="features", features="h"))(net, batch()).weights
+    assert w2 == pytest.approx(w3)
+    mod.close()
+
+
+def test_missing_part_is_left_out_and_errors_are_clear():
+    net = Net()
+    b = batch()
+    b["c"] = torch.full((32, 1), float("nan"))
+    losses = lossport.Objective(SPEC, balance="upgrad")(net, b)
+    assert losses.missing == ("c",) and set(losses.weights) == {"a", "b"}
+    with pytest.raises(ValueError, match="features="):
+        lossport.balance.UPGrad(gramian="features")
+    with pytest.raises(ValueError, match="not an output"):
+        lossport.Objective(SPEC, balance=lossport.balance.UPGrad(gramian="features", features="zz"))(net, batch())
+    with pytest.raises(ValueError, match="unknown balancer"):
+        resolve("upgradd")
