@@ -229,6 +229,8 @@ class Objective:
             )
         self.terms, self.structure, self.output_names = terms, structure, list(outputs)
         self._compiled_for = id(inner)
+        if self.balancer is not None:
+            self.balancer.attach(inner)
         return self
 
     # -- batches ------------------------------------------------------------------------------------

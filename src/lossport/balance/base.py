@@ -105,6 +105,10 @@ class Balancer:
         weights = {k: _mul(losses.weights[k], b[k]) for k in losses.parts}
         return losses.reweighted(weights, extra)
 
+    def attach(self, net: torch.nn.Module) -> None:
+        """Called by :class:`~lossport.Objective` with the (unwrapped) net before the first forward it runs with
+        this balancer; methods that record activations (the Gramian engine) place their hooks here."""
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """Learned parameters of the method (empty for most); trained by the balancer itself in :meth:`step`."""
         return []
