@@ -1,8 +1,11 @@
 """lossport: several outputs, several losses. Declare, balance, train and inspect multi-output PyTorch nets."""
 
 from . import balance, losses
+from .compare import compare
 from .errors import LossSpecError, NonFiniteLossError
+from .inspection import Monitor, inspect
 from .objective import Objective
+from .report import Report
 from .result_types import Losses
 from .spec import L1, L2, CustomLoss, Scaled
 
@@ -16,6 +19,10 @@ __all__ = [
     "LossSpecError",
     "NonFiniteLossError",
     "losses",
+    "inspect",
+    "Report",
+    "Monitor",
+    "compare",
     "balance",
 ]
 __version__ = "0.1.0"

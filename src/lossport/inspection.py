@@ -1,0 +1,525 @@
+"""Which loss reaches which layer, how hard each pulls, whether they conflict: :func:`inspect` and the
+training :class:`Monitor`.
+
+::
+
+    report = lossport.inspect(net, data, {"y1": "mse", "y2": "ce"}, batches=4)
+    print(report)              # terminal table: reach and pull by module, trunk cosines and ratios, advice
+    report.plot()              # parts x modules heatmap of gradient norms (unreached hatched) + cosine matrix
+    report.as_dict()
+
+**Reach** is read from the autograd graph (:func:`lossport.graph.reached_parameters`): a part reaches a
+parameter when the parameter is a leaf of the part's graph, whatever the value of the gradient (a ReLU that
+is off on every example still *reaches* the layers before it; its pull is then 0, shown as ``0``, while an
+unreached cell shows ``.``). This answers the question of the Keras FAQ (loss1 of ``A -> B -> C`` reaches A, B
+and C, loss2 of ``A -> B -> D`` reaches A, B and D) for the user's own net. Modules are the ones that own
+parameters directly, named by qualified name (``""`` is shown ``(root)``); a parameter belongs to the first
+module that owns it.
+
+**Pull and conflict** come from one ``torch.autograd.grad`` of every part on the parameters it reaches, per
+batch (no ``.grad`` is touched). With ``g_{i,b}|m`` part ``i``'s gradient on the parameters of module ``m`` in
+batch ``b``, and ``B_i`` the batches where part ``i`` is present:
+
+* ``pull[i][m] = (1/|B_i|) sum_{b in B_i} ||g_{i,b}|m||`` (mean of per-batch norms: what each step sees, not
+  the norm of the mean gradient, which shrinks with the gradient noise);
+* ``cos[m][i][j] = mean over b in B_i & B_j of <g_i, g_j> / (||g_i|| ||g_j||)`` (batches where a norm is 0 are
+  skipped; NaN when none is left);
+* the same on the *shared trunk*, the concatenation of the modules reached by two parts or more.
+
+A part with no labelled example in a batch has no gradient in that batch: it is counted in ``missing`` and
+left out of that batch's averages. Regularization terms (``L1``/``L2``) are not parts and are not measured.
+
+**During training**, :func:`monitor` gives the same trunk figures for one batch from the Gramian
+(:func:`lossport.gramian.gramian`), and :class:`Monitor` samples them every ``K`` steps and averages them
+per round.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LossSpecError
+from .graph import reached_parameters, shared_parameters
+from .objective import Objective, unwrap
+from .report import ModuleInfo, Report, advise
+from .result_types import Losses
+
+ROOT = "(root)"
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def take_batches(data: Any, batches: int, batch_size: int) -> list[Any]:
+    """The first ``batches`` batches of ``data``: a dict of tensors (cut in consecutive slices of
+    ``batch_size`` rows), a pair ``(x, y)`` of tensors (likewise), or an iterable of batches (a
+    DataLoader)."""
+    if int(batches) < 1:
+        raise ValueError(f"batches must be a positive integer, not {batches!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if isinstance(data, Mapping):
+        tensors = {k: v for k, v in data.items() if isinstance(v, Tensor) and v.dim() > 0}
+        if not tensors:
+            raise ValueError(
+                "data is a dict without tensors; give a dict {name: tensor} with examples on dim 0"
+            )
+        sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
+        n = min(sizes.values())
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the tensors of data have different numbers of examples: {sizes}")
+        out: list[Any] = []
+        for s in range(0, n, batch_size):
+            if len(out) == batches:
+                break
+            out.append({k: (v[s : s + batch_size] if k in tensors else v) for k, v in data.items()})
+        return out
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+        n = int(x.shape[0])
+        pairs: list[Any] = []
+        for s in range(0, n, batch_size):
+            if len(pairs) == batches:
+                break
+            ys = y[s : s + batch_size] if isinstance(y, Tensor) else _slice(y, s, batch_size)
+            pairs.append((x[s : s + batch_size], ys))
+        return pairs
+    if isinstance(data, Iterable):
+        out = list(itertools.islice(iter(data), batches))
+        if not out:
+            raise ValueError("data gave no batch")
+        return out
+    raise TypeError(
+        f"data must be a dict of tensors, a pair (x, y) or an iterable of batches (a DataLoader), not "
+        f"{type(data).__name__}"
+    )
+
+
+def _slice(y: Any, s: int, n: int) -> Any:
+    if isinstance(y, Mapping):
+        return {k: _slice(v, s, n) for k, v in y.items()}
+    if isinstance(y, (tuple, list)):
+        return type(y)(_slice(v, s, n) for v in y)
+    return y if y is None else y[s : s + n]
+
+
+# -- modules ------------------------------------------------------------------------------------------------
+def parametrised_modules(net: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
+    """``(name, module, own parameters)`` of every module that owns parameters directly, in registration
+    order; a parameter shared by several modules belongs to the first."""
+    seen: set[int] = set()
+    out = []
+    for name, mod in net.named_modules():
+        own = []
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                own.append((f"{name}.{pname}" if name else pname, p))
+        if own:
+            out.append((name or ROOT, mod, own))
+    return out
+
+
+# -- inspect ------------------------------------------------------------------------------------------------
+def inspect(
+    net: nn.Module,
+    data: Any,
+    loss: Any = "auto",
+    *,
+    weights: Any = None,
+    batches: int = 4,
+    batch_size: int = 64,
+    balance: Any = None,
+) -> Report:
+    """Measure on ``batches`` batches of ``data`` which parameters each loss part reaches, how hard it pulls
+    on every module, and how the parts' gradients agree on the shared trunk (see the module docstring).
+
+    Args:
+        net: the multi-output net (its train/eval mode is left as it is).
+        data: a dict of tensors, a pair ``(x, y)``, or an iterable of batches (a ``DataLoader``).
+        loss: a loss spec as for :class:`lossport.Objective`, or an ``Objective``.
+        weights: static weights (with a spec only); reported next to the parts and used by the advice.
+        batches: number of batches measured.
+        batch_size: rows per batch when ``data`` is a dict or a pair of tensors.
+        balance: a balancer or its name: its weights on these batches are reported (and used by the advice);
+            a balancer instance keeps the state these calls give it.
+
+    Returns:
+        a :class:`lossport.report.Report`; ``print(report)`` shows the table.
+    """
+    from .balance import available, resolve
+
+    if isinstance(loss, Objective):
+        if weights is not None:
+            raise ValueError("weights= is for a loss spec; an Objective already has its weights")
+        objective = loss
+    else:
+        objective = Objective(loss, weights=weights)
+    balancer = resolve(balance)
+    if balancer is None and objective.balancer is not None:
+        balancer = objective.balancer
+    inner = unwrap(net)
+    mods = parametrised_modules(inner)
+    owner: dict[int, str] = {}
+    pname: dict[int, str] = {}
+    for mname, _, own in mods:
+        for qn, p in own:
+            owner[id(p)] = mname
+            pname[id(p)] = qn
+    called: set[str] = set()
+    handles = []
+    for mname, mod, _ in mods:
+        handles.append(mod.register_forward_hook(lambda *_a, _n=mname: called.add(_n)))  # type: ignore[misc]
+    batch_list = take_batches(data, batches, batch_size)
+    acc = _Accumulator()
+    try:
+        for batch in batch_list:
+            losses = objective._evaluate(net, batch)
+            if balancer is not None and len(losses.parts) > 0:
+                losses = balancer(losses)
+            acc.add(losses, owner, pname, mods)
+    finally:
+        for h in handles:
+            h.remove()
+    if objective.terms is None:
+        raise LossSpecError("inspect: the objective was never evaluated")
+    part_names = [p for p in objective.part_names if p in acc.seen_parts] + [
+        p for p in acc.seen_parts if p not in objective.part_names
+    ]
+    report = acc.report(part_names, mods, called, len(batch_list), _name_of(balance, balancer))
+    report.advice = advise(report, available())
+    return report
+
+
+def _name_of(spec: Any, balancer: Any) -> str | None:
+    if balancer is None:
+        return None
+    return spec if isinstance(spec, str) else repr(balancer)
+
+
+class _Accumulator:
+    """Per-batch Gram matrices by module, averaged into a :class:`Report` at the end."""
+
+    def __init__(self) -> None:
+        self.seen_parts: list[str] = []
+        self.batches: list[dict[str, Any]] = []
+        self.reach: dict[str, set[str]] = {}
+        self.reach_params: dict[str, set[str]] = {}
+        self.value_sum: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.weight_sum: dict[str, float] = {}
+        self.present: dict[str, int] = {}
+
+    def add(self, losses: Losses, owner: dict[int, str], pname: dict[int, str], mods: list) -> None:
+        names = losses.names
+        for p in list(names) + list(losses.missing):
+            if p not in self.seen_parts:
+                self.seen_parts.append(p)
+        params_by_id: dict[int, Tensor] = {id(p): p for _, _, own in mods for _, p in own}
+        reached: dict[str, list[Tensor]] = {}
+        for k in names:
+            leaves = [t for t in reached_parameters(losses.parts[k]) if id(t) in owner]
+            reached[k] = leaves
+            self.reach.setdefault(k, set()).update(owner[id(t)] for t in leaves)
+            self.reach_params.setdefault(k, set()).update(pname[id(t)] for t in leaves)
+            n = max(losses.counts.get(k, 1), 1)
+            self.value_sum[k] = self.value_sum.get(k, 0.0) + float(losses.parts[k].detach()) * n
+            self.counts[k] = self.counts.get(k, 0) + n
+            w = losses.weights.get(k, 1.0)
+            self.weight_sum[k] = self.weight_sum.get(k, 0.0) + float(
+                w.detach() if isinstance(w, Tensor) else w
+            )
+            self.present[k] = self.present.get(k, 0) + 1
+        for k in losses.missing:
+            self.reach.setdefault(k, set())
+            self.reach_params.setdefault(k, set())
+        # per module: T x T Gram matrix of the parts' gradients on its own parameters (float64)
+        T = len(names)
+        grads: dict[int, list[Tensor | None]] = {}
+        for i, k in enumerate(names):
+            leaves = reached[k]
+            gs = (
+                torch.autograd.grad(losses.parts[k], leaves, retain_graph=True, allow_unused=True)
+                if leaves
+                else ()
+            )
+            for t, g in zip(leaves, gs):
+                grads.setdefault(id(t), [None] * T)[i] = g
+        rows_by_module: dict[str, list[Tensor]] = {}
+        for pid, gl in grads.items():
+            param = params_by_id[pid]
+            rows = torch.stack(
+                [
+                    torch.zeros(param.numel(), dtype=torch.float64, device=param.device)
+                    if g is None
+                    else g.detach().reshape(-1).to(torch.float64)
+                    for g in gl
+                ]
+            )
+            rows_by_module.setdefault(owner[pid], []).append(rows)
+        gram = {
+            m: sum((r @ r.T for r in rs), torch.zeros(T, T, dtype=torch.float64))
+            for m, rs in rows_by_module.items()
+        }
+        reach_mod = {k: {owner[id(t)] for t in reached[k]} for k in names}
+        self.batches.append({"names": list(names), "gram": gram, "reach": reach_mod})
+
+    def report(
+        self, parts: list[str], mods: list, called: set[str], n_batches: int, balance: str | None
+    ) -> Report:
+        reach_count: dict[str, int] = {}
+        for p in parts:
+            for m in self.reach.get(p, ()):
+                reach_count[m] = reach_count.get(m, 0) + 1
+        infos = []
+        for mname, mod, own in mods:
+            trainable = sum(p.numel() for _, p in own if p.requires_grad)
+            if reach_count.get(mname):
+                status = "reached"
+            elif trainable == 0:
+                status = "frozen"
+            elif mname in called:
+                status = "no loss"
+            else:
+                status = "not called"
+            infos.append(
+                ModuleInfo(mname, type(mod).__name__, sum(p.numel() for _, p in own), trainable, status)
+            )
+        order = [m.name for m in infos]
+        shared = [m for m in order if reach_count.get(m, 0) >= 2]
+        P = len(parts)
+        pull: dict[str, dict[str, list[float]]] = {p: {} for p in parts}
+        cos_acc: dict[str, list[list[list[float]]]] = {
+            m: [[[] for _ in parts] for _ in parts] for m in shared
+        }
+        trunk_cos: list[list[list[float]]] = [[[] for _ in parts] for _ in parts]
+        trunk_norm: dict[str, list[float]] = {p: [] for p in parts}
+        idx = {p: i for i, p in enumerate(parts)}
+        for b in self.batches:
+            names: list[str] = b["names"]
+            T = len(names)
+            for i, k in enumerate(names):
+                for m in b["reach"][k]:
+                    g = b["gram"].get(m)
+                    pull[k].setdefault(m, []).append(
+                        math.sqrt(max(float(g[i, i]), 0.0)) if g is not None else 0.0
+                    )
+            trunk = torch.zeros(T, T, dtype=torch.float64)
+            for m in shared:
+                g = b["gram"].get(m)
+                if g is None:
+                    continue
+                trunk = trunk + g
+                _add_cos(cos_acc[m], g, names, idx)
+            if shared:
+                _add_cos(trunk_cos, trunk, names, idx)
+                for i, k in enumerate(names):
+                    trunk_norm[k].append(math.sqrt(max(float(trunk[i, i]), 0.0)))
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else math.nan
+
+        def mat(acc: list[list[list[float]]]) -> list[list[float]]:
+            return [[mean(acc[i][j]) for j in range(P)] for i in range(P)]
+
+        return Report(
+            parts=parts,
+            modules=infos,
+            reach={p: [m for m in order if m in self.reach.get(p, set())] for p in parts},
+            reach_params={p: sorted(self.reach_params.get(p, set())) for p in parts},
+            pull={p: {m: mean(pull[p][m]) for m in order if m in pull[p]} for p in parts},
+            shared=shared,
+            cos={m: mat(cos_acc[m]) for m in shared},
+            trunk_cos=mat(trunk_cos),
+            trunk_norm={p: mean(trunk_norm[p]) for p in parts if trunk_norm[p]},
+            values={p: self.value_sum[p] / self.counts[p] for p in parts if self.counts.get(p)},
+            weights={p: self.weight_sum[p] / self.present[p] for p in parts if self.present.get(p)},
+            missing={p: n_batches - self.present.get(p, 0) for p in parts},
+            counts={p: self.counts.get(p, 0) for p in parts},
+            batches=n_batches,
+            balance=balance,
+        )
+
+
+def _add_cos(acc: list[list[list[float]]], G: Tensor, names: list[str], idx: dict[str, int]) -> None:
+    d = G.diagonal().clamp_min(0).sqrt()
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            den = float(d[i] * d[j])
+            if den > 0:
+                acc[idx[a]][idx[b]].append(max(-1.0, min(1.0, float(G[i, j]) / den)))
+
+
+# -- monitoring during training ------------------------------------------------------------------------------
+def figures_from_gramian(G: Tensor, names: Sequence[str]) -> dict[str, float]:
+    """``gradnorm/<a> = sqrt(G_aa)``, ``cos/<a>/<b> = G_ab / sqrt(G_aa G_bb)`` and
+    ``gradratio/<a>/<b> = sqrt(G_aa / G_bb)`` for every pair ``a`` before ``b`` (NaN where a norm is 0)."""
+    d = G.detach().to(torch.float64).diagonal().clamp_min(0).sqrt()
+    out = {f"gradnorm/{a}": float(d[i]) for i, a in enumerate(names)}
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            b = names[j]
+            den = float(d[i] * d[j])
+            out[f"cos/{a}/{b}"] = float(G[i, j]) / den if den > 0 else math.nan
+            out[f"gradratio/{a}/{b}"] = float(d[i] / d[j]) if float(d[j]) > 0 else math.nan
+    return out
+
+
+def monitor(losses: Losses, shared: Sequence[Tensor] | None = None) -> dict[str, float]:
+    """Trunk figures of one batch (see :func:`figures_from_gramian`) from the Gramian of the parts' gradients
+    on ``shared`` (default: the parameters reached by two parts or more). Call before ``backward()``: it keeps
+    the graph (``retain_graph``) and touches no ``.grad``."""
+    from .gramian import gramian
+
+    names = losses.names
+    parts = [losses.parts[k] for k in names]
+    params = shared_parameters(parts) if shared is None else list(shared)
+    if not params or not parts:
+        return {}
+    return figures_from_gramian(gramian(parts, params), names)
+
+
+class Monitor:
+    """Samples :func:`monitor` every ``every`` steps and averages per round.
+
+    In a training loop, once per step, after the objective (and balancer) and before ``backward()``::
+
+        mon = Monitor(every=10)
+        ...
+        losses = objective(net, batch)
+        mon.observe(losses, objective.balancer)     # every 10th call measures; the others cost nothing
+        losses.total.backward(); opt.step(); opt.zero_grad()
+        ...
+        history_row.update(mon.end_round())         # {"cos/a/b": mean, "gradnorm/a": mean, ...}
+
+    When the balancer is a Gramian balancer on the parameters (``upgrad``, ``mgda``, ...) that has just
+    computed ``G``, its figures are reused at no cost (every step it recomputes). The shared parameters are
+    fixed at the first step with two parts present (or given as ``params``). A sampled step with fewer than
+    two parts present (missing labels) moves the sample to the next step that has two.
+    """
+
+    def __init__(self, every: int = 10, *, params: Iterable[Tensor] | None = None) -> None:
+        if int(every) < 1:
+            raise ValueError(f"Monitor: every must be a positive integer, not {every!r}")
+        self.every = int(every)
+        self.params = None if params is None else list(params)
+        self.steps = 0
+        self.samples = 0
+        self._sums: dict[str, float] = {}
+        self._n: dict[str, int] = {}
+        self._last_info: object = (
+            None  # the balancer's info dict last used (kept alive: compared by identity)
+        )
+        self._due = False
+
+    def observe(self, losses: Losses, balancer: Any = None) -> dict[str, float] | None:
+        """Call once per step, before ``backward()``. Counts the step; on sampled steps (and whenever a
+        Gramian balancer has just computed ``G``) records the figures and returns them."""
+        from .balance.gramian_base import GramianBalancer
+
+        step = self.steps
+        self.steps += 1
+        names = losses.names
+        figs: dict[str, float] | None = None
+        if isinstance(balancer, GramianBalancer) and balancer.mode == "params" and balancer.params is None:
+            info = balancer.info
+            if info is not self._last_info and all(f"norm/{k}" in info for k in names) and len(names) >= 2:
+                self._last_info = info
+                figs = _from_balancer_info(info, names)
+        if step % self.every == 0:
+            self._due = True
+        if figs is None and self._due and len(names) >= 2:
+            if self.params is None:
+                self.params = shared_parameters([losses.parts[k] for k in names])
+                if not self.params:
+                    raise ValueError(
+                        f"monitor: the parts {names} share no parameter, so there is no trunk to monitor; "
+                        "turn the monitor off or give params="
+                    )
+            figs = monitor(losses, self.params)
+        if figs:
+            self._due = False
+            self.samples += 1
+            for k, v in figs.items():
+                if not math.isnan(v):
+                    self._sums[k] = self._sums.get(k, 0.0) + v
+                    self._n[k] = self._n.get(k, 0) + 1
+        return figs
+
+    def end_round(self) -> dict[str, float]:
+        """Means of the figures sampled since the last call (each over the samples where it was defined),
+        and start a new round."""
+        out = {k: self._sums[k] / self._n[k] for k in self._sums}
+        self._sums, self._n, self.samples = {}, {}, 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "every": self.every}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+
+
+def _from_balancer_info(info: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
+    out = {f"gradnorm/{a}": float(info[f"norm/{a}"]) for a in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            out[f"cos/{a}/{b}"] = float(info.get(f"cos/{a}/{b}", math.nan))
+            nb = out[f"gradnorm/{b}"]
+            out[f"gradratio/{a}/{b}"] = out[f"gradnorm/{a}"] / nb if nb > 0 else math.nan
+    return out
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def add_inspect_arguments(parser: Any) -> None:
+    """The options of ``lossport inspect`` (on the demo net :class:`lossport.data.MultiDigitsNet`)."""
+    parser.add_argument("--batches", type=int, default=4, help="batches measured (default 4)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    parser.add_argument("--balance", default=None, help="a balancer name whose weights to report")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the net's initialisation (default 0)")
+    parser.add_argument(
+        "--figure",
+        default="lossport-inspect.png",
+        help="where to save the figure ('' for none; default %(default)s)",
+    )
+    parser.add_argument("--json", default=None, help="also write report.as_dict() to this file")
+
+
+def cli_inspect(args: Any) -> int:
+    """``lossport inspect``: the report of the demo net (multidigits, MultiDigitsNet, automatic losses) at
+    initialisation: prints the table, saves the figure (and the JSON)."""
+    import json
+
+    from .data import MultiDigitsNet, multidigits
+
+    torch.manual_seed(args.seed)
+    net = MultiDigitsNet()
+    data = multidigits("train", size=args.batches * args.batch_size)
+    report = inspect(
+        net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance
+    )
+    print(report.table())
+    if args.figure:
+        report.plot().savefig(args.figure, dpi=120, bbox_inches="tight")
+        print(f"\nfigure saved to {args.figure}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+        print(f"report saved to {args.json}")
+    return 0
+
+
+__all__ = [
+    "inspect",
+    "take_batches",
+    "parametrised_modules",
+    "monitor",
+    "figures_from_gramian",
+    "Monitor",
+    "cli_inspect",
+    "add_inspect_arguments",
+]

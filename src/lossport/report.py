@@ -1,0 +1,495 @@
+"""The :class:`Report` that :func:`lossport.inspect` returns: figures, advice and their renders.
+
+Figures (all measured with the autograd graph of a few batches, see :mod:`lossport.inspection`):
+
+* **reach**: ``reach[part]`` the parametrised modules whose parameters the part's autograd graph reaches;
+  ``modules[i].status`` says for each module whether some part reaches it, or why none does (``frozen``: no
+  parameter requires grad; ``no loss``: called in the forward but no part's graph reaches it; ``not called``:
+  never called in the forward of the measured batches).
+* **pull**: ``pull[part][module] = mean_b ||g_{part,b}|module||``, the norm of the part's gradient on the
+  module's own parameters, averaged over the batches ``b`` where the part is present.
+* **conflict**: ``cos[module][i][j] = mean_b cos(g_{i,b}|module, g_{j,b}|module)`` over the batches where both
+  parts are present with non-zero gradients (NaN when there is none); ``trunk_cos`` the same on the
+  concatenation of every shared module (those reached by two parts or more).
+* **scales**: ``values[part]`` the loss value (mean over labelled examples), ``weights[part]`` the applied
+  weight (static times balancer, mean over batches), ``trunk_norm[part]`` the mean gradient norm on the shared
+  trunk, and :meth:`Report.ratios` (``trunk_norm[i] / trunk_norm[j]``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+IMBALANCE = 10.0
+"""Trunk gradient-norm ratio (with applied weights) from which the advice calls the parts unbalanced."""
+CONFLICT = -0.1
+"""Mean trunk cosine below which the advice calls two parts conflicting."""
+WIDTH = 100
+"""Width of the terminal table."""
+
+_LOSS_SCALE = ("normalize", "uw", "famo", "dwa", "gradnorm")
+_GRADIENT = ("upgrad", "mgda", "pcgrad", "cagrad", "nash_mtl")
+
+
+@dataclass
+class ModuleInfo:
+    """One module that owns parameters directly."""
+
+    name: str
+    kind: str
+    params: int
+    trainable: int
+    status: str
+    """``reached`` (by some part), ``frozen``, ``no loss`` (called, reached by no part) or ``not called``."""
+
+
+@dataclass
+class Report:
+    """What :func:`lossport.inspect` measured (see the module docstring for the definitions)."""
+
+    parts: list[str]
+    modules: list[ModuleInfo]
+    reach: dict[str, list[str]]
+    reach_params: dict[str, list[str]]
+    pull: dict[str, dict[str, float]]
+    shared: list[str]
+    cos: dict[str, list[list[float]]]
+    trunk_cos: list[list[float]]
+    trunk_norm: dict[str, float]
+    values: dict[str, float]
+    weights: dict[str, float]
+    missing: dict[str, int]
+    counts: dict[str, int]
+    batches: int
+    balance: str | None = None
+    advice: list[str] = field(default_factory=list)
+
+    # -- derived figures -------------------------------------------------------------------------------
+    @property
+    def measured(self) -> list[str]:
+        """Parts present (labelled) in at least one measured batch."""
+        return [p for p in self.parts if self.missing.get(p, 0) < self.batches]
+
+    @property
+    def effective_norm(self) -> dict[str, float]:
+        """``|weight| * trunk_norm``: the pull on the trunk that training applies."""
+        return {p: abs(self.weights.get(p, 1.0)) * self.trunk_norm[p] for p in self.trunk_norm}
+
+    def ratios(self, *, weighted: bool = False) -> list[list[float]]:
+        """``r[i][j] = trunk_norm[i] / trunk_norm[j]`` (NaN where undefined); ``weighted`` uses the applied
+        weights."""
+        n = self.effective_norm if weighted else self.trunk_norm
+        out = []
+        for a in self.parts:
+            row = []
+            for b in self.parts:
+                x, y = n.get(a, math.nan), n.get(b, math.nan)
+                row.append(x / y if y > 0 else math.nan)
+            out.append(row)
+        return out
+
+    def module(self, name: str) -> ModuleInfo:
+        """The :class:`ModuleInfo` of module ``name``."""
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(f"no parametrised module {name!r}; modules: {[m.name for m in self.modules]}")
+
+    # -- renders -------------------------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        """Plain Python (JSON-serialisable: NaN becomes ``None``)."""
+
+        def clean(x: Any) -> Any:
+            if isinstance(x, float):
+                return None if math.isnan(x) else x
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            return x
+
+        return clean(
+            {
+                "parts": list(self.parts),
+                "batches": self.batches,
+                "balance": self.balance,
+                "modules": [vars(m).copy() for m in self.modules],
+                "reach": self.reach,
+                "reach_params": self.reach_params,
+                "pull": self.pull,
+                "shared": self.shared,
+                "cos": self.cos,
+                "trunk_cos": self.trunk_cos,
+                "trunk_norm": self.trunk_norm,
+                "ratios": self.ratios(),
+                "values": self.values,
+                "weights": self.weights,
+                "missing": self.missing,
+                "counts": self.counts,
+                "advice": self.advice,
+            }
+        )
+
+    def table(self, width: int = WIDTH) -> str:
+        """The terminal table: parts, reach and pull by module, trunk cosines and ratios, advice."""
+        P = self.parts
+        n_shared = sum(self.module(m).params for m in self.shared)
+        bal = f", balance={self.balance}" if self.balance else ""
+        lines = [
+            f"lossport.inspect: {len(P)} parts on {self.batches} batches{bal}; "
+            f"shared trunk: {len(self.shared)} modules, {_count(n_shared)} parameters",
+            "",
+        ]
+        rows = [["part", "value", "weight", "|g| trunk", "labelled", "missing"]]
+        for p in P:
+            rows.append(
+                [
+                    p,
+                    _num(self.values.get(p, math.nan)),
+                    _num(self.weights.get(p, math.nan)),
+                    _num(self.trunk_norm.get(p, math.nan)) if self.shared else "-",
+                    str(self.counts.get(p, 0)),
+                    f"{self.missing.get(p, 0)}/{self.batches} batches" if self.missing.get(p, 0) else "-",
+                ]
+            )
+        lines += _columns(rows)
+        lines += ["", "Reach and pull: gradient norm of each part on each module ('.' = not reached)"]
+        labels = [
+            (_short(m.name, 24), m.kind[:12], _count(m.params), "" if m.status == "reached" else m.status)
+            for m in self.modules
+        ]
+        cells = [
+            [_num(self.pull[p][m.name]) if m.name in self.pull.get(p, {}) else "." for p in P]
+            for m in self.modules
+        ]
+        lines += _grid(
+            ["module", "type", "params", "status"], labels, P, cells, width, mark=self._shared_marks()
+        )
+        if len(self.measured) >= 2 and self.shared:
+            lines += ["", "Conflict on the shared trunk: mean cosine of the parts' gradients"]
+            lines += _grid(
+                ["part"],
+                [(p,) for p in P],
+                P,
+                [[_num(c, cos=True) for c in r] for r in self.trunk_cos],
+                width,
+            )
+            lines += ["", "Pull ratio on the shared trunk: |g| of the row part / |g| of the column part"]
+            lines += _grid(
+                ["part"], [(p,) for p in P], P, [[_num(c) for c in r] for r in self.ratios()], width
+            )
+            if len(self.shared) > 1:
+                lines += ["", "Cosine per shared module (pairs of parts)"]
+                pairs = [(i, j) for i in range(len(P)) for j in range(i + 1, len(P))]
+                heads = [f"{P[i]}~{P[j]}" for i, j in pairs]
+                lines += _grid(
+                    ["module"],
+                    [(_short(m, 24),) for m in self.shared],
+                    heads,
+                    [[_num(self.cos[m][i][j], cos=True) for i, j in pairs] for m in self.shared],
+                    width,
+                )
+        if self.advice:
+            lines += ["", "Advice"]
+            for a in self.advice:
+                lines += _wrap("- " + a, width, indent="  ")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _shared_marks(self) -> list[str]:
+        return ["*" if m.name in self.shared else " " for m in self.modules]
+
+    def plot(self, *, figsize: tuple[float, float] | None = None) -> Any:
+        """A matplotlib ``Figure``: left, the parts x modules heatmap of ``log10`` gradient norms, unreached
+        cells hatched and frozen / unreached modules greyed; right, the trunk cosine matrix."""
+        import numpy as np
+        from matplotlib.colors import TwoSlopeNorm
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        P, M = self.parts, [m.name for m in self.modules]
+        two = len(self.measured) >= 2 and bool(self.shared)
+        fig = Figure(figsize=figsize or (min(4 + 0.5 * len(M), 16) + (4 if two else 0), 2.2 + 0.45 * len(P)))
+        axes = (
+            fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(M), 1), len(P) + 1]})
+            if two
+            else [fig.subplots()]
+        )
+        ax = axes[0]
+        z = np.full((len(P), len(M)), np.nan)
+        for i, p in enumerate(P):
+            for j, m in enumerate(M):
+                v = self.pull.get(p, {}).get(m)
+                if v is not None and v > 0:
+                    z[i, j] = math.log10(v)
+        im = ax.imshow(np.ma.masked_invalid(z), aspect="auto", cmap="viridis")
+        for i, p in enumerate(P):
+            for j, m in enumerate(M):
+                if m not in self.pull.get(p, {}):
+                    ax.add_patch(
+                        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.6", lw=0)
+                    )
+                elif self.pull[p][m] == 0:
+                    ax.text(j, i, "0", ha="center", va="center", fontsize=7, color="0.4")
+        ax.set_xticks(range(len(M)))
+        ax.set_xticklabels(
+            [
+                _short(m.name, 18)
+                + ("*" if m.name in self.shared else "")
+                + ("" if m.status == "reached" else f" [{m.status}]")
+                for m in self.modules
+            ],
+            rotation=60,
+            ha="right",
+            fontsize=8,
+        )
+        for tick, info in zip(ax.get_xticklabels(), self.modules):
+            if info.status != "reached":
+                tick.set_color("0.55")
+        ax.set_yticks(range(len(P)))
+        ax.set_yticklabels(P)
+        ax.set_title("gradient norm (log10) of each part; hatched: not reached; *: shared", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+        if two:
+            cx = axes[1]
+            c = np.array(self.trunk_cos, dtype=float)
+            ci = cx.imshow(np.ma.masked_invalid(c), cmap="RdBu", norm=TwoSlopeNorm(0.0, -1.0, 1.0))
+            for i in range(len(P)):
+                for j in range(len(P)):
+                    if not math.isnan(c[i, j]):
+                        colour = "white" if abs(c[i, j]) > 0.6 else "black"
+                        cx.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=8, color=colour)
+            cx.set_xticks(range(len(P)))
+            cx.set_xticklabels(P, rotation=45, ha="right")
+            cx.set_yticks(range(len(P)))
+            cx.set_yticklabels(P)
+            cx.set_title("cosine on the shared trunk", fontsize=9)
+            fig.colorbar(ci, ax=cx, fraction=0.05, pad=0.02)
+        fig.tight_layout()
+        return fig
+
+
+# -- advice -------------------------------------------------------------------------------------------------
+def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
+    """Plain sentences derived from the figures of ``r``; each holds only when its condition does and cites
+    the figure behind it. ``available``: the registered balancer names (the suggestions name only those)."""
+    out: list[str] = []
+    avail = set(available)
+    scale_names = [n for n in _LOSS_SCALE if n in avail]
+    grad_names = [n for n in _GRADIENT if n in avail]
+    for p in r.parts:
+        k = r.missing.get(p, 0)
+        if k == r.batches:
+            out.append(
+                f"'{p}' had no labelled example in any of the {r.batches} measured batches, so nothing is "
+                "known about it: measure more batches (batches=) or check its targets (NaN / -100 mark "
+                "missing labels)."
+            )
+        elif k:
+            out.append(
+                f"'{p}' had no labelled example in {k} of {r.batches} batches ({r.counts.get(p, 0)} labelled "
+                f"examples in all): it gets no gradient in those steps, so its effective weight is about "
+                f"{(r.batches - k) / r.batches:.2g} of what was set; its figures here come from the other "
+                f"{r.batches - k} batches."
+            )
+    for p in r.measured:
+        if not r.reach.get(p):
+            out.append(
+                f"'{p}' reaches no trainable parameter (its reach is empty): training cannot reduce it; "
+                "check that its output does not come from frozen or detached layers only."
+            )
+    for m in r.modules:
+        if m.status == "no loss":
+            out.append(
+                f"module '{m.name}' ({_count(m.trainable)} trainable parameters) runs in the forward but "
+                "no part's gradient reaches it: its output feeds no loss (or is detached), so it never "
+                "trains; give that output a loss or freeze / remove the module."
+            )
+        elif m.status == "not called":
+            out.append(
+                f"module '{m.name}' ({_count(m.trainable)} trainable parameters) is never called in the "
+                "forward of the measured batches: it never trains (and makes DistributedDataParallel need "
+                "find_unused_parameters=True)."
+            )
+    meas = [p for p in r.measured if p in r.trunk_norm]
+    if len(r.measured) >= 2 and not r.shared:
+        out.append(
+            "no module is reached by two parts: the parts train separate parameters, so they cannot conflict "
+            "and a balancer only changes each part's effective learning rate."
+        )
+    if len(meas) >= 2:
+        eff = r.effective_norm
+        pos = [p for p in meas if eff[p] > 0]
+        if len(pos) >= 2:
+            hi = max(pos, key=lambda p: eff[p])
+            lo = min(pos, key=lambda p: eff[p])
+            ratio = eff[hi] / eff[lo]
+            if ratio >= IMBALANCE:
+                weighted = any(abs(r.weights.get(p, 1.0) - 1.0) > 1e-12 for p in meas)
+                what = "gradient norms times applied weights" if weighted else "gradient norms"
+                # w_p proportional to 1 / ||g_p||, scaled to keep the sum of the applied weights
+                tot = sum(r.weights.get(p, 1.0) for p in pos)
+                inv = {p: 1.0 / r.trunk_norm[p] for p in pos}
+                sugg = ", ".join(f"'{p}': {_sig(tot * inv[p] / sum(inv.values()))}" for p in pos)
+                if scale_names:
+                    how = (
+                        "try balance=" + " or ".join(repr(n) for n in scale_names[:2]) + " (loss scales), or "
+                    )
+                else:
+                    how = "try "
+                out.append(
+                    f"'{hi}' pulls {_times(ratio)}x harder than '{lo}' on the shared trunk ({what} "
+                    f"{_num(eff[hi])} vs {_num(eff[lo])}): the trunk is trained mostly for '{hi}'; {how}"
+                    f"static weights={{{sugg}}}, which equalise the trunk pulls on these batches."
+                )
+        worst: tuple[float, str, str] | None = None
+        for i, a in enumerate(r.parts):
+            for j in range(i + 1, len(r.parts)):
+                c = r.trunk_cos[i][j]
+                if not math.isnan(c) and c < CONFLICT and (worst is None or c < worst[0]):
+                    worst = (c, a, r.parts[j])
+        if worst is not None:
+            c, a, b = worst
+            n_neg = sum(
+                1
+                for i in range(len(r.parts))
+                for j in range(i + 1, len(r.parts))
+                if not math.isnan(r.trunk_cos[i][j]) and r.trunk_cos[i][j] < CONFLICT
+            )
+            more = f" ({n_neg} conflicting pairs in all)" if n_neg > 1 else ""
+            meth = (
+                f"a gradient method ({', '.join(repr(n) for n in grad_names[:3])}) removes the conflicting "
+                "component instead of letting the larger gradient win"
+                if grad_names
+                else "a gradient method (UPGrad, MGDA, PCGrad) removes the conflicting component"
+            )
+            out.append(
+                f"'{a}' and '{b}' conflict on the shared trunk (mean cosine {c:.2f}){more}: a step that "
+                f"reduces one tends to increase the other; {meth}."
+            )
+        elif len(meas) >= 2 and all(
+            math.isnan(r.trunk_cos[i][j]) or r.trunk_cos[i][j] >= 0
+            for i in range(len(r.parts))
+            for j in range(i + 1, len(r.parts))
+        ):
+            cs = [
+                r.trunk_cos[i][j]
+                for i in range(len(r.parts))
+                for j in range(i + 1, len(r.parts))
+                if not math.isnan(r.trunk_cos[i][j])
+            ]
+            if cs:
+                out.append(
+                    f"no pair of parts conflicts on the shared trunk (lowest mean cosine {min(cs):.2f}): "
+                    "gradient-conflict methods have little to remove; balancing the scales matters more."
+                )
+    return out
+
+
+# -- formatting helpers --------------------------------------------------------------------------------------
+def _num(x: float, cos: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if cos:
+        return f"{x:+.2f}"
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if 1e-3 <= a < 1e5:
+        return f"{x:.3g}" if a < 1000 else f"{x:.0f}"
+    return f"{x:.2e}"
+
+
+def _times(x: float) -> str:
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
+def _sig(x: float) -> str:
+    return f"{x:.2g}"
+
+
+def _count(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.0f}k"
+    if n >= 1000:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def _short(s: str, n: int) -> str:
+    return s if len(s) <= n else "…" + s[-(n - 1) :]
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows
+    ]
+
+
+def _grid(
+    label_heads: list[str],
+    labels: Sequence[Sequence[str]],
+    heads: Sequence[str],
+    cells: list[list[str]],
+    width: int,
+    mark: Sequence[str] | None = None,
+) -> list[str]:
+    """Rows of labels then one column per head; the value columns are split into blocks that fit ``width``."""
+    nl = len(label_heads)
+    right = [h == "params" for h in label_heads]
+    lw = [max([len(label_heads[k])] + [len(lab[k]) for lab in labels]) for k in range(nl)]
+    left = sum(lw) + 2 * nl + (2 if mark else 0)
+    cw = [max([len(heads[j])] + [len(r[j]) for r in cells]) for j in range(len(heads))]
+    blocks: list[list[int]] = []
+    cur: list[int] = []
+    used = left
+    for j in range(len(heads)):
+        if cur and used + cw[j] + 2 > width:
+            blocks.append(cur)
+            cur, used = [], left
+        cur.append(j)
+        used += cw[j] + 2
+    blocks.append(cur)
+    out: list[str] = []
+    for bi, block in enumerate(blocks):
+        if bi:
+            out.append("")
+
+        out.append(_row(label_heads, lw, right, [heads[j] for j in block], [cw[j] for j in block], " ", mark))
+        for i, lab in enumerate(labels):
+            vals = [cells[i][j] for j in block]
+            out.append(_row(lab, lw, right, vals, [cw[j] for j in block], mark[i] if mark else " ", mark))
+    if mark:
+        out.append("* shared: reached by two parts or more")
+    return out
+
+
+def _row(
+    lab: Sequence[str],
+    lw: list[int],
+    right: list[bool],
+    vals: list[str],
+    cw: list[int],
+    m: str,
+    mark: Sequence[str] | None,
+) -> str:
+    s = "  ".join(lab[k].rjust(lw[k]) if right[k] else lab[k].ljust(lw[k]) for k in range(len(lab)))
+    s = (m + " " if mark else "") + s
+    return (s + "  " + "  ".join(v.rjust(w) for w, v in zip(cw, vals))).rstrip()
+
+
+def _wrap(text: str, width: int, indent: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, subsequent_indent=indent, break_on_hyphens=False)
+
+
+__all__ = ["Report", "ModuleInfo", "advise", "IMBALANCE", "CONFLICT"]
