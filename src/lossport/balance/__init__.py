@@ -3,6 +3,9 @@
 from .base import Balancer, available, register, resolve
 from .gradient import IMTLG, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradVac, NashMTL, PCGrad, UPGrad
 from .gramian_base import GramianBalancer
+from .learned import FAMO, IMTLL, GradNorm, LearnedBalancer, Uncertainty
+from .loss_level import DWA, GLS, RLW, SI, STCH, CoV, Normalize
+from .static import EqualWeights, Static
 
 __all__ = [
     "Balancer",
@@ -21,4 +24,18 @@ __all__ = [
     "FairGrad",
     "ConFIG",
     "GradVac",
+    "Static",
+    "EqualWeights",
+    "Normalize",
+    "SI",
+    "GLS",
+    "DWA",
+    "RLW",
+    "STCH",
+    "CoV",
+    "LearnedBalancer",
+    "Uncertainty",
+    "IMTLL",
+    "FAMO",
+    "GradNorm",
 ]

@@ -1,0 +1,418 @@
+"""Learned balancers: weights with parameters of their own, trained by the balancer's own optimizer.
+
+:class:`Uncertainty` (Kendall et al. 2018), :class:`IMTLL` (Liu et al. 2021), :class:`FAMO` (Liu et al. 2023) and
+:class:`GradNorm` (Chen et al. 2018). Each keeps one scalar ``nn.Parameter`` per part, created at the first call
+for every part of the objective (``losses.parts`` and ``losses.missing``), and an Adam optimizer over them with
+the balancer's learning rate and no weight decay (FAMO: its regulariser ``gamma`` as Adam's weight decay, as in
+the paper). The parameters are never given to the net's optimizer:
+
+* UW, IMTL-L and GradNorm return terms that carry gradient to their parameters, so the user's
+  ``losses.total.backward()`` fills their ``.grad``; :meth:`Balancer.step` then takes one Adam step and clears it.
+* FAMO's logits get no gradient from the backward; :meth:`FAMO.step` computes their update from the losses
+  re-evaluated on the same batch after the net's step.
+
+Missing parts: a part absent from a batch gets no term, so its parameter receives no gradient and Adam skips it
+(its value and Adam moments are unchanged).
+
+State (``state_dict``): the part names, the parameter values and the optimizer's state (deep-copied), plus
+each method's own records; loading it into a fresh balancer gives the same subsequent weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..result_types import Losses
+from .base import Balancer, register
+
+
+class LearnedBalancer(Balancer):
+    """Base of the balancers with one learned scalar per part (see the module docstring)."""
+
+    def __init__(self, lr: float, init: float, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"{type(self).__name__}: lr must be > 0, not {lr}")
+        if not weight_decay >= 0:
+            raise ValueError(f"{type(self).__name__}: weight decay must be >= 0, not {weight_decay}")
+        self.lr = float(lr)
+        self.init = float(init)
+        self.weight_decay = float(weight_decay)
+        self._names: list[str] = []
+        self._params: dict[str, nn.Parameter] = {}
+        self._opt: torch.optim.Adam | None = None
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def _ensure(self, losses: Losses) -> None:
+        if not self._params:
+            names = list(losses.parts) + [k for k in losses.missing if k not in losses.parts]
+            ref = next(iter(losses.parts.values()), None)
+            device = ref.device if ref is not None else None
+            self._build(names, {k: self.init for k in names}, device)
+            return
+        unknown = [k for k in losses.parts if k not in self._params]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: parts {unknown} were not in the objective when the balancer was "
+                f"first called (parts {self._names}); use a fresh balancer for a different objective"
+            )
+
+    def _build(self, names: list[str], values: Mapping[str, float], device: torch.device | None) -> None:
+        self._names = list(names)
+        self._params = {
+            k: nn.Parameter(torch.tensor(float(values[k]), dtype=torch.float32, device=device)) for k in names
+        }
+        self._opt = torch.optim.Adam([self._params[k] for k in names], lr=self.lr, weight_decay=self.weight_decay)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self._params[k] for k in self._names]
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Current value of each part's learned parameter."""
+        return {k: float(p.detach()) for k, p in self._params.items()}
+
+    # -- protocol --------------------------------------------------------------------------------------
+    def step(self, recompute: Callable[[], Losses] | None = None) -> None:
+        """One Adam step on the parameters that received a gradient from the last backward; then clear it."""
+        if self._opt is None or all(p.grad is None for p in self._params.values()):
+            return
+        self._opt.step()
+        for p in self._params.values():
+            p.grad = None
+        self._after_step()
+
+    def _after_step(self) -> None:
+        """Hook for projections after the Adam step (GradNorm's renormalisation)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self._names),
+            "values": self.values,
+            "optimizer": copy.deepcopy(self._opt.state_dict()) if self._opt is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state["names"]:
+            self._names, self._params, self._opt = [], {}, None
+            return
+        device = next(iter(self._params.values())).device if self._params else None
+        self._build(list(state["names"]), state["values"], device)
+        assert self._opt is not None
+        if state["optimizer"] is not None:
+            self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lr={self.lr})"
+
+
+# ------------------------------------------------------------------------------------------------------
+_FORMS = {"regression": 0.5, "classification": 1.0}
+
+
+@register("uw", "uncertainty")
+class Uncertainty(LearnedBalancer):
+    """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018), with ``s_i = log sigma_i^2`` learned.
+
+    Regression form (Gaussian likelihood): ``L_i / (2 sigma_i^2) + log sigma_i = 0.5 exp(-s_i) L_i + 0.5 s_i``;
+    classification form (softmax with temperature, the paper's approximation): ``L_i / sigma_i^2 + log sigma_i
+    = exp(-s_i) L_i + 0.5 s_i``. Weights ``b_i = c_i exp(-s_i)`` (``c_i = 0.5`` or ``1``), attached to ``s_i``,
+    and the extra term ``uncertainty/log_var = 0.5 sum_i s_i`` (parts present). The paper's weights, factor 1
+    (so at ``s = 0`` a regression part has ``b = 0.5``: half the plain sum). At the optimum of ``s_i``,
+    ``exp(s_i) = c_i' L_i``: UW drifts towards SI's ``1/L_i`` weights.
+
+    Args:
+        form: ``"regression"`` (default) or ``"classification"`` for every part, or ``{part: form}`` (parts not
+            named are regression).
+        lr: learning rate of the balancer's Adam on ``s`` (0.025: nash-mtl/FAMO's ``method_params_lr``).
+        init: initial ``s_i`` (0: nash-mtl, FAMO, TorchJD; LibMTL uses -0.5).
+
+    Same as TorchJD's ``scalarization.UW`` (regression form, ``s`` init 0) when the static weights are 1. With
+    static weights ``w_i = s_i b_i`` the learned variance balances ``s_i L_i``.
+    """
+
+    name = "uw"
+
+    def __init__(self, form: str | Mapping[str, str] = "regression", lr: float = 0.025, init: float = 0.0) -> None:
+        super().__init__(lr=lr, init=init)
+        forms = {"*": form} if isinstance(form, str) else dict(form)
+        for k, f in forms.items():
+            if f not in _FORMS:
+                raise ValueError(f"Uncertainty: form of {k!r} must be 'regression' or 'classification', not {f!r}")
+        self.forms = forms
+
+    def _c(self, part: str) -> float:
+        return _FORMS[self.forms.get(part, self.forms.get("*", "regression"))]
+
+    def balance(self, losses: Losses) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        self._ensure(losses)
+        unknown = [k for k in self.forms if k != "*" and k not in self._params]
+        if unknown:
+            raise ValueError(f"Uncertainty: form given for {unknown}, which are not loss parts ({self._names})")
+        b: dict[str, Tensor] = {}
+        reg: Tensor | None = None
+        for k in losses.parts:
+            s = self._params[k]
+            b[k] = self._c(k) * torch.exp(-s)
+            reg = 0.5 * s if reg is None else reg + 0.5 * s
+            self.info[f"uw/weight/{k}"] = float(b[k].detach())
+        return b, ({"uncertainty/log_var": reg} if reg is not None else {})
+
+    def __repr__(self) -> str:
+        return f"Uncertainty(form={self.forms.get('*', self.forms)!r}, lr={self.lr}, init={self.init})"
+
+
+@register("imtl_l", "imtll")
+class IMTLL(LearnedBalancer):
+    """IMTL-L (Liu et al., ICLR 2021), the loss-balance half of IMTL: minimise ``sum_i (exp(s_i) L_i - s_i)``
+    jointly in the net and ``s``. Weights ``b_i = exp(s_i)`` attached to ``s_i`` and the extra term
+    ``imtl_l/scale = -sum_i s_i``. Factor 1 to the paper (``b = 1`` at ``s = 0``). At the optimum of ``s_i``,
+    ``exp(s_i) = 1/L_i``, so IMTL-L reaches SI's log transform (DB-MTL Prop. 3.1). Same as TorchJD's
+    ``scalarization.IMTLL``; equal to twice UW at ``-s`` up to the constant.
+
+    ``lr`` (0.025, nash-mtl/FAMO's ``method_params_lr``) is that of the balancer's Adam; ``init`` the initial ``s``.
+    """
+
+    name = "imtl_l"
+
+    def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
+        super().__init__(lr=lr, init=init)
+
+    def balance(self, losses: Losses) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        self._ensure(losses)
+        b: dict[str, Tensor] = {}
+        reg: Tensor | None = None
+        for k in losses.parts:
+            s = self._params[k]
+            b[k] = torch.exp(s)
+            reg = -s if reg is None else reg - s
+            self.info[f"imtl_l/weight/{k}"] = float(b[k].detach())
+        return b, ({"imtl_l/scale": reg} if reg is not None else {})
+
+
+# ------------------------------------------------------------------------------------------------------
+@register("famo")
+class FAMO(LearnedBalancer):
+    """FAMO, fast adaptive multitask optimization (Liu, Feng, Stone & Liu, NeurIPS 2023, Alg. 1).
+
+    Logits ``xi`` (one per part, init 0), ``z = softmax(xi)`` over the parts present, ``D_i = L_i - floor_i + eps``,
+    ``c = (sum_i z_i / D_i)^(-1)``. The net's update is ``d = sum_i (c z_i / D_i) g_i``, a convex combination of
+    the gradients (the paper's weights ``c z_i / D_i`` sum to 1); lossport scales them to sum ``T``:
+    ``b_i = T c z_i / D_i`` (detached; factor ``T`` to the paper, to the authors' code and to TorchJD's
+    ``scalarization.FAMO``, whose gradient ours is ``T`` times).
+
+    After the net's optimizer step, :meth:`step` re-evaluates the batch (``recompute``, without gradient),
+    takes ``delta_i = log D_i(before) - log D_i(after)`` and one Adam step on ``xi`` with gradient
+    ``J_softmax(xi)^T delta`` and weight decay ``gamma`` (the paper's regulariser). This costs one extra forward
+    per step (``needs_recompute``).
+
+    Args:
+        lr: the logits' learning rate ``beta`` (0.025, paper).
+        gamma: logit regularisation (1e-3: paper's NYUv2, QM9, CelebA runs; 1e-2 Cityscapes; official code 1e-5).
+        floor: loss lower bound ``l*`` (number, or ``{part: l*}``); 0 by default, so losses must be > 0.
+        eps: added to ``D`` (1e-8, as the authors).
+
+    Missing parts: the softmax and ``T`` run over the parts present, and only their logits are updated.
+    """
+
+    name = "famo"
+    needs_recompute = True
+
+    def __init__(
+        self, lr: float = 0.025, gamma: float = 1e-3, floor: float | Mapping[str, float] = 0.0, eps: float = 1e-8
+    ) -> None:
+        super().__init__(lr=lr, init=0.0, weight_decay=gamma)
+        self.gamma = float(gamma)
+        self.floor = floor if isinstance(floor, (int, float)) else {k: float(v) for k, v in floor.items()}
+        self.eps = float(eps)
+        self._before: dict[str, float] | None = None
+
+    def _floor(self, k: str) -> float:
+        return float(self.floor) if isinstance(self.floor, (int, float)) else self.floor.get(k, 0.0)
+
+    def _D(self, losses: Losses) -> dict[str, float]:
+        out = {}
+        for k, v in losses.parts.items():
+            d = float(v.detach()) - self._floor(k) + self.eps
+            if not d > 0:
+                raise ValueError(
+                    f"FAMO: part {k!r} = {float(v.detach())} is not above its floor {self._floor(k)}; FAMO takes "
+                    "log(L - floor): set floor= below the smallest value the loss can take"
+                )
+            out[k] = d
+        return out
+
+    def balance(self, losses: Losses) -> dict[str, float]:
+        self._ensure(losses)
+        D = self._D(losses)
+        names = list(D)
+        xi = torch.stack([self._params[k].detach() for k in names]).double()
+        z = torch.softmax(xi, 0).tolist()
+        c = 1.0 / sum(zi / D[k] for zi, k in zip(z, names, strict=True))
+        T = len(names)
+        if torch.is_grad_enabled():
+            self._before = D
+        for k, zi in zip(names, z, strict=True):
+            self.info[f"famo/z/{k}"] = zi
+        return {k: T * c * zi / D[k] for k, zi in zip(names, z, strict=True)}
+
+    def step(self, recompute: Callable[[], Losses] | None = None) -> None:
+        """FAMO's logit update from the losses before and after the net's step on the same batch."""
+        if recompute is None:
+            raise ValueError(
+                "FAMO.step needs recompute=, a function that evaluates the objective again on the same batch: "
+                "balancer.step(lambda: objective(net, batch)) or objective.step(net, batch)"
+            )
+        if self._before is None or self._opt is None:
+            return
+        with torch.no_grad():
+            after = self._D(recompute())
+        names = [k for k in self._before if k in after]
+        before, self._before = self._before, None
+        if not names:
+            return
+        delta = torch.tensor([math.log(before[k]) - math.log(after[k]) for k in names])
+        params: list[Tensor] = [self._params[k] for k in names]
+        with torch.enable_grad():
+            z = torch.softmax(torch.stack(params), 0)
+            grads = torch.autograd.grad(z, params, grad_outputs=delta.to(z.dtype))
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        self._opt.step()
+        for p in params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "before": None if self._before is None else dict(self._before)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._before = None if state["before"] is None else {k: float(v) for k, v in state["before"].items()}
+
+    def __repr__(self) -> str:
+        return f"FAMO(lr={self.lr}, gamma={self.gamma}, floor={self.floor})"
+
+
+# ------------------------------------------------------------------------------------------------------
+@register("gradnorm")
+class GradNorm(LearnedBalancer):
+    """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018).
+
+    Learned weights ``w_i`` (init 1; ``b_i = w_i``, detached for the net). On the last shared layer ``W``:
+    ``G_i = w_i || grad_W (s_i L_i) ||`` (``s_i`` the static weight), ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))``
+    (``L_i(0)``: the part's first value), target ``sg(mean_j G_j * r_i^alpha)`` and
+    ``L_grad = sum_i |G_i - target_i|``. The balancer returns the extra term ``gradnorm/grad_loss =
+    L_grad - sg(L_grad)``: value 0 (the total is still ``sum_i w_i L_i``), gradient ``grad_w L_grad`` for the
+    user's backward; :meth:`step` takes the Adam step on ``w`` and renormalises the weights of the parts present
+    so that their sum is unchanged (so ``sum_i w_i = T`` over all parts, the paper's convention; factor 1).
+    ``L_grad`` and the norms and targets are in ``info``.
+
+    Args:
+        alpha: asymmetry (1.5, LibMTL's default; the paper tunes it per data set).
+        lr: learning rate of the balancer's Adam on ``w`` (0.025, nash-mtl/FAMO's ``method_params_lr``).
+        layer: the last shared layer, an ``nn.Module`` or its parameters. If ``None``, found from the autograd
+            graph (:func:`lossport.graph.shared_parameters`): the first parameter reached by more than one part,
+            counting from the output side, with two or more dimensions (a weight matrix).
+
+    Cost: one backward per part from the part to ``W`` (through its head only) on top of the usual one. Under
+    ``torch.no_grad()`` (validation) the weights are returned without any norm or update. A part whose graph
+    does not reach ``W`` has gradient norm 0 there.
+    """
+
+    name = "gradnorm"
+
+    def __init__(
+        self, alpha: float = 1.5, lr: float = 0.025, layer: nn.Module | Iterable[Tensor] | None = None
+    ) -> None:
+        super().__init__(lr=lr, init=1.0)
+        if not alpha >= 0:
+            raise ValueError(f"GradNorm: alpha must be >= 0, not {alpha}")
+        self.alpha = float(alpha)
+        if isinstance(layer, nn.Module):
+            self._layer: list[Tensor] | None = list(layer.parameters())
+        else:
+            self._layer = None if layer is None else list(layer)
+        if self._layer is not None and not self._layer:
+            raise ValueError("GradNorm: layer= has no parameters; give the last shared layer (module or tensors)")
+        self._auto = layer is None
+        self._initial: dict[str, float] = {}
+        self._present: list[str] = []
+
+    def _shared_layer(self, losses: Losses) -> list[Tensor]:
+        if self._layer is not None:
+            return self._layer
+        from ..graph import shared_parameters
+
+        shared = shared_parameters([losses.parts[k] for k in losses.parts])
+        if not shared:
+            raise ValueError(
+                "GradNorm: no parameter is reached by more than one loss part, so there is no shared layer; "
+                "give layer= (the last shared nn.Module or its parameters)"
+            )
+        chosen = next((t for t in shared if t.dim() >= 2), shared[0])
+        self._layer = [chosen]
+        return self._layer
+
+    def balance(self, losses: Losses) -> dict[str, float] | tuple[dict[str, float], dict[str, Tensor]]:
+        self._ensure(losses)
+        names = losses.names
+        b = {k: float(self._params[k].detach()) for k in names}
+        trainable = all(losses.parts[k].requires_grad for k in names)
+        if not torch.is_grad_enabled() or not trainable or not names:
+            return b
+        vals = {k: float(losses.parts[k].detach()) for k in names}
+        for k, v in vals.items():
+            self._initial.setdefault(k, v)
+        layer = self._shared_layer(losses)
+        norms: list[float] = []
+        for k in names:
+            grads = torch.autograd.grad(losses.parts[k], layer, retain_graph=True, allow_unused=True)
+            sq = sum(float(g.detach().pow(2).sum()) for g in grads if g is not None)
+            static = losses.weights[k]
+            s = abs(float(static.detach()) if isinstance(static, Tensor) else float(static))
+            norms.append(s * sq**0.5)
+        ratio = [vals[k] / self._initial[k] if self._initial[k] != 0 else 1.0 for k in names]
+        mean_ratio = sum(ratio) / len(ratio)
+        r = [x / mean_ratio if mean_ratio != 0 else 1.0 for x in ratio]
+        w = torch.stack([self._params[k] for k in names])
+        G = w * torch.tensor(norms, dtype=w.dtype, device=w.device)
+        mean_G = float(G.detach().mean())
+        target = torch.tensor([mean_G * ri**self.alpha for ri in r], dtype=w.dtype, device=w.device)
+        l_grad = (G - target).abs().sum()
+        self._present = list(names)
+        self.info["gradnorm/grad_loss"] = float(l_grad.detach())
+        for i, k in enumerate(names):
+            self.info[f"gradnorm/norm/{k}"] = float(G[i].detach())
+            self.info[f"gradnorm/target/{k}"] = float(target[i])
+        return b, {"gradnorm/grad_loss": l_grad - l_grad.detach()}
+
+    def _after_step(self) -> None:
+        names = self._present
+        if not names:
+            return
+        with torch.no_grad():
+            # the sum of the present parts' weights before the step: every weight is renormalised after each
+            # step, and the absent parts' weights did not move, so it is T minus their sum
+            total = len(self._names) - sum(float(self._params[k]) for k in self._names if k not in names)
+            for k in names:
+                self._params[k].clamp_(min=1e-6)
+            s = sum(float(self._params[k]) for k in names)
+            for k in names:
+                self._params[k].mul_(total / s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial": dict(self._initial), "present": list(self._present)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._initial = {k: float(v) for k, v in state["initial"].items()}
+        self._present = list(state["present"])
+
+    def __repr__(self) -> str:
+        return f"GradNorm(alpha={self.alpha}, lr={self.lr})"
