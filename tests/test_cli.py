@@ -1,0 +1,37 @@
+"""The `lossport` command: subcommand structure and `lossport demo`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lossport.cli import build_parser, main
+
+
+def test_demo_prints_table_and_writes_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--epochs", "1", "--size", "300", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    for word in ("part", "left", "right", "ink", "left/accuracy", "val (best)"):
+        assert word in out
+    assert f"loss plot: {tmp_path / 'loss.png'}" in out
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "history.csv").read_text().startswith("round,loss,left,right,ink")
+
+
+def test_no_subcommand_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nope"])
+
+
+def test_console_script_entry_point() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "lossport.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and "demo" in r.stdout
