@@ -153,7 +153,9 @@ def test_dict_form_with_none_scaled_and_weights():
     losses = obj(net, b)
     assert losses.names == ["digit", "size"]
     assert losses.weights == {"digit": 2.0, "size": 1.5}
-    # "ce" is from logits: applied to the softmax output it treats probabilities as logits (documented alias)
+    # the alias "ce" on an nn.Softmax output takes the logits that entered the softmax, as "auto" does
+    h = net.trunk(b["x"])
+    assert torch.allclose(losses.parts["digit"], F.cross_entropy(net.digit[0](h), b["digit"]), atol=1e-6)
     out = net(b["x"])
     mae = (out["size"] - b["size"]).abs().mean()
     assert torch.allclose(losses.parts["size"], mae, atol=1e-6)
@@ -372,3 +374,15 @@ def test_backward_reaches_only_the_layers_on_each_path():
     Objective({"size": "mse"})(net, b).total.backward()
     assert net.trunk[0].weight.grad is not None and net.size.weight.grad is not None
     assert net.digit[0].weight.grad is None and net.flag[0].weight.grad is None
+
+
+def test_explicit_logit_cross_entropy_on_probabilities_is_an_error():
+    net, b = DictNet(), dict_batch()
+    with pytest.raises(LossSpecError, match="holds probabilities"):
+        Objective({"digit": lossport.losses.CrossEntropy("index")})(net, b)
+    ok = Objective({"digit": lossport.losses.CrossEntropy("index", from_logits=False)})(net, b)
+    h = net.trunk(b["x"])
+    assert torch.allclose(ok.total, F.cross_entropy(net.digit[0](h), b["digit"]), atol=1e-5)
+    bce = Objective({"flag": "bce"})(net, b)
+    ref = F.binary_cross_entropy_with_logits(net.flag[0](h), b["flag"])
+    assert torch.allclose(bce.total, ref, atol=1e-6)

@@ -1,15 +1,21 @@
 """lossport: several outputs, several losses. Declare, balance, train and inspect multi-output PyTorch nets."""
 
-from . import balance, losses
+from . import balance, callbacks, data, losses, metrics
 from .compare import compare
 from .errors import LossSpecError, NonFiniteLossError
+from .history import History, Result
 from .inspection import Monitor, inspect
 from .objective import Objective
 from .report import Report
 from .result_types import Losses
 from .spec import L1, L2, CustomLoss, Scaled
+from .train import evaluate, train
 
 __all__ = [
+    "train",
+    "evaluate",
+    "Result",
+    "History",
     "Objective",
     "Losses",
     "Scaled",
@@ -24,5 +30,8 @@ __all__ = [
     "Monitor",
     "compare",
     "balance",
+    "callbacks",
+    "data",
+    "metrics",
 ]
 __version__ = "0.1.0"

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .auto import capture_inputs, choose, producer_of, record_producers
+from .auto import Producer, capture_inputs, choose, producer_of, record_producers
 from .distributed import global_losses, is_distributed
 from .errors import LossSpecError
+from .losses import CrossEntropy
 from .result_types import Losses
 from .spec import RESERVED, Term, _Regularization, apply_weights, compile_spec
 
@@ -211,6 +212,8 @@ class Objective:
                         name = producers[t.output].module_name
                         assert name is not None
                         self._producers[t.output] = name
+            elif t.kind == "layer" and isinstance(t.loss, CrossEntropy) and t.output is not None:
+                self._fit_cross_entropy(t, producers[t.output])
             if t.kind in ("layer", "callable") and t.needs_target:
                 t.target = t.output
         reserved = [t.name for t in terms if t.name in RESERVED]
@@ -232,6 +235,36 @@ class Objective:
         if self.balancer is not None:
             self.balancer.attach(inner)
         return self
+
+    def _fit_cross_entropy(self, t: Term, producer: Producer) -> None:
+        """Make a cross-entropy term agree with what its output holds.
+
+        The aliases ``"ce"``/``"bce"`` adapt: on an ``nn.Softmax``/``nn.Sigmoid`` output they use the logits that
+        entered it (stable), on a functional softmax/sigmoid the probabilities. A :class:`CrossEntropy` layer
+        given explicitly is taken at its word, except that ``from_logits=True`` on an output that holds
+        probabilities is an error (it would train silently on the wrong loss)."""
+        assert isinstance(t.loss, CrossEntropy) and t.output is not None
+        probs = {"softmax": "index", "sigmoid": "binary", "fn_softmax": "index", "fn_sigmoid": "binary"}
+        form = probs.get(producer.kind)
+        if form is None or t.loss.form == "probabilities" and form == "binary" or not t.loss.from_logits:
+            return
+        where = producer.module_name or "torch." + producer.kind[3:]
+        if not t.how.startswith("alias"):
+            raise LossSpecError(
+                f"output {t.output!r} holds probabilities (produced by {where!r}) but its loss {t.loss_name()} "
+                "expects logits; use 'auto' or the alias ('ce'/'bce'), which take the logits before the "
+                "activation, or CrossEntropy(..., from_logits=False)"
+            )
+        if producer.kind in ("softmax", "sigmoid"):
+            assert producer.module_name is not None
+            t.use_producer_input = True
+            self._producers[t.output] = producer.module_name
+            if producer.kind == "softmax":
+                t.loss.class_dim = producer.dim
+            t.how += f", from the logits entering {producer.module_name!r}"
+        else:
+            t.loss.from_logits = False
+            t.how += f", from the probabilities of {where}"
 
     # -- batches ------------------------------------------------------------------------------------
     def _inputs(self, inner: nn.Module, batch: Batch, outputs_known: bool = True) -> tuple[tuple, dict]:
