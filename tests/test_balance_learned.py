@@ -43,7 +43,7 @@ def test_uw_and_imtll_match_torchjd():
             getattr(ref, attr).copy_(s)
         out = ours(losses_of(v, "abc"))
         r = ref(v)
-        assert float(out.total) == pytest.approx(float(r), rel=1e-6)
+        assert float(out.total.detach()) == pytest.approx(float(r.detach()), rel=1e-6)
         g = torch.autograd.grad(out.total, [v, *ours.parameters()])
         gr = torch.autograd.grad(r, [v, getattr(ref, attr)])
         assert torch.allclose(g[0], gr[0], atol=1e-6)
@@ -115,7 +115,7 @@ def test_gradnorm_target_norms_hand_computed():
     assert gn.info["gradnorm/target/a"] == pytest.approx(6.5)
     assert gn.info["gradnorm/target/b"] == pytest.approx(6.5)
     assert gn.info["gradnorm/grad_loss"] == pytest.approx(11.0)
-    assert float(res.total) == pytest.approx(14.0)  # the extra term has value 0
+    assert float(res.total.detach()) == pytest.approx(14.0)  # the extra term has value 0
     res.total.backward()
     assert [float(p.grad) for p in gn.parameters()] == pytest.approx([12.0, -1.0])
     gn.step()
@@ -314,3 +314,29 @@ def test_imtll_weights_and_scale_gradient_hand_computed():
     out.total.backward()
     # d/ds (e^s L - s) = e^s L - 1
     assert [float(p.grad) for p in imtl.parameters()] == pytest.approx([3 * 2.0 - 1, 0.5 - 1])
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l", "gradnorm"])
+def test_negative_loss_is_an_error_naming_the_part(name):
+    W = nn.Parameter(torch.tensor([[1.0]]))
+    bal = resolve(name) if name != "gradnorm" else GradNorm(layer=[W])
+    with pytest.raises(ValueError, match="part 'b'.*>= 0|>= 0.*part 'b'"):
+        bal(losses_of(torch.stack([W[0, 0] * 2, W[0, 0] * -1])))
+
+
+def test_nonfinite_gradient_skips_the_balancer_step():
+    uw = Uncertainty()
+    out = uw(losses_of(torch.tensor([1.0, 2.0])))
+    out.total.backward()
+    uw._params["a"].grad.fill_(float("inf"))  # as after a mixed-precision overflow
+    state = uw.state_dict()
+    uw.step()
+    assert uw.values == state["values"] and all(p.grad is None for p in uw.parameters())
+    assert uw.info["skipped_nonfinite_step"] == 1.0
+
+
+def test_famo_skips_an_update_from_nonfinite_losses():
+    f = FAMO()
+    f(losses_of(torch.tensor([2.0, 0.5])))
+    f.step(lambda: losses_of(torch.tensor([float("inf"), 0.4])))
+    assert f.values == {"a": 0.0, "b": 0.0} and f.info["skipped_nonfinite_step"] == 1.0

@@ -67,7 +67,7 @@ def test_gls_matches_torchjd_geometric_mean():
     v = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64, requires_grad=True)
     out = GLS()(lossport.Losses(parts={"a": v[0] * 1, "b": v[1] * 1, "c": v[2] * 1}, weights=dict.fromkeys("abc", 1.0)))
     ref = S.GeometricMean()(v)
-    assert float(out.total) == pytest.approx(float(ref)) == pytest.approx(2.0)
+    assert float(out.total.detach()) == pytest.approx(float(ref.detach())) == pytest.approx(2.0)
     (g,) = torch.autograd.grad(out.total, v)
     (gr,) = torch.autograd.grad(ref, v)
     assert torch.allclose(g, gr)
@@ -348,3 +348,25 @@ def test_per_batch_standardisation_would_not_train():
     out = n(lossport.Losses(parts={"a": per_example.mean()}, weights={"a": 1.0}))
     (g2,) = torch.autograd.grad(out.total, w)
     assert float(g2.abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["si", "gls", "dwa", "stch", "cov", "normalize"])
+def test_negative_loss_is_an_error_naming_the_part(name):
+    with pytest.raises(ValueError, match="part 'b' is -1.0"):
+        resolve(name)(L(a=1.0, b=-1.0))
+
+
+def test_rlw_matches_torchjd_random_times_T():
+    """TorchJD's Random draws from the global generator and its weights sum to 1; with the same seed and dtype
+    the draws coincide, and lossport's weights are T times TorchJD's."""
+    v = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    parts = {k: v[i] * 1 for i, k in enumerate("abc")}
+    out = RLW(seed=7)(lossport.Losses(parts=parts, weights=dict.fromkeys("abc", 1.0)))
+    (g,) = torch.autograd.grad(out.total, v)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(7)
+        (gr,) = torch.autograd.grad(S.Random()(v), v)
+    finally:
+        torch.set_rng_state(state)
+    assert torch.allclose(g, 3 * gr)

@@ -14,6 +14,10 @@ the paper). The parameters are never given to the net's optimizer:
 Missing parts: a part absent from a batch gets no term, so its parameter receives no gradient and Adam skips it
 (its value and Adam moments are unchanged).
 
+Signs: UW and IMTL-L need finite losses ``>= 0`` (with a negative loss their objective is unbounded below in the
+learned scale), GradNorm too (its training rates are loss ratios), FAMO losses above ``floor``; each raises an
+error naming the part otherwise.
+
 State (``state_dict``): the part names, the parameter values and the optimizer's state (deep-copied), plus
 each method's own records; loading it into a fresh balancer gives the same subsequent weights.
 """
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 
 from ..result_types import Losses
 from .base import Balancer, register
+from .loss_level import _positive
 
 
 class LearnedBalancer(Balancer):
@@ -80,9 +85,18 @@ class LearnedBalancer(Balancer):
 
     # -- protocol --------------------------------------------------------------------------------------
     def step(self, recompute: Callable[[], Losses] | None = None) -> None:
-        """One Adam step on the parameters that received a gradient from the last backward; then clear it."""
+        """One Adam step on the parameters that received a gradient from the last backward; then clear it.
+
+        A non-finite gradient (a mixed-precision step that the ``GradScaler`` skipped, for example) skips the
+        step, as the scaler does for the net: the parameters and Adam's state are left unchanged."""
         if self._opt is None or all(p.grad is None for p in self._params.values()):
             return
+        if not all(bool(torch.isfinite(p.grad).all()) for p in self._params.values() if p.grad is not None):
+            for p in self._params.values():
+                p.grad = None
+            self.info["skipped_nonfinite_step"] = 1.0
+            return
+        self.info.pop("skipped_nonfinite_step", None)
         self._opt.step()
         for p in self._params.values():
             p.grad = None
@@ -114,6 +128,7 @@ class LearnedBalancer(Balancer):
 
 # ------------------------------------------------------------------------------------------------------
 _FORMS = {"regression": 0.5, "classification": 1.0}
+_UNBOUNDED = "with a negative loss its objective is unbounded below in the learned scale"
 
 
 @register("uw", "uncertainty")
@@ -158,6 +173,7 @@ class Uncertainty(LearnedBalancer):
         b: dict[str, Tensor] = {}
         reg: Tensor | None = None
         for k in losses.parts:
+            _positive("Uncertainty", k, float(losses.parts[k].detach()), _UNBOUNDED)
             s = self._params[k]
             b[k] = self._c(k) * torch.exp(-s)
             reg = 0.5 * s if reg is None else reg + 0.5 * s
@@ -189,6 +205,7 @@ class IMTLL(LearnedBalancer):
         b: dict[str, Tensor] = {}
         reg: Tensor | None = None
         for k in losses.parts:
+            _positive("IMTLL", k, float(losses.parts[k].detach()), _UNBOUNDED)
             s = self._params[k]
             b[k] = torch.exp(s)
             reg = -s if reg is None else reg - s
@@ -277,6 +294,10 @@ class FAMO(LearnedBalancer):
         before, self._before = self._before, None
         if not names:
             return
+        if not all(math.isfinite(after[k]) for k in names):  # e.g. a float16 overflow: no information, skip
+            self.info["skipped_nonfinite_step"] = 1.0
+            return
+        self.info.pop("skipped_nonfinite_step", None)
         delta = torch.tensor([math.log(before[k]) - math.log(after[k]) for k in names])
         params: list[Tensor] = [self._params[k] for k in names]
         with torch.enable_grad():
@@ -368,6 +389,7 @@ class GradNorm(LearnedBalancer):
             return b
         vals = {k: float(losses.parts[k].detach()) for k in names}
         for k, v in vals.items():
+            _positive("GradNorm", k, v, "its training rates are ratios L_i / L_i(0)")
             self._initial.setdefault(k, v)
         layer = self._shared_layer(losses)
         norms: list[float] = []

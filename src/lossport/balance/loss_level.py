@@ -37,11 +37,12 @@ def _values(losses: Losses) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in losses.parts.items()}
 
 
-def _positive(method: str, name: str, value: float) -> None:
+def _positive(method: str, name: str, value: float, why: str = "it divides by the losses or their means") -> None:
+    """Raise the error of a method that needs finite losses >= 0 (``why`` says what breaks otherwise)."""
     if not value >= 0 or math.isinf(value):
         raise ValueError(
-            f"{method} needs finite losses >= 0, but part {name!r} is {value}; use a loss that is >= 0 "
-            "(or shift it, e.g. with a constant offset) or a balancer that does not divide by the loss"
+            f"{method} needs finite losses >= 0 ({why}), but part {name!r} is {value}; shift the loss so that "
+            "it is >= 0 (add a constant) or use a balancer that accepts any sign ('ew', 'static', 'rlw')"
         )
 
 
@@ -188,7 +189,7 @@ class DWA(Balancer):
 
     Missing parts: a part's period mean is over the batches where it was present; a part absent for a whole
     period keeps its previous history. The softmax runs over the parts present; if one of them has fewer
-    than two period means, all weights are 1.
+    than two period means, all weights are 1. Losses must be ``>= 0`` (the rates are ratios of means).
     """
 
     name = "dwa"
@@ -208,6 +209,8 @@ class DWA(Balancer):
 
     def balance(self, losses: Losses) -> dict[str, float]:
         vals = _values(losses)
+        for k, v in vals.items():
+            _positive("DWA", k, v, "its rates are ratios of mean losses")
         names = list(vals)
         if all(len(self._history.get(k, [])) == 2 for k in names):
             rates = [self._history[k][1] / self._history[k][0] for k in names]
