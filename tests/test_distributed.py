@@ -80,3 +80,104 @@ def test_global_losses_give_the_one_process_gradient_with_uneven_labels():
             assert torch.allclose(g, g1, atol=1e-6), (g, g1)
     for g0, g1 in zip(out[0][1], out[1][1]):
         assert torch.equal(g0, g1)
+
+
+# ------------------------------------------------------------------------------ lossport.train under torchrun
+
+METHODS = [None, "uw", "famo", "mgda", "upgrad", "nash_mtl"]
+
+
+def train_data():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 5, generator=g)
+    a = torch.randint(0, 3, (48,), generator=g)
+    b = torch.randn(48, 2, generator=g)
+    a[::7] = -100  # missing labels, unevenly spread over the ranks' slices
+    return {"x": x, "a": a, "b": b}
+
+
+def run_train(method, batch_size):
+    torch.manual_seed(0)
+    net = Net()
+    result = lossport.train(
+        net, train_data(), balance=method, epochs=2, batch_size=batch_size, seed=3, progress=False, lr=1e-2
+    )
+    weights = [{k: v for k, v in row.items() if k.startswith("weight/")} for row in result.history.rounds]
+    losses = [row["loss"] for row in result.history.rounds]
+    return [p.detach().clone() for p in net.parameters()], weights, losses
+
+
+def train_worker(r, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r))
+    torch.set_num_threads(1)
+    try:
+        out[r] = {str(m): run_train(m, 8) for m in METHODS}  # per process: 2 x 8 = the one-process batch of 16
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs():
+    out = mp.Manager().dict()
+    mp.spawn(train_worker, args=(free_port(), out), nprocs=2, join=True)
+    return dict(out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_train_like_one_process(method, two_rank_runs):
+    params1, weights1, losses1 = run_train(method, 16)
+    for r in (0, 1):
+        params, weights, losses = two_rank_runs[r][str(method)]
+        for p, p1 in zip(params, params1):
+            assert torch.allclose(p, p1, atol=1e-5), (method, r)
+        for w, w1 in zip(weights, weights1):
+            assert w.keys() == w1.keys()
+            for k in w1:
+                assert w[k] == pytest.approx(w1[k], rel=1e-5, abs=1e-6)
+        assert losses == pytest.approx(losses1, rel=1e-5)
+    for p0, p1 in zip(two_rank_runs[0][str(method)][0], two_rank_runs[1][str(method)][0]):
+        assert torch.equal(p0, p1)  # replicas bit-identical
+
+
+def dying_worker(r, port, ckpt, q):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+        LOSSPORT_DIST_TIMEOUT="30",
+    )
+    torch.set_num_threads(1)
+
+    class Die(lossport.callbacks.Callback):
+        def on_batch_end(self, state):
+            if r == 1 and state.round == 2 and state.batch == 0:
+                os._exit(3)  # a rank that dies mid-round, without a word
+
+    try:
+        lossport.train(
+            Net(), train_data(), epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt, callbacks=[Die()]
+        )
+        q.put((r, "finished"))
+    except Exception as e:  # noqa: BLE001
+        q.put((r, f"{type(e).__name__}: {e}"))
+
+
+def test_a_dying_rank_gives_an_error_on_the_others_and_the_checkpoint_survives(tmp_path):
+    import time
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=dying_worker, args=(r, port, str(tmp_path), q)) for r in (0, 1)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(not p.is_alive() for p in procs)
+    assert procs[1].exitcode == 3
+    r, msg = q.get(timeout=5)
+    assert r == 0 and msg != "finished", msg
+    assert time.monotonic() - t0 < 120
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["round"] == 1
+    Net().load_state_dict(ck["net"])

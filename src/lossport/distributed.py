@@ -132,6 +132,30 @@ def all_reduce_jacobian(J: Tensor) -> Tensor:
     return (out / R).to(J.device)
 
 
+def setup(device: torch.device) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), unless the
+    script already did: gloo on CPU, nccl on CUDA. The timeout (seconds, ``LOSSPORT_DIST_TIMEOUT``, default
+    300) bounds how long the other ranks wait for a rank that died. Returns whether training is distributed."""
+    import datetime
+    import os
+
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LOSSPORT_DIST_TIMEOUT", "300")))
+    dist.init_process_group(backend, timeout=timeout)
+    return is_distributed()
+
+
+def shard(global_batch: Tensor, rank_: int, world: int) -> Tensor:
+    """The slice of a global batch of indices that rank ``rank_`` takes: contiguous, sizes differing by at
+    most one, so that the ranks' batches at step k together are exactly the one-process batch of
+    ``world * batch_size`` examples at step k."""
+    return torch.tensor_split(global_batch, world)[rank_]
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """``obj`` from rank ``src`` on every rank (a no-op on one process)."""
     if not is_distributed():
@@ -149,4 +173,6 @@ __all__ = [
     "all_reduce_gramian",
     "all_reduce_jacobian",
     "broadcast_object",
+    "setup",
+    "shard",
 ]

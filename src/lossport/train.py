@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from . import distributed
 from .callbacks import Callback, CSVLogger, TrainState, as_callback, loggers
 from .errors import NonFiniteLossError
 from .history import History, Result
@@ -173,16 +174,25 @@ class InMemory:
         out.n = b - a
         return out
 
-    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None) -> Iterator[Any]:
+    def batches(
+        self, batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world: int = 1
+    ) -> Iterator[Any]:
         order = torch.randperm(self.n, generator=generator) if shuffle else None
+        if world > 1:  # global batches of world * batch_size examples, one contiguous slice per rank
+            idx_all = order if order is not None else torch.arange(self.n)
+            step = batch_size * world
+            for i in range(0, self.n, step):
+                mine = distributed.shard(idx_all[i : i + step], rank, world)
+                yield _tree_map(functools.partial(_take, idx=mine), self.struct)
+            return
         for i in range(0, self.n, batch_size):
             if order is not None:
                 yield _tree_map(functools.partial(_take, idx=order[i : i + batch_size]), self.struct)
             else:
                 yield _tree_map(functools.partial(_rows, a=i, b=i + batch_size), self.struct)
 
-    def num_batches(self, batch_size: int) -> int:
-        return (self.n + batch_size - 1) // batch_size
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        return (self.n + batch_size * world - 1) // (batch_size * world)
 
 
 class Source:
@@ -195,10 +205,12 @@ class Source:
         shuffle: bool,
         generator: torch.Generator | None,
         where: str = "data",
+        shard: bool = False,
     ) -> None:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.rank, self.world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
         self.memory: InMemory | None = None
         self.loader: DataLoader | None = None
         self.dataset: Any = None
@@ -206,6 +218,14 @@ class Source:
             kind: Any = data
         else:
             kind = _classify(data, where)
+        if self.world > 1 and not isinstance(kind, InMemory):
+            if isinstance(kind, DataLoader) or isinstance(kind, IterableDataset):
+                raise ValueError(
+                    "under torchrun, lossport shards the training data itself so that every step is exactly the "
+                    "one-process step on world_size * batch_size examples; give the data as a dict of tensors, "
+                    "a pair (x, y) or a map-style Dataset, not a DataLoader or an IterableDataset"
+                )
+            kind = InMemory(_collate([kind[i] for i in range(len(kind))]), where)
         if isinstance(kind, InMemory):
             self.memory = kind
         elif isinstance(kind, DataLoader):
@@ -222,13 +242,13 @@ class Source:
 
     def __iter__(self) -> Iterator[Any]:
         if self.memory is not None:
-            return self.memory.batches(self.batch_size, self.shuffle, self.generator)
+            return self.memory.batches(self.batch_size, self.shuffle, self.generator, self.rank, self.world)
         assert self.loader is not None
         return iter(self.loader)
 
     def __len__(self) -> int:
         if self.memory is not None:
-            return self.memory.num_batches(self.batch_size)
+            return self.memory.num_batches(self.batch_size, self.world)
         assert self.loader is not None
         return len(self.loader)
 
@@ -306,9 +326,14 @@ def _classify(data: Any, where: str) -> Any:
 
 
 def make_source(
-    data: Any, batch_size: int, shuffle: bool, generator: torch.Generator | None, where: str = "data"
+    data: Any,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    where: str = "data",
+    shard: bool = False,
 ) -> Source:
-    return Source(data, batch_size, shuffle, generator, where)
+    return Source(data, batch_size, shuffle, generator, where, shard)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -323,7 +348,9 @@ def _device(device: Any, net: nn.Module) -> torch.device:
         p = next(iter(net.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per torchrun process
     return torch.device(device)
 
 
@@ -775,17 +802,24 @@ def train(
     dev = _device(device, net)
     prec = _precision(precision, dev)
     net.to(dev)
+    model: nn.Module = net
+    if distributed.setup(dev):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if distributed.rank() != 0:  # one voice: progress, logs and checkpoints from rank 0 only
+            progress, log = False, None
     if seed is not None:
         torch.manual_seed(seed)
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
-    train_src = make_source(data, batch_size, shuffle, gen, "data")
+    train_src = make_source(data, batch_size, shuffle, gen, "data", shard=True)
     val_src: Source | None = None
     if validation is not None:
         if isinstance(validation, float):
             tr, va = train_src.split(validation)
-            train_src = make_source(tr, batch_size, shuffle, gen, "data")
+            train_src = make_source(tr, batch_size, shuffle, gen, "data", shard=True)
             val_src = make_source(va, batch_size, False, None, "validation")
         elif isinstance(validation, (int, bool)):
             raise ValueError(f"validation={validation!r}: give validation data or a float fraction like 0.1")
@@ -892,7 +926,7 @@ def train(
                     batch = _to_device(batch, dev)
                 bs = batch_size_of(batch)
                 with _autocast(prec, dev):
-                    raw = objective._evaluate(net, batch)
+                    raw = objective._evaluate(model, batch)
                 if not part_order and objective.compiled:
                     part_order = objective.part_names
                 if not raw.parts and not raw.extra:
@@ -1023,7 +1057,7 @@ def train(
                 cb.on_round_end(state)
             if state.stop_reason is not None:
                 stopped_because = state.stop_reason
-            if ckpt_path is not None:
+            if ckpt_path is not None and distributed.rank() == 0:
                 _save_checkpoint(
                     ckpt_path,
                     {
