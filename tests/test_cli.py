@@ -31,7 +31,34 @@ def test_no_subcommand_prints_help_and_fails(capsys: pytest.CaptureFixture[str])
 
 
 def test_console_script_entry_point() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "lossport.cli", "--help"], capture_output=True, text=True, timeout=60
-    )
+    r = subprocess.run([sys.executable, "-m", "lossport.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_compare_and_inspect_subcommands(tmp_path, capsys):
+    from lossport.cli import main
+
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "ew,mgda",
+                "--seeds",
+                "1",
+                "--epochs",
+                "1",
+                "--size",
+                "256",
+                "--out",
+                str(tmp_path / "cmp"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "single-task" in out and "mgda" in out and "delta_m%" in out
+    assert (tmp_path / "cmp" / "compare.csv").exists() and (tmp_path / "cmp" / "compare.png").exists()
+    assert main(["compare", "--methods", "nope"]) == 2
+    assert main(["inspect", "--batches", "2", "--batch-size", "32", "--figure", str(tmp_path / "i.png")]) == 0
+    assert "ink" in capsys.readouterr().out and (tmp_path / "i.png").exists()

@@ -38,11 +38,9 @@ def add_demo(sub: Any) -> None:
     p.add_argument(
         "--balance",
         default=None,
-        help="a balancer name (see lossport.balance.available()); default: static weights, ink x 1e-5",
+        help="a balancer name (see lossport.balance.available()); default: static weights, ink x 0.01",
     )
-    p.add_argument(
-        "--out", type=Path, default=None, help="directory of the plot and history (default: a temp dir)"
-    )
+    p.add_argument("--out", type=Path, default=None, help="directory of the plot and history (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--progress", action="store_true", help="show the progress of each round")
@@ -60,7 +58,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tr = multidigits("train", seed=args.seed, size=args.size)
     va = multidigits("val", seed=args.seed, size=max(200, args.size // 4))
     net = MultiDigitsNet(width=16)
-    weights = None if args.balance else {"left": 1.0, "right": 1.0, "ink": 1e-5}
+    weights = None if args.balance else {"left": 1.0, "right": 1.0, "ink": 0.01}
     out = args.out or Path(tempfile.gettempdir()) / "lossport-demo"
     out.mkdir(parents=True, exist_ok=True)
     print(
@@ -92,8 +90,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- inspect
+def add_inspect(sub: Any) -> None:
+    from .inspection import add_inspect_arguments, cli_inspect
+
+    p = sub.add_parser(
+        "inspect",
+        help="which loss reaches which layer, how hard each pulls and whether they conflict (demo net)",
+    )
+    add_inspect_arguments(p)
+    p.set_defaults(func=cli_inspect)
+
+
+# ------------------------------------------------------------------------------------------------- compare
+def add_compare(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="rank balancing methods on the built-in data against single-task baselines (Delta-m%%)",
+    )
+    p.add_argument("--data", default="multidigits", choices=["multidigits"], help="built-in data set")
+    p.add_argument("--methods", default="ew,uw,dwa,famo,mgda,pcgrad,cagrad,nash_mtl,upgrad")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--size", type=int, default=2000, help="training examples (default 2000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("lossport-compare"), help="directory of the table and figure")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .compare import compare
+    from .data import MultiDigitsNet, multidigits
+
+    torch.set_num_threads(max(1, args.threads))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .balance import available
+
+    unknown = [m for m in methods if m not in available() and m not in ("ew", "sum")]
+    if unknown:
+        print(f"unknown methods {unknown}; available: {', '.join(available())}", file=sys.stderr)
+        return 2
+    train_data = multidigits("train", size=args.size)
+    test = multidigits("test")
+    t0 = time.perf_counter()
+    table = compare(
+        lambda: MultiDigitsNet(width=16),
+        train_data,
+        {"left": "auto", "right": "auto", "ink": "auto"},
+        methods=methods,
+        metrics={"left": ["accuracy"], "right": ["accuracy"], "ink": ["mae"]},
+        test=test,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=2e-3,
+        device="cpu",
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(table.table())
+    print(f"wall time {time.perf_counter() - t0:.0f} s")
+    table.to_csv(str(args.out / "compare.csv"))
+    fig = table.plot(pareto=("left/accuracy", "ink/mae"))
+    fig.savefig(args.out / "compare.png", dpi=120)
+    print(f"table: {args.out / 'compare.csv'}\nfigure: {args.out / 'compare.png'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- the command
-SUBCOMMANDS: list[SubcommandAdder] = [add_demo]
+SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_inspect, add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:
