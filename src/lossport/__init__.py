@@ -1,6 +1,6 @@
 """lossport: several outputs, several losses. Declare, balance, train and inspect multi-output PyTorch nets."""
 
-from . import balance, callbacks, data, losses, metrics
+from . import balance, callbacks, data, distributed, losses, metrics
 from .compare import compare
 from .errors import LossSpecError, NonFiniteLossError
 from .history import History, Result
@@ -32,6 +32,7 @@ __all__ = [
     "balance",
     "callbacks",
     "data",
+    "distributed",
     "metrics",
 ]
 __version__ = "0.1.0"
