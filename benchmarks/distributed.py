@@ -21,8 +21,10 @@ from lossport.data import MultiDigitsNet, multidigits
 torch.set_num_threads(1)
 method, batch = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
-res = lossport.train(MultiDigitsNet(width=16), multidigits("train", size=2000), balance=None if method == "ew" else method,
-                     epochs=3, batch_size=batch, progress=False, seed=0, device="cpu")
+res = lossport.train(
+    MultiDigitsNet(width=16), multidigits("train", size=2000), balance=None if method == "ew" else method,
+    epochs=3, batch_size=batch, progress=False, seed=0, device="cpu",
+)
 steps = len(res.history.batches)
 if lossport.distributed.rank() == 0:
     print(json.dumps({"seconds_per_step": res.seconds / steps, "loss": res.history.rounds[-1]["loss"]}))
@@ -46,7 +48,18 @@ def main() -> None:
     print(f"{'method':10s} {'1 proc ms/step':>15s} {'2 procs ms/step':>16s} {'ratio':>6s} {'final loss 1 / 2':>20s}")
     for m in args.methods.split(","):
         one = run([sys.executable, script, m, "64"])
-        two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", script, m, "32"])
+        two = run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_port=29533",
+                script,
+                m,
+                "32",
+            ]
+        )
         print(
             f"{m:10s} {one['seconds_per_step'] * 1e3:15.1f} {two['seconds_per_step'] * 1e3:16.1f} "
             f"{two['seconds_per_step'] / one['seconds_per_step']:6.2f} {one['loss']:9.4f} / {two['loss']:.4f}"

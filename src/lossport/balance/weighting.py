@@ -71,7 +71,10 @@ def cagrad(G: Tensor, c: float = 0.4) -> Tensor:
     def fun(w: Tensor) -> Tensor:
         return w @ b + sphi * torch.sqrt((w @ G @ w).clamp_min(1e-30))
 
-    w = simplex_minimize(fun, T, device=G.device)
+    def grad(w: Tensor) -> Tensor:
+        return b + sphi * (G @ w) / torch.sqrt((w @ G @ w).clamp_min(1e-30))
+
+    w = simplex_minimize(fun, grad, T, device=G.device)
     gw = float((w @ G @ w).clamp_min(1e-30).sqrt())
     return (avg + (sphi / gw) * w) / (1 + c * c)
 
