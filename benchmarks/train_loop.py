@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-import lossport.train as lt
+from lossport import train as lossport_train
 from lossport import Objective
 
 
@@ -104,7 +104,7 @@ def objective_loop(net: nn.Module, loader: DataLoader, epochs: int) -> None:
 
 
 def lossport_loop(net: nn.Module, loader: DataLoader, epochs: int) -> None:
-    lt.train(
+    lossport_train(
         net,
         loader,
         {"cls": "ce", "r1": "mse", "r2": "mse"},
