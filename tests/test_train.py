@@ -75,14 +75,10 @@ def test_data_forms_all_train_and_report_every_part() -> None:
     d = make_data()
     forms = {
         "dict": d,
-        "numpy": {
-            k: v.numpy().astype(np.float64) if v.is_floating_point() else v.numpy() for k, v in d.items()
-        },
+        "numpy": {k: v.numpy().astype(np.float64) if v.is_floating_point() else v.numpy() for k, v in d.items()},
         "dataset": DictDataset(d),
         "list of dicts": [{k: v[i] for k, v in d.items()} for i in range(len(d["x"]))],
-        "loader": DataLoader(
-            DictDataset(d), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
-        ),
+        "loader": DataLoader(DictDataset(d), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)),
         "pair": (d["x"], {"a": d["a"], "b": d["b"]}),
     }
     for name, data in forms.items():
@@ -333,9 +329,7 @@ def test_callbacks_can_stop_and_function_callbacks() -> None:
     res = train(TwoHead(), d, LOSS, epochs=5, batch_size=8, callbacks=[StopAtBatch()], progress=False)
     assert res.stopped_because == "enough" and len(res.history) == 2
     assert len(res.history.batches) == 5 + 2
-    res = train(
-        TwoHead(), d, LOSS, epochs=5, callbacks=[lambda s: "stop" if s.round == 3 else None], progress=False
-    )
+    res = train(TwoHead(), d, LOSS, epochs=5, callbacks=[lambda s: "stop" if s.round == 3 else None], progress=False)
     assert len(res.history) == 3 and "stop" in res.stopped_because
 
 
@@ -437,17 +431,13 @@ def test_balancer_protocol_weights_and_info_in_history() -> None:
     assert bal.steps == 2 * 3  # 5 batches, 2 per step -> 3 optimizer steps per round (the last has one batch)
     assert [set(r) for r in bal.rounds] == [{"a", "b"}, {"a", "b"}]
     assert bal.rounds[0]["a"] == pytest.approx(res.history["a"][0])
-    assert res.history.last["weight/a"] == pytest.approx(6.0) and res.history.last[
-        "weight/b"
-    ] == pytest.approx(0.5)
+    assert res.history.last["weight/a"] == pytest.approx(6.0) and res.history.last["weight/b"] == pytest.approx(0.5)
     assert "balancer/calls" in res.history.last
     b = res.history.batches[0]
     assert b["loss"] == pytest.approx(6.0 * b["a"] + 0.5 * b["b"], rel=1e-5)
     with pytest.raises(ValueError, match="balancer"):
         net = TwoHead()
-        train(
-            net, d, LOSS, balance=bal, optimizer=torch.optim.Adam([*net.parameters(), bal.s]), progress=False
-        )
+        train(net, d, LOSS, balance=bal, optimizer=torch.optim.Adam([*net.parameters(), bal.s]), progress=False)
 
 
 def test_named_balancer_trains() -> None:
@@ -459,9 +449,7 @@ def test_named_balancer_trains() -> None:
 def test_accumulation_equals_larger_batch() -> None:
     d = make_data(32)
     n1, n2 = TwoHead(), TwoHead()
-    train(
-        n1, d, LOSS, epochs=2, batch_size=4, accumulate=2, shuffle=False, optimizer=sgd(0.1), progress=False
-    )
+    train(n1, d, LOSS, epochs=2, batch_size=4, accumulate=2, shuffle=False, optimizer=sgd(0.1), progress=False)
     train(n2, d, LOSS, epochs=2, batch_size=8, shuffle=False, optimizer=sgd(0.1), progress=False)
     for p, q in zip(n1.parameters(), n2.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
@@ -522,9 +510,7 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
     with pytest.raises(FileExistsError, match="resume=True"):
         train(TwoHead(), d, LOSS, epochs=4, batch_size=8, checkpoint=tmp_path, progress=False)
     resumed = TwoHead(seed=5)  # different initial weights: all state comes from the checkpoint
-    r = train(
-        resumed, d, LOSS, epochs=4, batch_size=8, seed=1, checkpoint=tmp_path, resume=True, progress=False
-    )
+    r = train(resumed, d, LOSS, epochs=4, batch_size=8, seed=1, checkpoint=tmp_path, resume=True, progress=False)
     assert same(params(full), params(resumed))
     assert r.history["loss"] == r_full.history["loss"]
 
@@ -573,12 +559,8 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     py = sys.executable
-    full = subprocess.Popen(
-        [py, str(script), str(tmp_path / "ck_full"), str(tmp_path / "full.pt"), "full"], env=env
-    )
-    killed = subprocess.Popen(
-        [py, str(script), str(tmp_path / "ck"), str(tmp_path / "killed.pt"), "kill"], env=env
-    )
+    full = subprocess.Popen([py, str(script), str(tmp_path / "ck_full"), str(tmp_path / "full.pt"), "full"], env=env)
+    killed = subprocess.Popen([py, str(script), str(tmp_path / "ck"), str(tmp_path / "killed.pt"), "kill"], env=env)
     hanging = tmp_path / "killed.pt.hanging"
     deadline = time.monotonic() + 120
     while not hanging.exists():
@@ -625,3 +607,27 @@ def test_batch_without_any_label_is_passed_over_and_resume_without_checkpoint_st
     assert res.history.last["a"] == pytest.approx(np.mean([res.history.batches[i]["a"] for i in (0, 1)]))
     res = train(TwoHead(), d, LOSS, epochs=2, checkpoint=tmp_path / "new", resume=True, progress=False)
     assert len(res.history) == 2 and load_checkpoint(tmp_path / "new")["round"] == 2
+
+
+def test_monitor_records_cosines_and_norms_per_round():
+    import lossport
+
+    torch.manual_seed(0)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Linear(4, 8)
+            self.a, self.b = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.trunk(x))
+            return {"a": self.a(h), "b": self.b(h)}
+
+    data = {"x": torch.randn(64, 4), "a": torch.randn(64, 1), "b": torch.randn(64, 1)}
+    res = lossport.train(Two(), data, epochs=2, batch_size=16, progress=False, monitor=2, seed=0)
+    row = res.history.rounds[-1]
+    keys = [k for k in row if k.startswith("monitor/")]
+    assert any("cos" in k for k in keys) and any("a" in k for k in keys), keys
+    with pytest.raises(ValueError, match="monitor"):
+        lossport.train(Two(), data, epochs=1, monitor=0, progress=False)

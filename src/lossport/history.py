@@ -201,9 +201,7 @@ class Result:
                 row.append(_fmt(best.get(f"val_{k}")))
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(c.rjust(widths[i]) if i else c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows
-        ]
+        lines = ["  ".join(c.rjust(widths[i]) if i else c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         head = f"{self.rounds} rounds, {self.stopped_because}"
         if self.best_round:
@@ -220,7 +218,9 @@ class Result:
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("Result.plot needs matplotlib: pip install 'lossport[plot]'") from e
         names = ["loss", *(self.part_names if parts is None else list(parts))]
-        n = len(names)
+        keys = self.history.rounds[-1].keys() if self.history.rounds else ()
+        monitor_groups = [g for g in ("cos", "gradnorm", "norm") if any(k.startswith(f"monitor/{g}") for k in keys)]
+        n = len(names) + len(monitor_groups)
         cols = min(n, 3)
         rows = (n + cols - 1) // cols
         fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
@@ -242,6 +242,15 @@ class Result:
             ax.set_xlabel("round")
             if i == 0:
                 ax.legend()
+        for i, group in enumerate(monitor_groups, start=len(names)):  # train(monitor=...): conflict and pull
+            ax = axes[i // cols][i % cols]
+            for key in sorted(k for k in keys if k.startswith(f"monitor/{group}")):
+                ax.plot(x, self.history[key], marker="o", markersize=3, label=key[len("monitor/") :])
+            if group != "cos":
+                ax.set_yscale("log")
+            ax.set_title({"cos": "cosine between parts (shared trunk)"}.get(group, "gradient norm on the trunk"))
+            ax.set_xlabel("round")
+            ax.legend(fontsize=7)
         for j in range(n, rows * cols):
             axes[j // cols][j % cols].set_visible(False)
         if path is not None:

@@ -151,9 +151,7 @@ class InMemory:
             raise ValueError(f"{where} holds no tensor with a batch dimension")
         if len(sizes) > 1:
             shapes = _tree_map(lambda t: tuple(t.shape), self.struct)
-            raise ValueError(
-                f"{where}: every tensor needs the same first dimension (examples); shapes are {shapes}"
-            )
+            raise ValueError(f"{where}: every tensor needs the same first dimension (examples); shapes are {shapes}")
         self.n = sizes.pop()
 
     def __len__(self) -> int:
@@ -292,9 +290,7 @@ class Source:
         n = len(ds)
         n_val = math.ceil(fraction * n)
         if n_val < 1 or n - n_val < 1:
-            raise ValueError(
-                f"validation={fraction} leaves {n - n_val} training and {n_val} validation examples"
-            )
+            raise ValueError(f"validation={fraction} leaves {n - n_val} training and {n_val} validation examples")
         return Subset(ds, range(n - n_val)), Subset(ds, range(n - n_val, n))
 
 
@@ -361,8 +357,7 @@ def _precision(precision: Any, device: torch.device) -> str:
     p = _PRECISIONS[key]
     if p == "16-mixed" and device.type != "cuda":
         raise ValueError(
-            f"precision='16-mixed' needs a CUDA device (training runs on {device.type}); on CPU use "
-            "precision='bf16'"
+            f"precision='16-mixed' needs a CUDA device (training runs on {device.type}); on CPU use precision='bf16'"
         )
     return p
 
@@ -391,15 +386,12 @@ def _optimizer(
             opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
         else:
             raise ValueError(
-                f"optimizer={spec!r}: use 'adam', 'adamw', 'sgd', an Optimizer or a function params -> "
-                "Optimizer"
+                f"optimizer={spec!r}: use 'adam', 'adamw', 'sgd', an Optimizer or a function params -> Optimizer"
             )
     elif callable(spec):
         opt = spec(params)
         if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer function returned a {type(opt).__name__}, not a torch.optim.Optimizer"
-            )
+            raise TypeError(f"optimizer function returned a {type(opt).__name__}, not a torch.optim.Optimizer")
     else:
         raise TypeError(f"optimizer must be a name, an Optimizer or a function, not {type(spec).__name__}")
     if objective.balancer is not None:
@@ -426,9 +418,7 @@ def _scheduler(spec: Any, opt: torch.optim.Optimizer) -> Any:
         return spec
     if callable(spec):
         return spec(opt)
-    raise TypeError(
-        f"scheduler must be a function optimizer -> scheduler or a scheduler, not {type(spec).__name__}"
-    )
+    raise TypeError(f"scheduler must be a function optimizer -> scheduler or a scheduler, not {type(spec).__name__}")
 
 
 # ============================================================================================ directions
@@ -514,8 +504,7 @@ class _Progress:
             self.bar = None
         elif self.mode == "lines":
             print(
-                f"round {r}/{self.epochs} - {row.get('seconds', 0):.2f}s - "
-                + _line(row, skip=("round", "seconds")),
+                f"round {r}/{self.epochs} - {row.get('seconds', 0):.2f}s - " + _line(row, skip=("round", "seconds")),
                 flush=True,
             )
 
@@ -526,9 +515,7 @@ class _Progress:
 
 
 def _line(row: Mapping[str, float], skip: Sequence[str] = ()) -> str:
-    return " - ".join(
-        f"{k}: {v:.4g}" for k, v in row.items() if k not in skip and not k.startswith("balancer/")
-    )
+    return " - ".join(f"{k}: {v:.4g}" for k, v in row.items() if k not in skip and not k.startswith("balancer/"))
 
 
 # ============================================================================================== round stats
@@ -586,9 +573,7 @@ class _RoundStats:
 def _objective(loss: Any, weights: Any, balance: Any) -> Objective:
     if isinstance(loss, Objective):
         if weights is not None or balance is not None:
-            raise ValueError(
-                "weights= and balance= belong to the Objective when an Objective is given as loss"
-            )
+            raise ValueError("weights= and balance= belong to the Objective when an Objective is given as loss")
         return loss
     return Objective(loss, weights=weights, balance=balance)
 
@@ -649,11 +634,7 @@ def _evaluate(
                     outputs, logits = objective.forward(net, batch)
                     losses = objective.losses(outputs, batch, net=net, logits=logits, per_example=per_example)
                 if mset is None and metrics is not None:
-                    mset = (
-                        metrics
-                        if isinstance(metrics, MetricSet)
-                        else metric_set(metrics, objective.output_names)
-                    )
+                    mset = metrics if isinstance(metrics, MetricSet) else metric_set(metrics, objective.output_names)
                     if mset is not None:
                         mset.reset()
                 bs = batch_size_of(batch)
@@ -670,9 +651,7 @@ def _evaluate(
                             continue
                         col = examples.setdefault(p, [torch.full((n_seen,), math.nan)] if n_seen else [])
                         col.append(
-                            ex.reshape(bs, -1).float().mean(1).cpu()
-                            if ex is not None
-                            else torch.full((bs,), math.nan)
+                            ex.reshape(bs, -1).float().mean(1).cpu() if ex is not None else torch.full((bs,), math.nan)
                         )
                 n_seen += bs
     finally:
@@ -741,6 +720,7 @@ def train(
     device: Any = "auto",
     callbacks: Iterable[Any] = (),
     record_batches: bool = True,
+    monitor: bool | int = False,
 ) -> Result:
     """Train ``net`` on ``data`` with a loss per output; return a :class:`~lossport.history.Result`.
 
@@ -780,6 +760,10 @@ def train(
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
         callbacks: :class:`~lossport.callbacks.Callback` objects or functions ``state -> "stop" | None``.
         record_batches: keep the per-batch history (total and parts of every batch).
+        monitor: record, per round, the gradient norms of the parts on the shared trunk and their cosines
+            (:class:`~lossport.inspection.Monitor`, keys ``monitor/...``): ``True`` samples every 10 steps, an
+            integer ``K`` every ``K`` steps. Each sample costs about one backward pass per part through the
+            trunk; with a Gramian balancer the figures it already computed are reused at no cost.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, not {epochs!r}")
@@ -799,6 +783,14 @@ def train(
         raise ValueError("resume=True needs checkpoint=DIR (the directory the interrupted run wrote to)")
 
     objective = _objective(loss, weights, balance)
+    mon = None
+    if monitor is not False:
+        from .inspection import Monitor
+
+        if isinstance(monitor, bool) or not isinstance(monitor, int) or monitor < 1:
+            if monitor is not True:
+                raise ValueError(f"monitor must be True, False or a positive integer, not {monitor!r}")
+        mon = Monitor(every=10 if monitor is True else int(monitor))
     dev = _device(device, net)
     prec = _precision(precision, dev)
     net.to(dev)
@@ -932,9 +924,7 @@ def train(
                 if not raw.parts and not raw.extra:
                     continue  # no labelled example of any part in this batch: nothing to learn from it
                 if balancer is None:  # one device sync for the parts, extra terms and total
-                    flat = _floats(
-                        {**raw.parts, **{f"\0{k}": v for k, v in raw.extra.items()}, "\0\0": raw.total}
-                    )
+                    flat = _floats({**raw.parts, **{f"\0{k}": v for k, v in raw.extra.items()}, "\0\0": raw.total})
                     total = flat.pop("\0\0")
                     raw_vals = {k: flat[k] for k in raw.parts}
                     extra_vals = {k: flat[f"\0{k}"] for k in raw.extra}
@@ -974,6 +964,8 @@ def train(
                             )
                         stats.skipped += 1
                         continue
+                if mon is not None:
+                    mon.observe(losses, balancer)
                 scaled = total_t / accumulate if accumulate > 1 else total_t
                 if scaler is not None:
                     scaler.scale(scaled).backward()
@@ -1018,6 +1010,8 @@ def train(
             row.update(stats.row(part_order, None if balancer is not None else objective.static_weights))
             if balancer is not None:
                 balancer.end_round(stats.part_means())
+            if mon is not None:
+                row.update({f"monitor/{k}": v for k, v in mon.end_round().items()})
             if mset is not None:
                 row.update(mset.compute())
             if on_nonfinite == "skip":
@@ -1073,9 +1067,7 @@ def train(
                         "best": best.state_dict() if best is not None else None,
                         "best_state": best_state,
                         "callbacks": {
-                            f"callback{i}": cb.state_dict()
-                            for i, cb in enumerate(cbs)
-                            if hasattr(cb, "state_dict")
+                            f"callback{i}": cb.state_dict() for i, cb in enumerate(cbs) if hasattr(cb, "state_dict")
                         },
                         "rng": _get_rng(train_src.generators()),
                         "stopped_because": stopped_because,
@@ -1117,9 +1109,7 @@ def _check_key(key: str, row: Mapping[str, float], history: History, what: str) 
         raise ValueError(f"{what}={key!r} is not a history key; keys are {sorted(row)}")
 
 
-def _step(
-    net: nn.Module, opt: torch.optim.Optimizer, scaler: Any, grad_clip: float | None, sched: Any
-) -> None:
+def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: Any, grad_clip: float | None, sched: Any) -> None:
     if scaler is not None:
         if grad_clip is not None:
             scaler.unscale_(opt)
