@@ -1,4 +1,9 @@
-"""What the autograd graph says: which leaf tensors (parameters) each loss part reaches."""
+"""What the autograd graph says: which leaf tensors (parameters) each loss part reaches.
+
+A part reaches a leaf when the leaf's ``AccumulateGrad`` node is reachable from the part's ``grad_fn`` through
+``next_functions``: exactly the leaves its backward would write a gradient to. No caches and no global state:
+every call walks the graph it is given.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +12,88 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
+__all__ = ["reached_parameters", "shared_parameters"]
+
+_SHARED = -1
+
 
 def reached_parameters(part: Tensor) -> list[Tensor]:
-    """The leaf tensors requiring grad that ``part`` reaches through its autograd graph, breadth first from the
-    output side (so the first entries belong to the layers closest to the output)."""
+    """The leaf tensors requiring grad that ``part`` reaches through its autograd graph, breadth first from
+    the output side (so the first entries belong to the layers closest to the output)."""
     if part.grad_fn is None:
         return [part] if part.requires_grad else []
     out: list[Tensor] = []
-    seen_nodes: set[int] = set()
-    seen_leaves: set[int] = set()
+    seen: set[int] = {id(part.grad_fn)}
     queue = deque([part.grad_fn])
     while queue:
         node = queue.popleft()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
         var = getattr(node, "variable", None)
         if var is not None:
-            if id(var) not in seen_leaves:
-                seen_leaves.add(id(var))
-                out.append(var)
+            out.append(var)
             continue
         for nxt, _ in node.next_functions:
-            if nxt is None or id(nxt) in seen_nodes:
-                continue
-            leaf = _leaf_through(nxt)
-            if leaf is not None:  # a parameter used by this node (possibly through a transpose or view)
-                if id(leaf) not in seen_leaves:
-                    seen_leaves.add(id(leaf))
-                    out.append(leaf)
-                continue
-            queue.append(nxt)
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                queue.append(nxt)
     return out
 
 
-def _leaf_through(node: object, hops: int = 3) -> Tensor | None:
-    """The leaf at the end of a chain of single-input nodes (``TBackward0``, views) starting at ``node``."""
-    for _ in range(hops + 1):
+def _owners(parts: Sequence[Tensor]) -> dict[int, int]:
+    """For every node reachable from ``parts``: the index of the only part reaching it, or ``_SHARED``.
+
+    One walk per part that stops at nodes it has seen or that are already shared (every node below a shared
+    node is shared), so the whole graph is traversed about twice whatever the number of parts.
+    """
+    owner: dict[int, int] = {}
+    for i, part in enumerate(parts):
+        if part.grad_fn is None:
+            continue
+        stack = [part.grad_fn]
+        while stack:
+            node = stack.pop()
+            o = owner.get(id(node))
+            if o == i or o == _SHARED:
+                continue
+            owner[id(node)] = i if o is None else _SHARED
+            for nxt, _ in node.next_functions:
+                if nxt is not None:
+                    stack.append(nxt)
+    return owner
+
+
+def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None = None) -> list[Tensor]:
+    """Leaf tensors requiring grad reached by more than one of the scalar ``parts``, ordered from the output
+    side to the input side (breadth first from all parts at once: the first entries are the parameters of the
+    last shared layer).
+
+    With ``params`` given: those, in the given order, after checking that some part reaches each (a Gramian
+    on a parameter no part reaches would be zero, which is always a mistake); an error names the first one.
+    """
+    owner = _owners(parts)
+    if params is not None:
+        chosen = list(params)
+        reached = {id(getattr(n, "variable", None)) for n in _nodes(parts) if getattr(n, "variable", None) is not None}
+        for k, t in enumerate(chosen):
+            if id(t) not in reached:
+                raise ValueError(
+                    f"params[{k}] (shape {tuple(t.shape)}) is reached by no loss part; "
+                    "give parameters of the shared trunk"
+                )
+        return chosen
+    out: list[Tensor] = []
+    for node in _nodes(parts):
         var = getattr(node, "variable", None)
-        if var is not None:
-            return var
+        if var is not None and owner.get(id(node)) == _SHARED:
+            out.append(var)
+    return out
+
+
+def _leaf_behind(node: object) -> object | None:
+    """The ``AccumulateGrad`` node at the end of a short single-input chain from ``node`` (``W.t()``, a view or
+    an expand of a parameter), so that a layer's weight and bias are listed at the same depth."""
+    for _ in range(4):
+        if getattr(node, "variable", None) is not None:
+            return node
         nxt = [n for n, _ in node.next_functions if n is not None]  # type: ignore[attr-defined]
         if len(nxt) != 1:
             return None
@@ -54,38 +101,24 @@ def _leaf_through(node: object, hops: int = 3) -> Tensor | None:
     return None
 
 
-def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None = None) -> list[Tensor]:
-    """Leaf tensors reached by more than one of ``parts``, ordered from the output side to the input side.
-
-    With ``params`` given, those of them that some part reaches, in the given order (an error names any that
-    no part reaches, since a Gramian on them would be zero).
-    """
-    reached = [reached_parameters(p) for p in parts]
-    if params is not None:
-        chosen = list(params)
-        any_reached = {id(t) for r in reached for t in r}
-        unreached = [i for i, t in enumerate(chosen) if id(t) not in any_reached]
-        if unreached:
-            raise ValueError(
-                f"params[{unreached[0]}] (shape {tuple(chosen[unreached[0]].shape)}) is reached by no loss part; "
-                "give parameters of the shared trunk"
-            )
-        return chosen
-    count: dict[int, int] = {}
-    for r in reached:
-        for t in r:
-            count[id(t)] = count.get(id(t), 0) + 1
-    order: list[Tensor] = []
-    seen: set[int] = set()
-    # breadth-first merge: interleave the parts' orders so that output-side tensors come first
-    for depth in range(max((len(r) for r in reached), default=0)):
-        for r in reached:
-            if depth < len(r):
-                t = r[depth]
-                if count[id(t)] > 1 and id(t) not in seen:
-                    seen.add(id(t))
-                    order.append(t)
+def _nodes(parts: Sequence[Tensor]) -> list[object]:
+    """All nodes reachable from ``parts``, breadth first from all of them at once; the ``AccumulateGrad`` node
+    of a parameter is listed right after the layer node that consumes it (directly or through a transpose)."""
+    roots = [p.grad_fn for p in parts if p.grad_fn is not None]
+    seen = {id(r) for r in roots}
+    queue = deque(roots)
+    order: list[object] = []
+    while queue:
+        node = queue.popleft()
+        order.append(node)
+        for nxt, _ in node.next_functions:  # type: ignore[attr-defined]
+            if nxt is None:
+                continue
+            leaf = _leaf_behind(nxt)
+            if leaf is not None and id(leaf) not in seen:
+                seen.add(id(leaf))
+                order.append(leaf)
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                queue.append(nxt)
     return order
-
-
-__all__ = ["reached_parameters", "shared_parameters"]

@@ -1,29 +1,45 @@
 """Base of the gradient-level balancers: weights from the Gramian of the parts' gradients.
 
 ``GramianBalancer.balance(losses)`` computes ``G`` (``T x T``, float64) of the parts present in the batch with
-:mod:`lossport.gramian`, turns it into weights with the method's ``weigh(G, losses)``, and the update is then
-one ordinary backward of ``sum_i w_i L_i``. So the shared parameters receive ``J^T w`` and every head receives
-its own part's gradient times ``w_i`` (the "weighted-loss" convention, in every method; LibMTL gives the heads
-unweighted gradients in some methods and weighted ones in others).
+:mod:`lossport.gramian` (``G[i, j] = <g_i, g_j>``, ``g_i`` the gradient of part ``i``, rows in ``losses.names``
+order), turns it into weights with the method's ``weigh(G, losses)``, and the update is then **one ordinary
+backward of** ``sum_i w_i L_i`` (``w_i = s_i b_i``, see :mod:`lossport.balance.base`). So the shared parameters
+receive ``J^T w`` and **every head receives its own part's gradient times** ``w_i``, in every method (LibMTL gives
+the heads unweighted gradients in some methods and weighted ones in others). A method's ``weigh`` sees the
+Gramian of the *unweighted* parts ``L_i``; the static weights ``s_i`` multiply its output.
 
-Modes:
+Modes (any method works in any mode):
 
-* ``gramian="params"`` (exact): ``G`` of the gradients on the shared parameters — those reached by more than
-  one part (:func:`lossport.graph.shared_parameters`), or ``params=`` given.
+* ``gramian="params"`` (exact): ``G`` of the gradients on the shared parameters, those reached by more than
+  one part (:func:`lossport.graph.shared_parameters`), or ``params=`` given. Computed layer by layer without
+  the ``T x P`` Jacobian (:func:`lossport.gramian.gramian`); costs about ``T`` input-gradient backward passes
+  through the trunk.
 * ``gramian="features"``: ``G`` of the gradients with respect to a shared representation ``z`` (MGDA-UB,
-  Sener & Koltun 2018): ``features`` names an output of the net (``losses.outputs[name]``) or is the
-  ``nn.Module`` that computes ``z`` (a forward hook on it keeps its last output). ``T`` backward passes through
-  the heads only, instead of through the trunk.
-* ``every=K``: recompute ``G`` and the weights every ``K`` calls and reuse the last weights in between.
+  Sener & Koltun 2018, section 3.3): backward passes through the heads only, not the trunk. ``features`` is
+  either the name of a net output (``losses.outputs[name]``; the net returns ``z`` as one of its outputs) or the
+  ``nn.Module`` whose forward output is ``z``: a forward hook, placed when the balancer is built, records that
+  module's outputs during each gradient-enabled forward (all of them if it runs several times, e.g. on several
+  inputs: ``G`` is then that of the concatenated gradients), and :meth:`balance` consumes and drops the records,
+  so no graph is kept alive between steps. :meth:`close` removes the hook.
+* ``every=K``: recompute ``G`` and the weights on calls ``0, K, 2K, ...`` and reuse the last weights in
+  between (also recomputed whenever the set of parts present changes). ``every=10`` with ``features`` costs
+  about one sum-backward per step.
 
-Under ``torchrun`` the Gramian is that of the global batch (:mod:`lossport.distributed`): the local
-Jacobian is all-reduced in params mode, the local Gramian in features mode.
+Diagnostics of the last computation are in ``info``: ``norm/<part>`` (``sqrt(G_ii)``) and ``cos/<a>/<b>``
+(``G_ab / sqrt(G_aa G_bb)``), kept until the next recomputation.
 
-Diagnostics of the last computation are in ``info``: ``norm/<part>`` (gradient norms) and ``cos/<a>/<b>``.
+Under ``torchrun`` (:mod:`lossport.distributed`) the Gramian is that of the global batch: the local Jacobian is
+all-reduced in params mode (``T x P`` numbers: the cross-rank products ``J_r J_q^T`` are needed), the local
+Gramian in features mode (``T^2`` numbers: each rank's examples have their own representation rows).
+
+Subclasses write :meth:`weigh`; those needing more than ``G`` (GradDrop, ConFIG, DB-MTL) can call
+:meth:`compute_jacobian`. A subclass with state of its own extends :meth:`state_dict` / :meth:`load_state_dict`
+with ``{**super().state_dict(), ...}``.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..gramian import feature_gramian, gramian, jacobian
+from ..gramian import batched_grads, feature_gramian, gramian, jacobian
 from ..graph import shared_parameters
 from ..result_types import Losses
 from .base import Balancer
@@ -41,7 +57,14 @@ _MODES = ("params", "features")
 
 
 class GramianBalancer(Balancer):
-    """Base of every method whose weights are a function of the Gramian (see the module docstring)."""
+    """Base of every method whose weights are a function of the Gramian (see the module docstring).
+
+    :param gramian: ``"params"`` (exact, on the shared parameters) or ``"features"`` (on a representation).
+    :param features: with ``gramian="features"``: the net output's name or the module computing it.
+    :param every: recompute the weights every ``every`` calls, reuse them in between.
+    :param params: the parameters to take the Gramian on in ``"params"`` mode (default: those reached by more
+        than one part, found in the autograd graph at each call).
+    """
 
     def __init__(
         self,
@@ -59,91 +82,154 @@ class GramianBalancer(Balancer):
                 "gramian='features' needs features=: the name of the net output that is the shared "
                 "representation, or the nn.Module that computes it"
             )
+        if gramian == "features" and not isinstance(features, (str, nn.Module)):
+            raise TypeError(f"features must be an output name or an nn.Module, not {type(features).__name__}")
         if gramian == "params" and features is not None:
-            raise ValueError("features= is only used with gramian='features'")
-        if int(every) < 1:
+            raise ValueError("features= is only used with gramian='features' (add gramian='features')")
+        if gramian == "features" and params is not None:
+            raise ValueError("params= is only used with gramian='params'")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, not {every!r}")
         self.mode = gramian
-        self.every = int(every)
+        self.every = every
         self.params = None if params is None else list(params)
+        if self.params is not None and not self.params:
+            raise ValueError("params= is empty; give the shared parameters or leave params=None to infer them")
         self.features = features
         self._calls = 0
         self._last: dict[str, float] | None = None
-        self._feature_value: Tensor | None = None
-        self._hook = None
+        self._records: list[Tensor] = []
+        self._hook: Any = None
+        self._net_hook: Any = None
         if isinstance(features, nn.Module):
             me = weakref.ref(self)
 
             def hook(module: nn.Module, args: tuple, out: Any) -> None:
                 obj = me()
-                if obj is not None and isinstance(out, Tensor):
-                    obj._feature_value = out
+                if obj is None or not torch.is_grad_enabled():
+                    return
+                z = out if isinstance(out, Tensor) else None
+                if z is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+                    z = out[0]
+                if z is not None and z.requires_grad:
+                    obj._records.append(z)
 
             self._hook = features.register_forward_hook(hook)
 
     # ------------------------------------------------------------------------------------------------
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        """Weights ``b`` (``T``) in the lossport convention from the Gramian ``G`` of the present parts."""
+        """Weights ``b`` (shape ``T``) in the lossport convention from the Gramian ``G`` (``T x T`` float64) of the
+        parts present, in ``losses.names`` order. Written by each method."""
         raise NotImplementedError
 
-    def compute_gramian(self, losses: Losses) -> Tensor:
-        """``G`` of the parts present in ``losses`` (global under torchrun), float64."""
+    def attach(self, net: nn.Module) -> None:
+        """Called by :class:`~lossport.Objective` with the net: checks that a ``features`` module belongs to it and
+        places a pre-hook that drops the records of earlier forwards when a new forward of ``net`` starts."""
+        if not isinstance(self.features, nn.Module):
+            return
+        if not any(m is self.features for m in net.modules()):
+            raise ValueError(
+                f"features={type(self.features).__name__} module is not a submodule of the net "
+                f"{type(net).__name__}; give the module instance the net uses (e.g. net.trunk)"
+            )
+        if self._net_hook is not None:
+            self._net_hook.remove()
+        me = weakref.ref(self)
+
+        def reset(module: nn.Module, args: tuple) -> None:
+            obj = me()
+            if obj is not None and torch.is_grad_enabled():
+                obj._records = []
+
+        self._net_hook = net.register_forward_pre_hook(reset)
+
+    # ------------------------------------------------------------------------------------------------
+    def shared(self, losses: Losses) -> list[Tensor]:
+        """The parameters the ``params``-mode Gramian is taken on, for the parts present in ``losses``."""
         parts = [losses.parts[k] for k in losses.names]
-        if self.mode == "features":
-            z = self._representation(losses)
-            G = feature_gramian(parts, z)
-            return distributed.all_reduce_gramian(G)
-        params = shared_parameters(parts, self.params) if self.params is not None else shared_parameters(parts)
+        params = shared_parameters(parts, self.params)
         if not params:
             raise ValueError(
                 f"{type(self).__name__}: no parameter is reached by more than one of the parts {losses.names}; "
                 "the parts share nothing, so there is nothing to balance (give params= to choose them)"
             )
-        if distributed.is_distributed():
-            J = distributed.all_reduce_jacobian(jacobian(parts, params).to(torch.float64))
-            return J @ J.T
-        return gramian(parts, params)
+        return params
 
-    def _representation(self, losses: Losses) -> Tensor:
+    def representation(self, losses: Losses) -> list[Tensor]:
+        """The shared representation(s) of this batch in ``features`` mode (consumes the hook's records)."""
         if isinstance(self.features, str):
-            outs = losses.outputs or {}
+            outs = losses.outputs if isinstance(losses.outputs, Mapping) else {}
             if self.features not in outs:
                 raise ValueError(
                     f"features={self.features!r} is not an output of the net (outputs: {sorted(outs)}); return the "
                     "shared representation as an output or give the module that computes it"
                 )
-            return outs[self.features]
-        if self._feature_value is None:
-            raise ValueError("features module has not run in the forward of this batch")
-        return self._feature_value
+            z = outs[self.features]
+            if not isinstance(z, Tensor) or not z.requires_grad:
+                raise ValueError(f"output {self.features!r} is not a tensor attached to the graph")
+            return [z]
+        recs, self._records = self._records, []
+        if not recs:
+            raise ValueError(
+                f"features module {type(self.features).__name__} did not run (with gradients enabled) in the "
+                "forward of this batch; give the module the net calls, or an output name"
+            )
+        return recs
 
+    def compute_gramian(self, losses: Losses) -> Tensor:
+        """``G`` of the parts present in ``losses`` (global under torchrun), float64."""
+        parts = [losses.parts[k] for k in losses.names]
+        if self.mode == "features":
+            return distributed.all_reduce_gramian(feature_gramian(parts, self.representation(losses)))
+        params = self.shared(losses)
+        if distributed.is_distributed():
+            J = distributed.all_reduce_jacobian(jacobian(parts, params).to(torch.float64))
+            return J @ J.T
+        return gramian(parts, params)
+
+    def compute_jacobian(self, losses: Losses) -> Tensor:
+        """The explicit Jacobian (``T x P`` on the shared parameters, or ``T x F`` on the flattened representation
+        in ``features`` mode), for methods that need the gradients themselves. Memory ``T x P``."""
+        parts = [losses.parts[k] for k in losses.names]
+        if self.mode == "features":
+            zs = self.representation(losses)
+            cols = [
+                (torch.zeros(len(parts), z.numel(), dtype=z.dtype, device=z.device) if g is None else g)
+                .reshape(len(parts), -1)
+                for z, g in zip(zs, batched_grads(parts, zs))
+            ]
+            return torch.cat(cols, dim=1)
+        J = jacobian(parts, self.shared(losses))
+        return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+
+    # ------------------------------------------------------------------------------------------------
     def balance(self, losses: Losses) -> dict[str, Tensor | float]:
         names = losses.names
-        recompute = self._last is None or self._calls % self.every == 0 or any(k not in self._last for k in names)
+        recompute = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
         self._calls += 1
-        if recompute:
-            if len(names) == 1:
-                self._last = {names[0]: 1.0}
-            else:
-                G = self.compute_gramian(losses)
-                w = self.weigh(G, losses).detach().to(torch.float64)
-                if not bool(torch.isfinite(w).all()):
-                    raise FloatingPointError(
-                        f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}"
-                    )
-                self._last = {k: float(w[i]) for i, k in enumerate(names)}
-                self._record(G, names)
+        try:
+            if recompute:
+                if len(names) == 1:
+                    self._last = {names[0]: 1.0}
+                else:
+                    G = self.compute_gramian(losses)
+                    w = self.weigh(G, losses)
+                    if not isinstance(w, Tensor) or w.shape != (len(names),):
+                        raise RuntimeError(
+                            f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a tensor "
+                            f"of shape ({len(names)},) for the parts {names}"
+                        )
+                    w = w.detach().to(torch.float64)
+                    if not bool(torch.isfinite(w).all()):
+                        raise FloatingPointError(
+                            f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}"
+                        )
+                    self._last = dict(zip(names, w.cpu().tolist()))
+                    self.info = diagnostics(G, names)
+        finally:
+            self._records = []  # never keep a forward's graph alive past its step
         assert self._last is not None
         return {k: self._last[k] for k in names}
-
-    def _record(self, G: Tensor, names: list[str]) -> None:
-        d = G.diagonal().clamp_min(0).sqrt()
-        info: dict[str, float] = {f"norm/{k}": float(d[i]) for i, k in enumerate(names)}
-        for i, a in enumerate(names):
-            for j in range(i + 1, len(names)):
-                den = float(d[i] * d[j])
-                info[f"cos/{a}/{names[j]}"] = float(G[i, j]) / den if den > 0 else float("nan")
-        self.info = info
 
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -151,18 +237,32 @@ class GramianBalancer(Balancer):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._calls = int(state["calls"])
-        self._last = None if state["last"] is None else dict(state["last"])
+        self._last = None if state["last"] is None else {k: float(v) for k, v in state["last"].items()}
 
     def close(self) -> None:
-        """Remove the forward hook placed on a ``features`` module."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the forward hooks placed for a ``features`` module."""
+        for h in (self._hook, self._net_hook):
+            if h is not None:
+                h.remove()
+        self._hook = self._net_hook = None
+        self._records = []
 
     def __repr__(self) -> str:
         extra = f", features={self.features!r}" if self.mode == "features" else ""
         every = f", every={self.every}" if self.every != 1 else ""
         return f"{type(self).__name__}(gramian={self.mode!r}{extra}{every})"
+
+
+def diagnostics(G: Tensor, names: list[str]) -> dict[str, float]:
+    """``norm/<a>`` = ``sqrt(G_aa)`` and ``cos/<a>/<b>`` = ``G_ab / sqrt(G_aa G_bb)`` (NaN for a zero gradient)."""
+    g = G.detach().to(torch.float64).cpu().tolist()  # one transfer, then plain floats (T^2 / 2 cosines)
+    d = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(names))]
+    info: dict[str, float] = {f"norm/{k}": d[i] for i, k in enumerate(names)}
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            den = d[i] * d[j]
+            info[f"cos/{a}/{names[j]}"] = g[i][j] / den if den > 0 else float("nan")
+    return info
 
 
 def normalized(w: Tensor, T: int) -> Tensor:
@@ -171,4 +271,4 @@ def normalized(w: Tensor, T: int) -> Tensor:
     return w * (T / s) if float(s.abs()) > 1e-300 else torch.ones_like(w)
 
 
-__all__ = ["GramianBalancer", "normalized"]
+__all__ = ["GramianBalancer", "diagnostics", "normalized"]
