@@ -62,3 +62,10 @@ def test_compare_and_inspect_subcommands(tmp_path, capsys):
     assert main(["compare", "--methods", "nope"]) == 2
     assert main(["inspect", "--batches", "2", "--batch-size", "32", "--figure", str(tmp_path / "i.png")]) == 0
     assert "ink" in capsys.readouterr().out and (tmp_path / "i.png").exists()
+
+
+def test_toy_subcommand(tmp_path, capsys):
+    from lossport.cli import main
+
+    assert main(["toy", "--methods", "ew,mgda", "--steps", "30", "--out", str(tmp_path / "toy.png")]) == 0
+    assert "mgda" in capsys.readouterr().out and (tmp_path / "toy.png").exists()

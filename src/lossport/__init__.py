@@ -1,6 +1,6 @@
 """lossport: several outputs, several losses. Declare, balance, train and inspect multi-output PyTorch nets."""
 
-from . import balance, callbacks, data, distributed, losses, metrics
+from . import balance, callbacks, data, distributed, losses, metrics, toy
 from .compare import compare
 from .errors import LossSpecError, NonFiniteLossError
 from .history import History, Result
@@ -33,6 +33,7 @@ __all__ = [
     "callbacks",
     "data",
     "distributed",
+    "toy",
     "metrics",
 ]
 __version__ = "0.1.0"

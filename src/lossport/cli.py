@@ -161,8 +161,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- toy
+def add_toy(sub: Any) -> None:
+    p = sub.add_parser("toy", help="trajectories of balancers on the two-task toy problem (CAGrad/Nash-MTL/FAMO)")
+    p.add_argument("--methods", default="ew,mgda,pcgrad,cagrad,nash_mtl,famo")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--out", type=Path, default=Path("lossport-toy.png"))
+    p.set_defaults(func=cmd_toy)
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from . import toy
+
+    methods = [None if m.strip() in ("ew", "sum") else m.strip() for m in args.methods.split(",") if m.strip()]
+    trajs = toy.run_all(methods, steps=args.steps, lr=args.lr)
+    for name, ts in trajs.items():
+        ends = ", ".join(f"({float(t.end[0]):.2f}, {float(t.end[1]):.2f})" for t in ts)
+        print(f"{name:10s} end points: {ends}")
+    toy.plot(trajs, path=str(args.out))
+    print(f"figure: {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- the command
-SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_inspect, add_compare]
+SUBCOMMANDS: list[SubcommandAdder] = [add_demo, add_inspect, add_compare, add_toy]
 
 
 def build_parser() -> argparse.ArgumentParser:

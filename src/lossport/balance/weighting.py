@@ -136,7 +136,12 @@ def nash_mtl(G: Tensor, x0: Tensor | None = None) -> Tensor:
     """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution ``d = J^T a`` with ``G a = 1/a``,
     ``a > 0`` (their Claim 3.1), solved by damped Newton on the convex ``1/2 a^T G a - sum log a`` instead of
     the authors' sequence of cvxpy problems. For ``T = 2``: ``d = (u_1 + u_2)/sqrt(1 + cos(g_1, g_2))``."""
-    return newton_positive(_f64(G), 1.0, x0=x0)
+    G = _f64(G)
+    if G.shape[0] == 2:  # closed form: a_i = 1 / (||g_i|| sqrt(1 + cos)), the bisector of the unit gradients
+        n = G.diagonal().clamp_min(1e-300).sqrt()
+        cos = (G[0, 1] / (n[0] * n[1])).clamp(-1 + 1e-12, 1.0)
+        return 1.0 / (n * torch.sqrt(1 + cos))
+    return newton_positive(G, 1.0, x0=x0)
 
 
 def fairgrad(G: Tensor, alpha: float = 2.0, x0: Tensor | None = None) -> Tensor:
