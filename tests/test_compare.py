@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 
 from lossport.compare import delta_m, higher_is_better
@@ -21,3 +23,61 @@ def test_directions_and_errors():
         delta_m({}, {"a/mae": 1.0})
     with pytest.raises(ValueError, match="is 0"):
         delta_m({"a/mae": 1.0}, {"a/mae": 0.0})
+
+
+def test_compare_trains_each_baseline_once_per_seed_and_scores_methods():
+    import torch
+    from torch import nn
+
+    import lossport
+
+    C = importlib.import_module("lossport.compare")  # the module (lossport.compare is the function)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(3, 8)
+            self.a = nn.Linear(8, 1)
+            self.b = nn.Sequential(nn.Linear(8, 2), nn.Softmax(dim=1))
+
+        def forward(self, x):
+            h = torch.relu(self.trunk(x))
+            return {"a": self.a(h), "b": self.b(h)}
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    data = {"x": x, "a": x[:, :1] * 3, "b": (x[:, 1] > 0).long()}
+    calls = []
+    real = C._train_eval
+
+    def counting(make_net, d, loss, balance, seed, test, metrics, kw):
+        calls.append((tuple(loss), balance, seed))
+        return real(make_net, d, loss, balance, seed, test, metrics, kw)
+
+    C._train_eval = counting
+    try:
+        table = lossport.compare(
+            Net,
+            data,
+            {"a": "mse", "b": "auto"},
+            methods=["ew", "uw", "mgda"],
+            metrics={"a": ["mae"], "b": ["accuracy"]},
+            test=data,
+            seeds=2,
+            epochs=1,
+            batch_size=16,
+        )
+    finally:
+        C._train_eval = real
+    baselines = [c for c in calls if len(c[0]) == 1]
+    assert sorted(baselines, key=str) == sorted(
+        [(("a",), None, s) for s in (0, 1)] + [(("b",), None, s) for s in (0, 1)], key=str
+    )
+    assert len(calls) == 4 + 3 * 2  # each baseline once per seed, reused by the three methods
+    row = table.row("mgda")
+    assert len(row.delta) == 2 and set(row.metrics) == {"a/mae", "b/accuracy"}
+    # Delta-m% of each seed against the mean baseline, recomputed by hand
+    for s in range(2):
+        scores = {k: row.metrics[k][s] for k in row.metrics}
+        assert row.delta[s] == pytest.approx(delta_m(scores, table.baseline))
+    assert "single-task" in table.table() and "mgda" in table.table()
