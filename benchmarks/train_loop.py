@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from lossport import train as lossport_train
 from lossport import Objective
+from lossport import train as lossport_train
 
 
 class Net(nn.Module):
