@@ -29,13 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "auc", "precision", "recall", "r2")
-
-
-def higher_is_better(metric: str) -> bool:
-    """Direction of a metric from its name (``task/metric``): accuracy-like metrics up, errors and losses down."""
-    name = metric.rsplit("/", 1)[-1].lower()
-    return any(name == h or name.startswith(h) for h in HIGHER_IS_BETTER)
+from .metrics import guess_higher_is_better as higher_is_better
 
 
 def delta_m(method: Mapping[str, float], baseline: Mapping[str, float]) -> float:
