@@ -46,7 +46,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .graph import _SHARED, _owners
 
-__all__ = ["gramian", "gramian_captured", "gramian_reference", "jacobian", "feature_gramian", "batched_grads"]
+__all__ = ["gramian", "gramian_reference", "jacobian", "feature_gramian", "batched_grads"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,7 +498,9 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     for t in live[1:]:
         total = total + parts[t]
     E = torch.autograd.grad(
-        total, [GradientEdge(heads[i], 0) for i in order], retain_graph=True  # type: ignore[arg-type]
+        total,
+        [GradientEdge(heads[i], 0) for i in order],  # type: ignore[arg-type]
+        retain_graph=True,
     )
     V = [heads[i]._saved_mat2.detach() for i in order]  # type: ignore[attr-defined]  # width x o_t: Y_t = z @ V
     rows = [live[i] for i in order]
@@ -573,37 +575,6 @@ def _below(nodes: Sequence[object]) -> set[int]:
         seen.add(id(node))
         stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
     return seen
-
-
-def gramian_captured(
-    parts: Sequence[Tensor],
-    params: Sequence[Tensor],
-    captured: Sequence[tuple[Tensor, Tensor | None, Tensor, Tensor]],
-    *,
-    batched: bool | None = None,
-) -> Tensor:
-    """:func:`gramian` from Linear layers recorded by forward hooks: ``captured`` holds ``(weight, bias, x, y)``
-    per layer call (``y = x weight^T + bias``, 2-D). The output gradients are read at the ``y`` tensors; every
-    parameter not covered by a record is handled as in :func:`gramian` (found in the graph or explicit).
-
-    :func:`gramian` finds the same layers in the autograd graph without hooks; this entry point exists for
-    callers that already hold the records. A record whose weight or bias is not in ``params`` contributes only
-    the parts of it that are.
-    """
-    params = list(params)
-    wanted = {id(p) for p in params}
-    layers: list[_Layer] = []
-    ys: list[Tensor] = []
-    for weight, bias, x, y in captured:
-        w = weight if id(weight) in wanted else None
-        b = bias if bias is not None and id(bias) in wanted else None
-        if (w is None and b is None) or x.dim() != 2 or y.dim() != 2 or not y.requires_grad:
-            continue
-        layers.append(_Layer(None, w, b, x))
-        ys.append(y)
-    covered = {id(t) for lay in layers for t in (lay.weight, lay.bias) if t is not None}
-    rest = [p for p in params if id(p) not in covered]
-    return _assemble(parts, params, layers, ys, rest, batched)
 
 
 def jacobian(parts: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool | None = None) -> Tensor:
