@@ -182,11 +182,11 @@ def _regression_errors(output: Tensor, target: Tensor) -> Tensor:
     return (flat - t)[labelled]
 
 
-class MAE(Metric):
-    """Mean absolute error over all labelled elements."""
+class _ErrorSum(Metric):
+    """Sums a power of the element errors over all labelled elements (MAE: power 1, RMSE: power 2)."""
 
-    name = "mae"
     higher_is_better = False
+    power = 1
 
     def __init__(self) -> None:
         self.reset()
@@ -196,34 +196,32 @@ class MAE(Metric):
         self.count = 0
 
     def update(self, output: Tensor, target: Tensor) -> None:
-        e = _regression_errors(output, target)
-        self.sum += float(e.abs().sum())
+        e = _regression_errors(output, target).abs()
+        self.sum += float((e if self.power == 1 else e**self.power).sum())
         self.count += int(e.numel())
 
-    def compute(self) -> float:
+    def mean(self) -> float:
         return self.sum / self.count if self.count else math.nan
 
 
-class RMSE(Metric):
+class MAE(_ErrorSum):
+    """Mean absolute error over all labelled elements."""
+
+    name = "mae"
+    power = 1
+
+    def compute(self) -> float:
+        return self.mean()
+
+
+class RMSE(_ErrorSum):
     """Root mean squared error over all labelled elements."""
 
     name = "rmse"
-    higher_is_better = False
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, output: Tensor, target: Tensor) -> None:
-        e = _regression_errors(output, target)
-        self.sum += float((e * e).sum())
-        self.count += int(e.numel())
+    power = 2
 
     def compute(self) -> float:
-        return math.sqrt(self.sum / self.count) if self.count else math.nan
+        return math.sqrt(self.mean()) if self.count else math.nan
 
 
 class Callable(Metric):
