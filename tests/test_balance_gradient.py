@@ -115,7 +115,9 @@ def test_every_k_reuses_weights_and_features_mode():
     assert abs(sum(w.values()) - 3) < 3 and all(v > 0 for v in w.values())
     mod = lossport.balance.MGDA(gramian="features", features=net.trunk)
     w2 = lossport.Objective(SPEC, balance=mod)(net, batch()).weights
-    w3 = lossport.Objective(SPEC, balance=lossport.balance.MGDA(gramian="features", features="h"))(net, batch()).weights
+    w3 = lossport.Objective(SPEC, balance=lossport.balance.MGDA(gramian="features", features="h"))(
+        net, batch()
+    ).weights
     assert w2 == pytest.approx(w3)
     mod.close()
 
@@ -129,6 +131,28 @@ def test_missing_part_is_left_out_and_errors_are_clear():
     with pytest.raises(ValueError, match="features="):
         lossport.balance.UPGrad(gramian="features")
     with pytest.raises(ValueError, match="not an output"):
-        lossport.Objective(SPEC, balance=lossport.balance.UPGrad(gramian="features", features="zz"))(net, batch())
+        lossport.Objective(SPEC, balance=lossport.balance.UPGrad(gramian="features", features="zz"))(
+            net, batch()
+        )
     with pytest.raises(ValueError, match="unknown balancer"):
         resolve("upgradd")
+
+
+def test_nash_mtl_norm_clipping_and_argument_errors():
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    losses = obj(net, batch())
+    parts = [losses.parts[k] for k in losses.names]
+    G = gramian_reference(parts, shared_parameters(parts)).to(torch.float64)
+    free = resolve("nash_mtl")(obj(net, batch())).weights
+    a = torch.tensor([free[k] for k in "abc"], dtype=torch.float64)
+    norm = float((a @ G @ a).sqrt())
+    clipped = resolve("nash_mtl", max_norm=norm / 2)(obj(net, batch())).weights
+    b = torch.tensor([clipped[k] for k in "abc"], dtype=torch.float64)
+    assert torch.allclose(b, a / 2, rtol=1e-6)  # ||J^T b|| = max_norm
+    loose = resolve("nash_mtl", max_norm=2 * norm)(obj(net, batch())).weights
+    assert loose == pytest.approx(free)
+    with pytest.raises(ValueError, match="max_norm"):
+        resolve("nash_mtl", max_norm=-1.0)
+    with pytest.raises(ValueError, match="rtol"):
+        resolve("aligned_mtl", rtol=2.0)

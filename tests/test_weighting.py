@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torchjd.aggregation import (
     AlignedMTLWeighting,
+    ConFIG,
     DualProjWeighting,
+    FairGradWeighting,
+    GradVacWeighting,
     IMTLGWeighting,
     MGDAWeighting,
     PCGradWeighting,
@@ -16,11 +19,19 @@ from torchjd.aggregation import (
 )
 
 from lossport.balance import weighting as W
+from lossport.solvers import SolverWarning
+
+
+def jac(T, r, seed, spread=2.0):
+    """A T x r Jacobian of rank min(T, r) whose singular values spread over ``spread`` decades."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(
+        0, spread, r, dtype=torch.float64
+    )
 
 
 def gram(T, r, seed, spread=2.0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(0, spread, r, dtype=torch.float64)
+    A = jac(T, r, seed, spread)
     return A @ A.T
 
 
@@ -28,19 +39,108 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-CASES = [(2, 2), (3, 3), (5, 5), (6, 3), (8, 8), (10, 4), (16, 16)]  # full rank, rank-deficient, ill-conditioned
+# full rank, rank-deficient (r < T), ill-conditioned (spread 2 -> singular values over 2 decades, condition
+# number 1e4 of G; spread 5 -> 1e10)
+CASES = [
+    (2, 2, 2.0),
+    (3, 3, 2.0),
+    (5, 5, 2.0),
+    (6, 3, 2.0),
+    (8, 8, 2.0),
+    (10, 4, 2.0),
+    (16, 16, 2.0),
+    (7, 7, 5.0),
+]
 
 
-@pytest.mark.parametrize("T,r", CASES)
+@pytest.mark.parametrize("T,r,spread", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_against_torchjd(T, r, seed):
-    G = gram(T, r, seed)
-    G32 = G  # TorchJD accepts float64 Gramians
-    assert rel(W.upgrad(G), UPGradWeighting()(G32)) < 1e-5
-    assert rel(W.dualproj(G), DualProjWeighting()(G32)) < 1e-5
-    assert rel(W.imtl_g(G), IMTLGWeighting()(G32)) < 1e-5
-    assert rel(W.aligned_mtl(G, "min"), AlignedMTLWeighting(scale_mode="min")(G32)) < 1e-5
-    assert rel(W.aligned_mtl(G, "rmse"), AlignedMTLWeighting(scale_mode="rmse")(G32)) < 1e-5
+def test_against_torchjd(T, r, spread, seed):
+    """Same weights as TorchJD 0.18 (factor 1: ``weighting.py`` returns the papers' / TorchJD's weights)."""
+    J = (
+        jac(T, r, seed, spread) * 3.0
+    )  # trace of G well above TorchJD's 1e-4 threshold (see upgrad's docstring)
+    G = J @ J.T
+    assert rel(W.upgrad(G), UPGradWeighting()(G)) < 1e-5
+    assert rel(W.dualproj(G), DualProjWeighting()(G)) < 1e-5
+    assert rel(W.imtl_g(G), IMTLGWeighting()(G)) < 1e-5
+    for mode in ("min", "median", "rmse"):
+        assert rel(W.aligned_mtl(G, mode), AlignedMTLWeighting(scale_mode=mode)(G)) < 1e-5
+    # ConFIG is an aggregator of the Jacobian in TorchJD: compare the update J^T w
+    assert rel(J.T @ W.config(G), ConFIG()(J)) < 1e-5
+
+
+def orders_like_torchjd_pcgrad(T, seed):
+    torch.manual_seed(seed)
+    return [[j for j in torch.randperm(T).tolist() if j != i] for i in range(T)]
+
+
+def orders_like_torchjd_gradvac(T, seed):
+    torch.manual_seed(seed)
+    out = []
+    for i in range(T):
+        others = [j for j in range(T) if j != i]
+        out.append([others[p] for p in torch.randperm(T - 1).tolist()])
+    return out
+
+
+@pytest.mark.parametrize("T,r,spread", CASES)
+def test_order_dependent_methods_against_torchjd_with_the_same_orders(T, r, spread):
+    G = gram(T, r, 2, spread)
+    order = orders_like_torchjd_pcgrad(T, 5)
+    torch.manual_seed(5)
+    assert rel(W.pcgrad(G, order), PCGradWeighting()(G)) < 1e-5
+    # GradVac: two consecutive calls (the EMA targets are state), same permutations as TorchJD draws
+    tj = GradVacWeighting(beta=0.5)
+    tgt = torch.zeros(T, T, dtype=torch.float64)
+    for call in range(2):
+        order = orders_like_torchjd_gradvac(T, 10 + call)
+        w, tgt = W.gradvac(G * (1 + call), order, tgt, beta=0.5)
+        torch.manual_seed(10 + call)
+        assert rel(w, tj(G * (1 + call))) < 1e-5
+
+
+@pytest.mark.parametrize("T,r,spread", [(3, 3, 1.0), (5, 5, 1.0), (8, 8, 1.0)])
+def test_fairgrad_against_torchjd_least_squares(T, r, spread):
+    G = gram(T, r, 4, spread)
+    G = G / torch.linalg.matrix_norm(G)
+    for alpha in (1.0, 2.0):
+        ref = FairGradWeighting(alpha=alpha)(G)
+        ours = W.fairgrad(G, alpha)
+        assert rel(ours, ref) < 1e-5
+        assert rel(G @ ours, ours ** (-1 / alpha)) < 1e-11  # the root to (near) float64 precision
+
+
+def test_batched_weightings_equal_one_by_one():
+    Gs = torch.stack([gram(6, r, s) for s, r in enumerate((6, 6, 3, 6))])
+    for fn in (W.mgda, W.upgrad, W.dualproj, W.imtl_g, W.config, lambda G: W.aligned_mtl(G, "median")):
+        batch = fn(Gs)
+        for b in range(4):
+            assert torch.allclose(batch[b], fn(Gs[b]), rtol=1e-9, atol=1e-12)
+    full = Gs[[0, 1, 3]]  # Nash-MTL needs a non-singular G (else G a = 1/a has no positive root)
+    for b in range(3):
+        assert torch.allclose(W.nash_mtl(full)[b], W.nash_mtl(full[b]), rtol=1e-9)
+        assert torch.allclose(W.fairgrad(full, 2.0)[b], W.fairgrad(full[b], 2.0), rtol=1e-9)
+    with pytest.warns(SolverWarning, match="residual"):
+        W.nash_mtl(Gs[2])
+    G2 = torch.stack([gram(2, 2, s) for s in range(3)])
+    for b in range(3):
+        assert torch.allclose(W.nash_mtl(G2)[b], W.nash_mtl(G2[b]))
+        assert torch.allclose(W.mgda(G2)[b], W.mgda(G2[b]))
+
+
+def test_upgrad_kkt_of_each_projection():
+    """Each v_i = argmin_{v >= e_i/T} v^T G v: v >= e_i/T, G v >= 0, (v - e_i/T)_j (G v)_j = 0."""
+    from lossport.solvers import box_qp
+
+    G = gram(9, 9, 13)
+    Gn = G / G.trace() + 1e-4 * torch.eye(9, dtype=torch.float64)
+    U = torch.eye(9, dtype=torch.float64) / 9
+    V = box_qp(Gn, None, U)
+    Y = V @ Gn
+    assert float((U - V).max()) <= 1e-15 and float((-Y).max()) <= 1e-12
+    assert float(((V - U) * Y).abs().max()) <= 1e-14
+    assert torch.allclose(V.sum(0), W.upgrad(G))
 
 
 @pytest.mark.parametrize("T,r", [(3, 3), (5, 5), (8, 8)])

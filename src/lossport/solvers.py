@@ -1,8 +1,14 @@
 """Small convex problems on T x T Gramians, solved in torch (float64, batched, on the tensors' device).
 
-No external solver: the problems have at most a few dozen variables, so exact Newton-type methods with an
-active set converge in a handful of iterations. A solver that does not reach its tolerance warns with the
-residual (``SolverWarning``); it never falls back silently to another answer.
+No external solver: the problems have at most a few hundred variables, and the methods used here are exact
+(finite active-set pivoting, Newton) rather than first-order approximations. A solver that does not reach its
+tolerance warns with the residual (``SolverWarning``); it never falls back silently to another answer.
+
+* :func:`box_qp`: ``min 1/2 v^T G v + q^T v  s.t.  v >= lower``, many right-hand sides at once (UPGrad's ``T``
+  dual-cone projections, DualProj, MGDA), by block principal pivoting.
+* :func:`min_norm_simplex`: MGDA's min-norm point of the convex hull (closed form for ``T = 2``).
+* :func:`newton_positive`: the positive root of ``G x = x^(-p)`` (Nash-MTL, FairGrad).
+* :func:`simplex_minimize`: a smooth convex function on the simplex (CAGrad's dual problem).
 """
 
 from __future__ import annotations
@@ -19,115 +25,195 @@ class SolverWarning(RuntimeWarning):
 
 
 def _solve_psd(A: Tensor, b: Tensor) -> Tensor:
-    """``A x = b`` for symmetric PSD ``A`` (batched); minimum-norm least squares where ``A`` is singular."""
-    try:
-        L, info = torch.linalg.cholesky_ex(A)
-        if bool((info == 0).all()):
-            return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-    except RuntimeError:
-        pass
-    return (torch.linalg.pinv(A, hermitian=True) @ b.unsqueeze(-1)).squeeze(-1)
+    """``A x = b`` for symmetric PSD ``A`` (batched over leading dimensions): Cholesky where it succeeds,
+    minimum-norm least squares (pseudo-inverse) for the matrices that are numerically singular."""
+    L, info = torch.linalg.cholesky_ex(A)
+    z = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    x = torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        if A.dim() == 2:
+            return (torch.linalg.pinv(A, hermitian=True) @ b.unsqueeze(-1)).squeeze(-1)
+        x[bad] = (torch.linalg.pinv(A[bad], hermitian=True) @ b[bad].unsqueeze(-1)).squeeze(-1)
+    return x
+
+
+def _face_solve(Gflat: Tensor, gi: Tensor, F: Tensor, c: Tensor, n: int, chunk: int = 32) -> Tensor:
+    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row of the mask ``F``), where ``Gflat``
+    stacks the extended matrices (``n`` real and ``n`` decoupled dummy variables) of problems ``gi``. Problems
+    are sorted by the size of their free set and solved in chunks, each padded (with dummies) to its own
+    largest free set."""
+    b = F.shape[0]
+    m2 = Gflat.shape[-1]
+    cnt = F.sum(-1)
+    x = torch.zeros(b, n, dtype=c.dtype, device=c.device)
+    idx = torch.argsort(cnt)
+    counts = cnt[idx].tolist()
+    for s in range(0, b, chunk):
+        sel = idx[s : s + chunk]
+        k = counts[min(s + chunk, b) - 1]
+        if k == 0:
+            continue
+        bs = sel.numel()
+        Fs = F[sel]
+        order = torch.sort(Fs.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
+        valid = torch.arange(k, device=c.device) < cnt[sel, None]
+        order = torch.where(valid, order, n + torch.arange(k, device=c.device))  # padding: distinct dummies
+        rows = Gflat.index_select(0, (gi[sel, None] * m2 + order).reshape(-1)).view(bs, k, m2)
+        sub = rows.gather(2, order[:, None, :].expand(bs, k, k))
+        sol = _solve_psd(sub, -c[sel].gather(-1, order))
+        x[sel] = torch.zeros(bs, m2, dtype=c.dtype, device=c.device).scatter_(-1, order, sol)[:, :n]
+    return x
+
+
+def _lcp_bpp(G: Tensor, c: Tensor, tol: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The linear complementarity problem ``x >= 0, y = G x + c >= 0, x^T y = 0`` for PSD ``G`` (``g x n x
+    n``) and ``c`` (``g x r x n``: ``r`` problems per matrix), by block principal pivoting (Júdice & Pires
+    1994; the NNLS form of Kim & Park, SIAM J. Sci. Comput. 2011).
+
+    Each iteration fixes a free set ``F`` per problem, solves ``G_FF x_F = -c_F`` exactly (all unfinished
+    problems at once, in chunks sorted by the size of the free set: see :func:`_face_solve`) and swaps every
+    variable that violates ``x_F >= 0`` or ``y_A >= 0`` between the sets. When a problem's count of violations
+    has not decreased for three iterations it swaps only its largest-index violator (Murty's rule), which
+    makes the method finite for positive definite ``G``. Problems leave the batch as soon as they satisfy the
+    conditions. Returns ``(x, y, converged)``."""
+    g, r, n = c.shape
+    dev, dt = c.device, c.dtype
+    B = g * r
+    cf = c.reshape(B, n)
+    gi_all = torch.arange(g, device=dev).repeat_interleave(r)
+    dmax_all = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)[gi_all]  # (B,)
+    cscale_all = cf.abs().amax(-1)
+    # G extended by n dummy variables (diagonal ``max diag G``, decoupled): the padding of the free blocks
+    m2 = 2 * n
+    Gext = torch.zeros(g, m2, m2, dtype=dt, device=dev)
+    Gext[:, :n, :n] = G
+    Gext[:, n:, n:] = torch.diag_embed(
+        G.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-300).expand(g, n)
+    )
+    Gflat = Gext.reshape(g * m2, m2)
+    cext = torch.cat([cf, torch.zeros_like(cf)], -1)
+    X = torch.zeros(B, n, dtype=dt, device=dev)
+    Y = cf.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    # state of the unfinished problems (indexed by ``act``)
+    act = torch.arange(B, device=dev)
+    F = cf < 0  # start from x = 0, y = c: free every variable with y < 0
+    best = torch.full((B,), n + 1, dtype=torch.long, device=dev)
+    budget = torch.full((B,), 3, dtype=torch.long, device=dev)
+    ar = torch.arange(n, device=dev)
+    for _ in range(max_iter):
+        gi, cb, pad = gi_all[act], cf[act], dmax_all[act]
+        x = _face_solve(Gflat, gi, F, cext[act], n)
+        if g == 1:
+            y = x @ G[0] + cb  # G symmetric: rows of X G are (G x)^T
+        else:
+            y = (G[gi] @ x.unsqueeze(-1)).squeeze(-1) + cb
+        xs = x.abs().amax(-1).clamp_min(1e-300)
+        ys = torch.maximum(cscale_all[act], pad * xs).clamp_min(1e-300)
+        viol = (F & (x < -tol * xs[:, None])) | (~F & (y < -tol * ys[:, None]))
+        nv = viol.sum(-1)
+        X[act], Y[act] = x, y
+        fin = nv == 0
+        if bool(fin.any()):
+            done[act[fin]] = True
+            keep = ~fin
+            act, F, viol, nv = act[keep], F[keep], viol[keep], nv[keep]
+            if act.numel() == 0:
+                break
+        a_best, a_budget = best[act], budget[act]
+        improved = nv < a_best
+        best[act] = torch.where(improved, nv, a_best)
+        a_budget = torch.where(improved, torch.full_like(a_budget, 3), a_budget - 1)
+        budget[act] = a_budget
+        full = a_budget >= 0
+        last = torch.where(viol, ar, torch.full_like(ar, -1)).amax(-1, keepdim=True)
+        single = torch.zeros_like(viol).scatter_(-1, last.clamp_min(0), True) & viol
+        F = F ^ torch.where(full[:, None], viol, single)
+    return X.clamp_min(0).view(g, r, n), Y.view(g, r, n), done.view(g, r)
 
 
 def box_qp(
-    G: Tensor, q: Tensor, lower: Tensor, *, ridge: float = 1e-10, tol: float = 1e-10, max_iter: int = 100
+    G: Tensor,
+    q: Tensor | None,
+    lower: Tensor,
+    *,
+    ridge: float = 0.0,
+    tol: float = 1e-10,
+    max_iter: int = 100,
 ) -> Tensor:
-    """``argmin_v 1/2 v^T G v + q^T v  s.t.  v >= lower`` for PSD ``G``; batched over leading dimensions of
-    ``q`` and ``lower`` (``G`` is shared or batched alike).
+    """``argmin_v 1/2 v^T G v + q^T v  s.t.  v >= lower``, exactly, for many problems at once.
 
-    Primal active-set method: fix the variables at their bound whose gradient pushes outward, take the exact
-    Newton (equality-constrained) step on the free ones, and if that step crosses a bound, stop at the first
-    bound crossed and fix it. Each iteration either adds a bound or ends at the optimum of the current face,
-    after which bounds with negative multipliers are released; this terminates in finitely many steps (Nocedal
-    & Wright, Numerical Optimization, Alg. 16.3). Returns ``v`` with the KKT conditions checked to ``tol``
-    (relative to the scale of ``G``). ``ridge`` adds ``ridge * max(diag G) * I`` so that every face problem is
-    strictly convex (singular ``G``, e.g. more parts than independent gradients, has faces with no minimiser).
-    """
+    Shapes: ``G`` is ``(*batch, n, n)`` (symmetric PSD), ``lower`` is ``(*batch, k, n)`` (``k`` problems per
+    matrix: UPGrad projects ``k = n`` vectors on the dual cone of the same ``G``), ``q`` is ``None`` (zero) or
+    shaped as ``lower``. Returns ``v`` shaped as ``lower``, float64.
+
+    With ``x = v - lower`` the KKT conditions are the linear complementarity problem ``x >= 0``, ``y = G x + q
+    + G lower >= 0``, ``x^T y = 0`` (``y`` is the multiplier of the bound), solved by block principal pivoting
+    (:func:`_lcp_bpp`); the answer is exact up to the rounding of one Cholesky solve. ``ridge`` adds ``ridge *
+    max(diag G) * I`` first (singular ``G``: more parts than independent gradients). Warns (``SolverWarning``)
+    with the KKT residual if some problem has not converged after ``max_iter`` pivoting steps."""
     G = G.to(torch.float64)
-    n0 = G.shape[-1]
-    dmax = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-300)
-    G = G + ridge * dmax * torch.eye(n0, dtype=torch.float64, device=G.device)
-    q = q.to(torch.float64)
     lower = lower.to(torch.float64)
-    batch = torch.broadcast_shapes(q.shape, lower.shape)
-    q = q.expand(batch).clone()
-    lower = lower.expand(batch).clone()
-    Gb = G.expand(batch[:-1] + G.shape[-2:]) if G.dim() == 2 else G.expand(batch[:-1] + G.shape[-2:])
-    n = batch[-1]
-    eye = torch.eye(n, dtype=torch.float64, device=G.device)
-    scale = float(G.diagonal(dim1=-2, dim2=-1).abs().max().clamp_min(1e-300))
-    atol = tol * max(scale, float(q.abs().max()) if q.numel() else 0.0, 1e-300)
-    v = lower.clone()
-    active = torch.ones(batch, dtype=torch.bool, device=G.device)
-    # start: free every variable whose gradient at the lower bound is negative
-    grad = (Gb @ v.unsqueeze(-1)).squeeze(-1) + q
-    active = grad >= 0
-    for _ in range(max_iter * n):
-        free = ~active
-        # Newton step on the free variables with the active ones fixed at their bounds
-        Ff = free.unsqueeze(-1) & free.unsqueeze(-2)
-        A = torch.where(Ff, Gb, eye.expand_as(Gb))
-        grad = (Gb @ v.unsqueeze(-1)).squeeze(-1) + q
-        rhs = torch.where(free, -grad, torch.zeros_like(grad))
-        step = _solve_psd(A, rhs)
-        step = torch.where(free, step, torch.zeros_like(step))
-        # longest feasible fraction of the step
-        decreasing = step < -1e-300
-        room = torch.where(
-            decreasing,
-            (lower - v) / torch.where(decreasing, step, -torch.ones_like(step)),
-            torch.full_like(v, float("inf")),
-        )
-        alpha = room.min(dim=-1, keepdim=True).values.clamp(max=1.0)
-        v = torch.maximum(v + alpha * step, lower)
-        blocking = decreasing & (room <= alpha + 1e-15) & (alpha < 1.0)
-        active = active | blocking
-        full = alpha.squeeze(-1) >= 1.0
-        grad = (Gb @ v.unsqueeze(-1)).squeeze(-1) + q
-        # at the optimum of the current face: release the bound with the most negative multiplier
-        mult = torch.where(active, grad, torch.full_like(grad, float("inf")))
-        worst = mult.min(dim=-1)
-        release = full & (worst.values < -atol)
-        if not bool(release.any()) and bool(full.all()):
-            break
-        idx = worst.indices.unsqueeze(-1)
-        rel = torch.zeros_like(active).scatter(-1, idx, release.unsqueeze(-1))
-        active = active & ~rel
-    grad = (Gb @ v.unsqueeze(-1)).squeeze(-1) + q
-    at_bound = v <= lower + 1e-12 * (1 + lower.abs())
-    residual = torch.where(at_bound, (-grad).clamp_min(0), grad.abs()).max()
-    if float(residual) > 100 * atol:
+    n = G.shape[-1]
+    if lower.dim() < 2 or lower.shape[-1] != n:
+        raise ValueError(f"box_qp: lower must be (*batch, k, {n}) for G of shape {tuple(G.shape)}")
+    batch = torch.broadcast_shapes(G.shape[:-2], lower.shape[:-2])
+    k = lower.shape[-2]
+    if ridge > 0:
+        dmax = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None]
+        G = G + ridge * dmax * torch.eye(n, dtype=torch.float64, device=G.device)
+    Gb = G.expand(batch + (n, n)).reshape(-1, n, n)
+    low = lower.expand(batch + (k, n)).reshape(-1, k, n)
+    c = low @ Gb  # (G lower)^T per problem
+    if q is not None:
+        c = c + q.to(torch.float64).expand(batch + (k, n)).reshape(-1, k, n)
+    x, y, ok = _lcp_bpp(Gb, c, tol, max_iter)
+    if not bool(ok.all()):
+        res = kkt_residual(x, y)
         warnings.warn(
-            f"box_qp: KKT residual {float(residual):.3g} after the iteration limit", SolverWarning, stacklevel=2
+            f"box_qp: {int((~ok).sum())} of {ok.numel()} problems not converged after {max_iter} "
+            f"pivoting steps; KKT residual {float(res.max()):.3g}",
+            SolverWarning,
+            stacklevel=2,
         )
-    return v
+    return (low + x).reshape(batch + (k, n))
+
+
+def kkt_residual(x: Tensor, y: Tensor) -> Tensor:
+    """Relative KKT residual of a complementarity pair (``x >= 0``, ``y >= 0``, ``x_i y_i = 0``) per problem:
+    ``max(max(-x)/|x|, max(-y)/|y|, max |x_i y_i| / (|x| |y|))`` with max-norms."""
+    xs = x.abs().amax(-1).clamp_min(1e-300)
+    ys = y.abs().amax(-1).clamp_min(1e-300)
+    return torch.stack(
+        [(-x).clamp_min(0).amax(-1) / xs, (-y).clamp_min(0).amax(-1) / ys, (x * y).abs().amax(-1) / (xs * ys)]
+    ).amax(0)
 
 
 def min_norm_simplex(G: Tensor, *, tol: float = 1e-10) -> Tensor:
-    """``argmin_{w in simplex} w^T G w`` (the MGDA min-norm point; Sener & Koltun 2018).
+    """``argmin_{w in simplex} w^T G w`` (the MGDA min-norm point; Sener & Koltun 2018), batched over the
+    leading dimensions of ``G`` (``(*batch, T, T)`` -> ``(*batch, T)``).
 
-    ``T = 2``: ``w_1 = clip((G_22 - G_12) / (G_11 + G_22 - 2 G_12), 0, 1)`` (their Eq. 4). Otherwise through the
-    equivalent problem ``min_{u >= 0} 1/2 u^T G u - 1^T u`` with ``w = u / sum(u)``: its KKT conditions
-    ``G u = 1 + lambda`` are those of the simplex problem scaled by ``1 / sum(u)``. ``G`` gets a relative ridge
-    of ``1e-9`` so that the problem stays bounded when the gradients are linearly dependent (then the min-norm
-    value is ~0 and ``w`` is one of the minimisers).
-    """
+    ``T = 2``: ``w_1 = clip((G_22 - G_12) / (G_11 + G_22 - 2 G_12), 0, 1)`` (their Eq. 4). Otherwise through
+    the equivalent ``min_{u >= 0} 1/2 u^T G u - 1^T u`` with ``w = u / sum(u)`` (its KKT conditions ``G u = 1
+    + y`` are those of the simplex problem scaled by ``1 / sum(u)``), solved exactly by :func:`box_qp`. ``G``
+    is scaled by its trace and gets a ridge of ``1e-9`` so that the problem stays bounded when the convex hull
+    contains 0 (linearly dependent gradients: then the min-norm value is ~0 and ``w`` is one minimiser)."""
     G = G.to(torch.float64)
     T = G.shape[-1]
     if T == 1:
-        return torch.ones(1, dtype=torch.float64, device=G.device)
+        return torch.ones(G.shape[:-1], dtype=torch.float64, device=G.device)
     if T == 2:
-        den = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-        if float(den) <= 1e-300:
-            return torch.full((2,), 0.5, dtype=torch.float64, device=G.device)
-        a = ((G[1, 1] - G[0, 1]) / den).clamp(0, 1)
-        return torch.stack([a, 1 - a])
-    tr = float(G.diagonal().sum())
-    if tr <= 0:
-        return torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
-    zeros = torch.zeros(T, dtype=torch.float64, device=G.device)
-    u = box_qp(G / tr, zeros - 1.0, zeros, ridge=1e-9, tol=max(tol, 1e-6))
-    return u / u.sum()
+        den = G[..., 0, 0] + G[..., 1, 1] - 2 * G[..., 0, 1]
+        a = ((G[..., 1, 1] - G[..., 0, 1]) / den.clamp_min(1e-300)).clamp(0, 1)
+        a = torch.where(den > 1e-300, a, torch.full_like(a, 0.5))
+        return torch.stack([a, 1 - a], -1)
+    tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    Gn = G / tr.clamp_min(1e-300)[..., None, None]
+    zeros = torch.zeros(G.shape[:-2] + (1, T), dtype=torch.float64, device=G.device)
+    u = box_qp(Gn, zeros - 1.0, zeros, ridge=1e-9, tol=tol).squeeze(-2)
+    w = u / u.sum(-1, keepdim=True)
+    return torch.where((tr > 0)[..., None], w, torch.full_like(w, 1.0 / T))
 
 
 def project_simplex(v: Tensor) -> Tensor:
@@ -143,48 +229,65 @@ def project_simplex(v: Tensor) -> Tensor:
 
 
 def newton_positive(
-    G: Tensor, power: float, *, x0: Tensor | None = None, tol: float = 1e-9, max_iter: int = 100
+    G: Tensor, power: float, *, x0: Tensor | None = None, tol: float = 1e-12, max_iter: int = 100
 ) -> Tensor:
-    """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal.
+    """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal;
+    batched over the leading dimensions of ``G``.
 
-    It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h' (x) = x^-power``
-    (``h = log`` for ``power = 1``: Nash-MTL's ``G a = 1/a``, Navon et al. 2022; ``power = 1/alpha``: FairGrad,
-    Ban & Ji 2024). Damped Newton with a positivity-preserving backtracking line search; warm start ``x0``.
-    """
+    It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h'(x) = x^-power``
+    (``h = log`` for ``power = 1``: Nash-MTL's ``G a = 1/a``, Navon et al. 2022; ``power = 1/alpha``:
+    FairGrad, Ban & Ji 2024). Damped Newton with a positivity-preserving Armijo backtracking line search; warm
+    start ``x0``. Stops when ``max |G x - x^-p| <= tol max |x^-p|`` in every problem; warns with that residual
+    if it is still above ``1e-6`` after ``max_iter`` steps (e.g. singular ``G`` with a positive null vector:
+    no root)."""
+    if power <= 0:
+        raise ValueError(f"newton_positive: power must be > 0, not {power}")
     G = G.to(torch.float64)
-    d = G.diagonal().clamp_min(1e-300)
-    x = (d ** (-1.0 / (1.0 + power))).clone() if x0 is None else x0.to(torch.float64).clamp_min(1e-12).clone()
-
-    def h(z: Tensor) -> Tensor:
-        return torch.log(z) if abs(power - 1.0) < 1e-15 else z ** (1 - power) / (1 - power)
+    d = G.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
+    x = (
+        d ** (-1.0 / (1.0 + power))
+        if x0 is None
+        else x0.to(torch.float64).expand_as(d).clamp_min(1e-12).clone()
+    )
+    is_log = abs(power - 1.0) < 1e-15
 
     def f(z: Tensor) -> Tensor:
-        return 0.5 * z @ G @ z - h(z).sum()
+        h = torch.log(z) if is_log else z ** (1 - power) / (1 - power)
+        return 0.5 * ((z.unsqueeze(-2) @ G).squeeze(-2) * z).sum(-1) - h.sum(-1)
 
-    res = float("inf")
+    def residual(z: Tensor) -> tuple[Tensor, Tensor]:
+        grad = (G @ z.unsqueeze(-1)).squeeze(-1) - z ** (-power)
+        return grad, grad.abs().amax(-1) / (z ** (-power)).abs().amax(-1)
+
+    grad, res = residual(x)
     for _ in range(max_iter):
-        grad = G @ x - x ** (-power)
-        res = float(grad.abs().max() / (x ** (-power)).abs().max())
-        if res < tol:
+        if bool((res < tol).all()):
             return x
-        H = G + torch.diag(power * x ** (-power - 1))
+        H = G + torch.diag_embed(power * x ** (-power - 1))
         step = -_solve_psd(H, grad)
-        t = 1.0
-        neg = step < 0
-        if bool(neg.any()):
-            t = min(1.0, 0.99 * float((-x[neg] / step[neg]).min()))
+        # largest step keeping x > 0 (x + t step >= 0.01 x), then halve until Armijo holds
+        ratio = torch.where(step < 0, -x / step.clamp_max(-1e-300), torch.full_like(x, float("inf")))
+        t = (0.99 * ratio.amin(-1)).clamp(max=1.0)
+        t = torch.where(res < tol, torch.zeros_like(t), t)
         fx = f(x)
-        slope = float(grad @ step)
-        while t > 1e-12 and float(f(x + t * step)) > float(fx) + 1e-4 * t * slope:
-            t *= 0.5
-        if t <= 1e-12:  # no decrease representable in float64: at the optimum up to rounding
-            break
-        x = x + t * step
-    grad = G @ x - x ** (-power)
-    res = float(grad.abs().max() / (x ** (-power)).abs().max())
-    if res < 1e-6:
+        slope = (grad * step).sum(-1)
+        for _ in range(
+            60
+        ):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
+            cand = x + t[..., None] * step
+            ok = (f(cand) <= fx + 1e-4 * t * slope) | (residual(cand)[1] <= 0.5 * res)
+            if bool(ok.all()):
+                break
+            t = torch.where(ok, t, 0.5 * t)
+        x = x + t[..., None] * step
+        grad, res = residual(x)
+    if bool((res < 1e-6).all()):
         return x
-    warnings.warn(f"newton_positive: residual {res:.3g} after {max_iter} iterations", SolverWarning, stacklevel=2)
+    warnings.warn(
+        f"newton_positive: residual {float(res.max()):.3g} after {max_iter} iterations",
+        SolverWarning,
+        stacklevel=2,
+    )
     return x
 
 
@@ -197,9 +300,9 @@ def simplex_minimize(
     iters: int = 1000,
     tol: float = 1e-8,
 ) -> Tensor:
-    """``argmin_{w in simplex} fun(w)`` for a smooth convex ``fun`` with gradient ``grad``: accelerated projected
-    gradient (FISTA) with backtracking on the Lipschitz estimate and adaptive restarts (O'Donoghue & Candès
-    2015); stops when an iteration moves ``w`` by less than ``tol`` (max-norm)."""
+    """``argmin_{w in simplex} fun(w)`` for a smooth convex ``fun`` with gradient ``grad``: accelerated
+    projected gradient (FISTA) with backtracking on the Lipschitz estimate and adaptive restarts (O'Donoghue &
+    Candès 2015); stops when an iteration moves ``w`` by less than ``tol`` (max-norm), warns otherwise."""
     w = torch.full((T,), 1.0 / T, dtype=torch.float64, device=device)
     y, k, L = w.clone(), 1.0, 1.0
     fw = float(fun(w))
@@ -224,9 +327,18 @@ def simplex_minimize(
         L = max(L / 1.2, 1e-12)
         if step < tol:
             return w
-    if step > 1e-6:
-        warnings.warn(f"simplex_minimize: last step {step:.3g} after {iters} iterations", SolverWarning, stacklevel=2)
+    warnings.warn(
+        f"simplex_minimize: last step {step:.3g} after {iters} iterations", SolverWarning, stacklevel=2
+    )
     return w
 
 
-__all__ = ["SolverWarning", "box_qp", "min_norm_simplex", "project_simplex", "newton_positive", "simplex_minimize"]
+__all__ = [
+    "SolverWarning",
+    "box_qp",
+    "kkt_residual",
+    "min_norm_simplex",
+    "project_simplex",
+    "newton_positive",
+    "simplex_minimize",
+]

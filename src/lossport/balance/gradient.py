@@ -6,8 +6,8 @@ weights and lossport's (``b = 1`` is equal weighting, the plain sum of the parts
 (``gramian="params" | "features"``, ``features=``, ``every=``, ``params=``).
 
 Not here: GradDrop and DB-MTL, whose updates are not weighted sums of the current gradients (GradDrop masks
-coordinates, DB-MTL averages past gradients); they are not implemented.
-"""
+single coordinates by sign purity, DB-MTL normalises an EMA of each part's gradient), so they need the
+per-part gradients themselves on every shared parameter, not ``G``; they are not implemented yet."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _frobenius_normalized(G: Tensor) -> Tensor:
 class MGDA(GramianBalancer):
     """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the (normalised)
     gradients. ``normalization``: ``"none"`` (nash-mtl/FAMO default), ``"l2"`` (``g_i / ||g_i||``), ``"loss"``
-    (``g_i / L_i``) or ``"loss+"`` (``g_i / (L_i ||g_i||)``, the official CelebA setting). With ``g_i' = s_i g_i``
-    and ``w'`` the min-norm weights of the ``g_i'``, the update ``sum_i w'_i g_i'`` has part weights
+    (``g_i / L_i``) or ``"loss+"`` (``g_i / (L_i ||g_i||)``, the official CelebA setting). With ``g_i' = s_i
+    g_i`` and ``w'`` the min-norm weights of the ``g_i'``, the update ``sum_i w'_i g_i'`` has part weights
     ``w'_i s_i``, scaled to sum to ``T`` (as nash-mtl/FAMO; the paper's weights sum to 1: factor ``T``)."""
 
     name = "mgda"
@@ -47,7 +47,12 @@ class MGDA(GramianBalancer):
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         T = G.shape[0]
         norms = G.diagonal().clamp_min(1e-300).sqrt()
-        vals = torch.stack([losses.parts[k].detach() for k in losses.names]).to(torch.float64).abs().clamp_min(1e-12)
+        vals = (
+            torch.stack([losses.parts[k].detach() for k in losses.names])
+            .to(torch.float64)
+            .abs()
+            .clamp_min(1e-12)
+        )
         s = {
             "none": torch.ones_like(norms),
             "l2": 1 / norms,
@@ -71,7 +76,9 @@ class PCGrad(GramianBalancer):
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         T = G.shape[0]
-        order = [[j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)]
+        order = [
+            [j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)
+        ]
         return W.pcgrad(G, order)
 
     def state_dict(self) -> dict[str, Any]:
@@ -84,9 +91,9 @@ class PCGrad(GramianBalancer):
 
 @register("cagrad")
 class CAGrad(GramianBalancer):
-    """CAGrad (Liu et al., NeurIPS 2021) with radius ``c`` (0.4: nash-mtl/FAMO default). The update
-    ``(g_0 + sqrt(phi)/||g_w|| g_w) / (1 + c^2)`` has part weights summing to about 1 (mean scale); lossport
-    multiplies by ``T`` to match the sum of losses, as nash-mtl/FAMO do."""
+    """CAGrad (Liu et al., NeurIPS 2021) with radius ``c`` (0.4: nash-mtl/FAMO default). The update ``(g_0 +
+    sqrt(phi)/||g_w|| g_w) / (1 + c^2)`` has part weights summing to about 1 (mean scale); lossport multiplies
+    by ``T`` to match the sum of losses, as nash-mtl/FAMO do."""
 
     name = "cagrad"
 
@@ -113,20 +120,25 @@ class IMTLG(GramianBalancer):
 
 @register("aligned_mtl", "alignedmtl")
 class AlignedMTL(GramianBalancer):
-    """Aligned-MTL (Senushkin et al., CVPR 2023), ``scale`` in ``"min"`` (paper, LibMTL, TorchJD), ``"median"``,
-    ``"rmse"`` (official code). TorchJD's weights (uniform preference ``1/T``) times ``T``, so that orthogonal
-    gradients of equal norm give ``b = 1``."""
+    """Aligned-MTL (Senushkin et al., CVPR 2023), ``scale`` in ``"min"`` (paper, LibMTL, TorchJD),
+    ``"median"``, ``"rmse"`` (official code). TorchJD's weights (uniform preference ``1/T``) times ``T``, so
+    that orthogonal gradients of equal norm give ``b = 1``. ``rtol``: eigenvalues of ``G`` below ``rtol *
+    lambda_max`` count as zero (default ``T * 2.2e-16`` as TorchJD; with float32 gradients and more parts than
+    independent gradient directions use about ``1e-6``, else roundoff eigenvalues blow the weights up)."""
 
     name = "aligned_mtl"
 
-    def __init__(self, scale: str = "min", **engine: Any) -> None:
+    def __init__(self, scale: str = "min", rtol: float | None = None, **engine: Any) -> None:
         super().__init__(**engine)
         if scale not in ("min", "median", "rmse"):
             raise ValueError(f"scale must be 'min', 'median' or 'rmse', not {scale!r}")
+        if rtol is not None and not 0 <= rtol < 1:
+            raise ValueError(f"AlignedMTL: rtol must be in [0, 1) or None, not {rtol!r}")
         self.scale = scale
+        self.rtol = rtol
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        return G.shape[0] * W.aligned_mtl(G, self.scale)
+        return G.shape[0] * W.aligned_mtl(G, self.scale, self.rtol)
 
 
 @register("upgrad")
@@ -154,20 +166,38 @@ class DualProj(GramianBalancer):
 @register("nash_mtl", "nashmtl", "nash")
 class NashMTL(GramianBalancer):
     """Nash-MTL (Navon et al., ICML 2022): ``b = a`` with ``G_n a = 1/a``, ``G_n = G / ||G||_F`` (the authors'
-    code normalises ``G`` so; their weights, unscaled). Warm-started from the previous solution; with
-    ``every=K`` recomputed every ``K`` steps (the authors' ``update_weights_every``). The authors also clip the
-    shared gradient to norm 1; use the trainer's ``grad_clip`` for that."""
+    code normalises ``G`` so; their weights, unscaled), solved exactly by Newton (:func:`weighting.nash_mtl`)
+    and warm-started from the previous solution. The authors' ``update_weights_every`` is the engine option
+    ``every=K`` (recompute every ``K`` steps, reuse in between).
+
+    ``max_norm``: the authors clip the shared gradient ``J^T a`` to norm 1 (``max_norm=1.0`` in their code and
+    TorchJD); here ``max_norm > 0`` scales ``a`` by ``max_norm / ||J^T a||`` when ``||J^T a|| = sqrt(a^T G
+    a)`` exceeds it. Because lossport applies the weights in one backward, the heads' gradients are scaled by
+    the same factor (the authors clip the shared parameters only), and with ``every=K`` the factor is that of
+    the step where ``a`` was computed. Default ``0.0``: no clipping (use the trainer's ``grad_clip`` to clip
+    every parameter instead)."""
 
     name = "nash_mtl"
 
-    def __init__(self, **engine: Any) -> None:
+    def __init__(self, max_norm: float = 0.0, **engine: Any) -> None:
         super().__init__(**engine)
+        if not max_norm >= 0:
+            raise ValueError(f"NashMTL: max_norm must be >= 0 (0 disables the clipping), not {max_norm!r}")
+        self.max_norm = float(max_norm)
         self._warm: list[float] | None = None
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        x0 = torch.tensor(self._warm, dtype=torch.float64) if self._warm and len(self._warm) == G.shape[0] else None
+        x0 = (
+            torch.tensor(self._warm, dtype=torch.float64)
+            if self._warm and len(self._warm) == G.shape[0]
+            else None
+        )
         a = W.nash_mtl(_frobenius_normalized(G), x0=x0)
         self._warm = a.tolist()
+        if self.max_norm > 0:
+            norm = float((a @ G.to(torch.float64) @ a).clamp_min(0).sqrt())
+            if norm > self.max_norm:
+                a = a * (self.max_norm / norm)
         return a
 
     def state_dict(self) -> dict[str, Any]:
@@ -193,7 +223,11 @@ class FairGrad(GramianBalancer):
         self._warm: list[float] | None = None
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        x0 = torch.tensor(self._warm, dtype=torch.float64) if self._warm and len(self._warm) == G.shape[0] else None
+        x0 = (
+            torch.tensor(self._warm, dtype=torch.float64)
+            if self._warm and len(self._warm) == G.shape[0]
+            else None
+        )
         w = W.fairgrad(_frobenius_normalized(G), self.alpha, x0=x0)
         self._warm = w.tolist()
         return w
@@ -234,8 +268,12 @@ class GradVac(GramianBalancer):
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         names = losses.names
         T = len(names)
-        tgt = torch.tensor([[self._targets.get(f"{a}|{b}", 0.0) for b in names] for a in names], dtype=torch.float64)
-        order = [[j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)]
+        tgt = torch.tensor(
+            [[self._targets.get(f"{a}|{b}", 0.0) for b in names] for a in names], dtype=torch.float64
+        )
+        order = [
+            [j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)
+        ]
         w, new = W.gradvac(G, order, tgt, self.beta)
         for i, a in enumerate(names):
             for j, b in enumerate(names):

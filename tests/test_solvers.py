@@ -1,0 +1,185 @@
+"""The torch solvers: KKT conditions, scipy references, closed forms, batching, non-convergence warnings."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize, nnls
+
+from lossport.solvers import (
+    SolverWarning,
+    box_qp,
+    kkt_residual,
+    min_norm_simplex,
+    newton_positive,
+    project_simplex,
+    simplex_minimize,
+)
+
+
+def gram(T, r, seed, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(
+        0, spread, r, dtype=torch.float64
+    )
+    return A @ A.T
+
+
+def assert_box_kkt(G, q, lower, v, tol=1e-9):
+    """v >= lower, y = G v + q >= 0, y_i (v_i - lower_i) = 0 (relative to the problem's scale)."""
+    y = v @ G + (0 if q is None else q)  # G symmetric
+    scale = float(G.diagonal().abs().max()) * float(v.abs().max()) + (
+        0 if q is None else float(q.abs().max())
+    )
+    assert float((lower - v).max()) <= tol * (1 + float(v.abs().max()))
+    assert float((-y).max()) <= tol * scale
+    assert float(((v - lower) * y).abs().max()) <= tol * scale * (1 + float(v.abs().max()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 12), r=st.integers(1, 12), seed=st.integers(0, 10_000), k=st.integers(1, 4))
+def test_box_qp_kkt_on_random_problems(n, r, seed, k):
+    G = gram(n, min(r, n), seed, spread=1.0) + 1e-6 * torch.eye(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    lower = torch.randn(k, n, generator=g, dtype=torch.float64)
+    q = torch.randn(k, n, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        v = box_qp(G, q, lower)
+    for i in range(k):
+        assert_box_kkt(G, q[i], lower[i], v[i])
+
+
+def test_box_qp_matches_scipy_nnls_form():
+    """min ||L^T v||^2 s.t. v >= 0 with a linear term is an NNLS after completing the square: compare with
+    scipy's Lawson-Hanson NNLS on min ||A x - b|| (G = A^T A, q = -A^T b)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(15, 9, generator=g, dtype=torch.float64)
+    b = torch.randn(15, generator=g, dtype=torch.float64)
+    G = A.T @ A
+    q = -(A.T @ b)
+    v = box_qp(G, q.unsqueeze(0), torch.zeros(1, 9, dtype=torch.float64)).squeeze(0)
+    ref, _ = nnls(A.numpy(), b.numpy())
+    assert np.allclose(v.numpy(), ref, atol=1e-10)
+
+
+def test_box_qp_batched_equals_one_by_one_and_shapes():
+    Gs = torch.stack([gram(6, 6, s) for s in range(3)])
+    g = torch.Generator().manual_seed(3)
+    lower = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    V = box_qp(Gs, None, lower)
+    assert V.shape == (3, 4, 6)
+    for b in range(3):
+        single = box_qp(Gs[b], None, lower[b])
+        assert torch.allclose(V[b], single, atol=1e-12)
+    with pytest.raises(ValueError, match="lower must be"):
+        box_qp(Gs[0], None, torch.zeros(5))
+
+
+def test_box_qp_ill_conditioned_and_rank_deficient():
+    G = gram(12, 12, 4, spread=4.0)  # condition number ~1e16 before the ridge
+    lower = torch.eye(12, dtype=torch.float64) / 12
+    v = box_qp(G / G.trace() + 1e-4 * torch.eye(12, dtype=torch.float64), None, lower)
+    for i in range(12):
+        assert_box_kkt(
+            G / G.trace() + 1e-4 * torch.eye(12, dtype=torch.float64), None, lower[i], v[i], tol=1e-8
+        )
+    Gs = gram(10, 3, 5)  # rank 3: the face systems are singular, solved by the pseudo-inverse fallback
+    v = box_qp(Gs, None, lower[:10, :10])
+    assert float((Gs @ v.T).min()) >= -1e-9 * float(Gs.diagonal().max())  # projections are in the dual cone
+
+
+def test_box_qp_warns_with_the_residual_when_not_converged():
+    G = gram(30, 30, 6)
+    lower = torch.eye(30, dtype=torch.float64)
+    with pytest.warns(SolverWarning, match="KKT residual"):
+        box_qp(G / G.trace() + 1e-4 * torch.eye(30, dtype=torch.float64), None, lower, max_iter=1)
+
+
+def test_kkt_residual_detects_violations():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 2.0], [0.0, -2.0], [0.0, 2.0]], dtype=torch.float64)
+    r = kkt_residual(x, y)
+    assert r[0] == 0 and r[1] == pytest.approx(1.0) and r[2] == pytest.approx(0.5)
+
+
+def test_min_norm_simplex_closed_form_two_tasks_and_batch():
+    g1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    g2 = torch.tensor([-0.5, 2.0], dtype=torch.float64)
+    J = torch.stack([g1, g2])
+    G = J @ J.T
+    a = float((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)))
+    assert torch.allclose(min_norm_simplex(G), torch.tensor([a, 1 - a], dtype=torch.float64))
+    # one gradient inside the other's half-line: clipped to a vertex
+    G2 = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)
+    assert torch.allclose(min_norm_simplex(G2), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    Gs = torch.stack([gram(5, 5, s) for s in range(4)])
+    W = min_norm_simplex(Gs)
+    for b in range(4):
+        assert torch.allclose(W[b], min_norm_simplex(Gs[b]), atol=1e-12)
+
+
+@pytest.mark.parametrize("T,r", [(3, 3), (6, 6), (8, 3), (12, 12)])
+def test_min_norm_simplex_optimal_against_slsqp(T, r):
+    G = gram(T, r, T + r)
+    w = min_norm_simplex(G)
+    assert abs(float(w.sum()) - 1) < 1e-12 and float(w.min()) >= 0
+    Gn = G.numpy()
+    res = minimize(
+        lambda v: v @ Gn @ v,
+        np.ones(T) / T,
+        jac=lambda v: 2 * Gn @ v,
+        constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}],
+        bounds=[(0, None)] * T,
+        method="SLSQP",
+        options=dict(ftol=1e-16, maxiter=1000),
+    )
+    value = float(w @ G @ w)
+    assert value <= res.fun * (1 + 1e-7) + 1e-10 * float(G.trace())
+    # KKT of the simplex problem: (G w)_i >= w^T G w, with equality on the support
+    Gw = G @ w
+    scale = float(G.diagonal().max())
+    assert float((value - Gw).max()) <= 1e-8 * scale
+    assert float((Gw - value)[w > 1e-9].abs().max()) <= 1e-7 * scale
+
+
+def test_newton_positive_solves_and_is_batched_and_warm_started():
+    G = gram(6, 6, 7)
+    for p in (0.5, 1.0, 2.0):
+        x = newton_positive(G, p)
+        assert float(x.min()) > 0
+        assert torch.allclose(G @ x, x ** (-p), rtol=1e-8)
+    Gs = torch.stack([gram(5, 5, s) for s in range(3)])
+    X = newton_positive(Gs, 1.0)
+    for b in range(3):
+        assert torch.allclose(X[b], newton_positive(Gs[b], 1.0), rtol=1e-9)
+        assert torch.allclose(X[b], newton_positive(Gs[b], 1.0, x0=X[b] * 1.01), rtol=1e-9)
+    with pytest.raises(ValueError, match="power"):
+        newton_positive(G, 0.0)
+
+
+def test_newton_positive_warns_when_stopped_early():
+    with pytest.warns(SolverWarning, match="residual"):
+        newton_positive(gram(8, 8, 9), 1.0, max_iter=1)
+
+
+def test_project_simplex_is_the_euclidean_projection():
+    g = torch.Generator().manual_seed(1)
+    V = 3 * torch.randn(20, 6, generator=g, dtype=torch.float64)
+    P = project_simplex(V)
+    assert torch.allclose(P.sum(-1), torch.ones(20, dtype=torch.float64)) and float(P.min()) >= 0
+    # variational inequality: <v - p, z - p> <= 0 for every vertex z of the simplex
+    for i in range(20):
+        d = V[i] - P[i]
+        assert float((d.unsqueeze(0) @ (torch.eye(6, dtype=torch.float64) - P[i]).T).max()) <= 1e-12
+
+
+def test_simplex_minimize_quadratic_and_warning():
+    G = gram(5, 5, 2)
+    w = simplex_minimize(lambda w: w @ G @ w, lambda w: 2 * G @ w, 5)
+    assert torch.allclose(w, min_norm_simplex(G), atol=1e-6)
+    with pytest.warns(SolverWarning, match="last step"):
+        simplex_minimize(lambda w: w @ G @ w, lambda w: 2 * G @ w, 5, iters=2)
