@@ -515,6 +515,24 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
     assert r.history["loss"] == r_full.history["loss"]
 
 
+@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm", "rlw", "pcgrad", "nash_mtl"])
+def test_resume_restores_balancer_state_and_randomness(tmp_path: Path, name: str) -> None:
+    """Balancers with learned parameters and their own optimizer (uw, famo, gradnorm), random weights or
+    random orders (rlw, pcgrad) and warm-started solvers (nash_mtl): 2 rounds + resume for 2 more gives the
+    weights and history of 4 rounds in one go, bit for bit."""
+    d = make_data(32)
+    kw = {"balance": name, "batch_size": 8, "seed": 3, "progress": False}
+    full = TwoHead()
+    r_full = train(full, d, LOSS, epochs=4, **kw)
+    train(TwoHead(), d, LOSS, epochs=2, checkpoint=tmp_path, **kw)
+    resumed = TwoHead(seed=9)
+    r = train(resumed, d, LOSS, epochs=4, checkpoint=tmp_path, resume=True, **kw)
+    assert same(params(full), params(resumed))
+    assert r.history["loss"] == r_full.history["loss"]
+    assert [k for k in r.history.keys() if k.startswith("weight/")] == ["weight/a", "weight/b"]
+    assert r.history["weight/a"] == r_full.history["weight/a"]
+
+
 SCRIPT = """
 import sys, time
 from pathlib import Path

