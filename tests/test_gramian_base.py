@@ -147,10 +147,12 @@ def test_single_part_gets_weight_one_without_a_gramian():
 def test_compute_jacobian_both_modes():
     net = Net()
     losses = losses_of(net)
-    J = Recorder().compute_jacobian(losses)
+    J, params = Recorder().compute_jacobian(losses)
     parts = [losses.parts[k] for k in losses.names]
-    assert torch.allclose((J.double() @ J.double().T), gramian_reference(parts, shared_parameters(parts)), rtol=1e-5)
-    Jf = Recorder(gramian="features", features="h").compute_jacobian(losses)
+    assert params == shared_parameters(parts) and J.shape[1] == sum(p.numel() for p in params)
+    assert torch.allclose((J.double() @ J.double().T), gramian_reference(parts, params), rtol=1e-5)
+    Jf, zs = Recorder(gramian="features", features="h").compute_jacobian(losses)
+    assert len(zs) == 1 and zs[0] is losses.outputs["h"]
     assert torch.allclose(Jf.double() @ Jf.double().T, feature_reference(losses, losses.outputs["h"]), rtol=1e-5)
 
 

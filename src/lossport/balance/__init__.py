@@ -6,6 +6,7 @@ from .gramian_base import GramianBalancer
 from .learned import FAMO, IMTLL, GradNorm, LearnedBalancer, Uncertainty
 from .loss_level import DWA, GLS, RLW, SI, STCH, CoV, Normalize
 from .static import EqualWeights, Static
+from .surgery import DBMTL, GradDrop
 
 __all__ = [
     "Balancer",
@@ -24,6 +25,8 @@ __all__ = [
     "FairGrad",
     "ConFIG",
     "GradVac",
+    "GradDrop",
+    "DBMTL",
     "Static",
     "EqualWeights",
     "Normalize",

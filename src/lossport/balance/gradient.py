@@ -5,9 +5,8 @@ weights and lossport's (``b = 1`` is equal weighting, the plain sum of the parts
 ``T``). All take the engine options of :class:`~lossport.balance.gramian_base.GramianBalancer`
 (``gramian="params" | "features"``, ``features=``, ``every=``, ``params=``).
 
-Not here: GradDrop and DB-MTL, whose updates are not weighted sums of the current gradients (GradDrop masks
-single coordinates by sign purity, DB-MTL normalises an EMA of each part's gradient), so they need the
-per-part gradients themselves on every shared parameter, not ``G``; they are not implemented yet."""
+GradDrop and DB-MTL, whose updates are not weighted sums of the current gradients, are in
+:mod:`lossport.balance.surgery`."""
 
 from __future__ import annotations
 

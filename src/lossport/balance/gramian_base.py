@@ -32,9 +32,9 @@ Under ``torchrun`` (:mod:`lossport.distributed`) the Gramian is that of the glob
 all-reduced in params mode (``T x P`` numbers: the cross-rank products ``J_r J_q^T`` are needed), the local
 Gramian in features mode (``T^2`` numbers: each rank's examples have their own representation rows).
 
-Subclasses write :meth:`weigh`; those needing more than ``G`` (GradDrop, ConFIG, DB-MTL) can call
-:meth:`compute_jacobian`. A subclass with state of its own extends :meth:`state_dict` / :meth:`load_state_dict`
-with ``{**super().state_dict(), ...}``.
+Subclasses write :meth:`weigh`; those needing the gradients themselves (GradDrop, DB-MTL:
+:mod:`lossport.balance.surgery`) call :meth:`compute_jacobian`. A subclass with state of its own extends
+:meth:`state_dict` / :meth:`load_state_dict` with ``{**super().state_dict(), ...}``.
 """
 
 from __future__ import annotations
@@ -187,9 +187,11 @@ class GramianBalancer(Balancer):
             return J @ J.T
         return gramian(parts, params)
 
-    def compute_jacobian(self, losses: Losses) -> Tensor:
-        """The explicit Jacobian (``T x P`` on the shared parameters, or ``T x F`` on the flattened representation
-        in ``features`` mode), for methods that need the gradients themselves. Memory ``T x P``."""
+    def compute_jacobian(self, losses: Losses) -> tuple[Tensor, list[Tensor]]:
+        """The explicit Jacobian and the tensors it is taken on: ``T x P`` on the shared parameters (global under
+        torchrun), or ``T x F`` on the flattened representation(s) in ``features`` mode (this rank's rows), with
+        the columns in the order of the returned tensors, each flattened. For methods that need the gradients
+        themselves (:mod:`lossport.balance.surgery`). Memory ``T x P``."""
         parts = [losses.parts[k] for k in losses.names]
         if self.mode == "features":
             zs = self.representation(losses)
@@ -198,9 +200,10 @@ class GramianBalancer(Balancer):
                 .reshape(len(parts), -1)
                 for z, g in zip(zs, batched_grads(parts, zs))
             ]
-            return torch.cat(cols, dim=1)
-        J = jacobian(parts, self.shared(losses))
-        return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+            return torch.cat(cols, dim=1), zs
+        params = self.shared(losses)
+        J = jacobian(parts, params)
+        return (distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J), params
 
     # ------------------------------------------------------------------------------------------------
     def balance(self, losses: Losses) -> dict[str, Tensor | float]:
