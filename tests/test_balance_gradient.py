@@ -156,3 +156,26 @@ def test_nash_mtl_norm_clipping_and_argument_errors():
         resolve("nash_mtl", max_norm=-1.0)
     with pytest.raises(ValueError, match="rtol"):
         resolve("aligned_mtl", rtol=2.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_in_features_mode_and_every_k(name):
+    """Features mode: the weights are the method's weights on the Gramian of the representation's gradients;
+    every=K: recomputed on calls 0, K, 2K, ... only."""
+    net = Net()
+    bal = resolve(name, gramian="features", features="h", every=2)
+    obj = lossport.Objective(SPEC, balance=bal)
+    calls = [obj(net, batch(s)) for s in range(2)]
+    before = bal.state_dict()  # random order, EMA targets, warm start: as the third call finds them
+    calls.append(obj(net, batch(2)))
+    assert calls[0].weights == calls[1].weights != calls[2].weights
+    losses = lossport.Objective(SPEC)(net, batch(2))
+    z = losses.outputs["h"]
+    J = torch.stack(
+        [torch.autograd.grad(losses.parts[k], z, retain_graph=True)[0].reshape(-1) for k in "abc"]
+    ).double()
+    twin = resolve(name, gramian="features", features="h")
+    twin.load_state_dict(before)
+    expected = twin.weigh(J @ J.T, losses)
+    got = torch.tensor([calls[2].weights[k] for k in "abc"], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-4)
