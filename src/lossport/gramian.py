@@ -584,7 +584,8 @@ def jacobian(parts: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool
     """
     params = list(params)
     T = len(parts)
-    grads = batched_grads(parts, params, batched=batched)
+    _check_scalars(parts)
+    grads = _per_part_grads(parts, list(params), params, batched)  # heads once, then the trunk batched
     cols = [
         (torch.zeros((T, p.numel()), dtype=p.dtype, device=p.device) if g is None else g.reshape(T, -1))
         for p, g in zip(params, grads)

@@ -43,6 +43,8 @@ from ..result_types import Losses
 from .base import register
 from .gramian_base import GramianBalancer, diagnostics
 
+_BLOCK = 16384  # columns of the Jacobian processed at a time (a few MB of temporaries)
+
 
 def sign_purity_keep(S: Tensor, U: Tensor) -> Tensor:
     """GradDrop's masks (Chen et al., NeurIPS 2020, Algorithm 1 with ``f(P) = P``): which part keeps which
@@ -154,8 +156,12 @@ class GradDrop(_Surgery):
         T = J.shape[0]
         b = torch.ones(T, dtype=J.dtype, device=J.device)
         if self.mode == "params":
-            keep = sign_purity_keep(J, self._uniform(J.shape[1:], J))
-            return b, -(1 - self.leak) * (torch.where(keep, 0.0, J).T @ s), {}
+            U = self._uniform(J.shape[1:], J)
+            dropped = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
+            for a in range(0, J.shape[1], _BLOCK):  # column blocks: T x P temporaries would cost more than the maths
+                Jb = J[:, a : a + _BLOCK]
+                dropped[a : a + _BLOCK] = torch.where(sign_purity_keep(Jb, U[a : a + _BLOCK]), 0.0, Jb).T @ s
+            return b, -(1 - self.leak) * dropped, {}
         pieces = []
         offset = 0
         for z in xs:
