@@ -17,6 +17,7 @@ without class weights this is exactly ``torch.nn.functional.cross_entropy(..., i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,12 +67,23 @@ def reduce_elements(values: Tensor, weights: Tensor, reduction: str = "mean") ->
     return num / den
 
 
+def _may_be_missing(target: Tensor) -> bool:
+    """False when ``target`` surely has no missing label (no NaN in a float target, no negative class such as
+    -100 in an integer one): one reduction and one read, the cheapest exact test (a NaN makes the sum NaN; a
+    sum that is NaN without one, from inf - inf, only sends the caller to its full check)."""
+    if target.is_floating_point():
+        return math.isnan(target.sum().item())
+    if target.dtype == torch.bool or target.numel() == 0:
+        return False
+    return target.min().item() < 0
+
+
 def _plain(target: Tensor, sample_weight: Tensor | None, reduction: str) -> bool:
     """True when no element is masked or weighted: the fused torch loss gives the same mean, faster."""
     return (
         reduction == "mean"
         and sample_weight is None
-        and not (target.is_floating_point() and bool(torch.isnan(target).any()))
+        and not (target.is_floating_point() and _may_be_missing(target))
     )
 
 
@@ -165,6 +177,10 @@ def _class_index_target(target: Tensor) -> Tensor:
     return target.long()
 
 
+def _log_probabilities(input: Tensor, from_logits: bool, class_dim: int) -> Tensor:
+    return F.log_softmax(input, dim=class_dim) if from_logits else input.clamp_min(1e-12).log()
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -212,7 +228,6 @@ def cross_entropy(
 
     if input.dim() < 2:
         raise ValueError(f"cross-entropy {form!r}: the output needs a class dimension, got shape {tuple(input.shape)}")
-    logp = F.log_softmax(input, dim=class_dim) if from_logits else input.clamp_min(1e-12).log()
     if form == "index":
         t = _class_index_target(target)
         expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
@@ -230,6 +245,7 @@ def cross_entropy(
                 return F.cross_entropy(input, t, weight=cw, ignore_index=IGNORE_INDEX)
             except (IndexError, RuntimeError):
                 pass  # out-of-range classes or wrong class weights: the checks below say what is wrong
+        logp = _log_probabilities(input, from_logits, class_dim)
         mask = t != IGNORE_INDEX
         bad = mask & ((t < 0) | (t >= n_classes))
         if bool(bad.any()):
@@ -247,6 +263,7 @@ def cross_entropy(
         return reduce_elements(vals, w * _sample_weights(vals, sample_weight), reduction)
 
     target = _check_same_shape("cross-entropy 'probabilities'", input, target).to(input.dtype)
+    logp = _log_probabilities(input, from_logits, class_dim)
     row_ok = ~torch.isnan(target).any(dim=class_dim)
     q = torch.where(torch.isnan(target), torch.zeros_like(target), target)
     vals = -(q * logp).sum(dim=class_dim)

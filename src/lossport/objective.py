@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .auto import Producer, capture_inputs, choose, producer_of, record_producers
 from .distributed import global_losses, is_distributed
 from .errors import LossSpecError
-from .losses import CrossEntropy
+from .losses import CrossEntropy, _may_be_missing
 from .result_types import Losses
 from .spec import RESERVED, Term, _Regularization, apply_weights, compile_spec
 
@@ -107,15 +107,16 @@ def _forward_parameters(cls: Any) -> tuple[list[str], list[str], bool]:
 
 
 def _count_labelled(target: Tensor | None, batch_size: int) -> int:
+    """Examples with at least one label (NaN in a float target, -100 in a class target is missing)."""
     if target is None:
         return batch_size
     if target.dim() == 0:
         return 1
     if target.dtype == torch.bool:
         return int(target.shape[0])
-    absent = torch.isnan(target) if target.is_floating_point() else target == -100
-    if not bool(absent.any()):
+    if not _may_be_missing(target):
         return int(target.shape[0])
+    absent = torch.isnan(target) if target.is_floating_point() else target == -100
     return int((~absent).reshape(target.shape[0], -1).any(dim=1).sum())
 
 
@@ -327,8 +328,7 @@ class Objective:
         if not self._producers:
             outputs, _ = name_outputs(net(*args, **kwargs))
             return outputs, {}
-        mods = dict(inner.named_modules())
-        wanted = {self._producers[o]: mods[self._producers[o]] for o in self._producers}
+        wanted = {m: inner.get_submodule(m) for m in self._producers.values()}
         with capture_inputs(wanted) as got:
             out = net(*args, **kwargs)
         outputs, _ = name_outputs(out)
