@@ -25,8 +25,14 @@ from torch import Tensor
 def weighted_total(
     parts: Mapping[str, Tensor], weights: Mapping[str, Tensor | float], extra: Mapping[str, Tensor]
 ) -> Tensor:
-    """``sum_i weights[i] * parts[i] + sum(extra)`` as a scalar tensor."""
-    terms = [_times(parts[k], weights[k]) for k in parts] + list(extra.values())
+    """``sum_i weights[i] * parts[i] + sum(extra)`` as a scalar tensor. With many parts and plain-number
+    weights the parts are stacked and dotted with the weights: two autograd nodes instead of ``2 T``."""
+    ws = [weights[k] for k in parts]
+    ps = list(parts.values())
+    if len(ps) > 4 and all(type(w) is float for w in ws) and len({(p.dtype, p.device, p.dim()) for p in ps}) == 1:
+        terms = [torch.stack(ps) @ torch.tensor(ws, dtype=ps[0].dtype, device=ps[0].device), *extra.values()]
+    else:
+        terms = [_times(p, w) for p, w in zip(ps, ws)] + list(extra.values())
     if not terms:
         raise ValueError("no loss part to sum: every part is missing from this batch and there is no extra term")
     total = terms[0]
