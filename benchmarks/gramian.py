@@ -115,21 +115,33 @@ class Model:
         return Losses(parts=parts, weights={k: 1.0 for k in parts}, outputs={"h": h})
 
 
-def variants(m: Model) -> dict[str, Callable[[], None]]:
-    def plain_sum() -> None:
+def sum_step(m: Model) -> Callable[[], None]:
+    """One plain step: backward of the sum of the losses."""
+
+    def step() -> None:
         m.zero()
         _, ls = m.forward()
         torch.stack(ls).sum().backward()
 
-    def lossport(bal: object) -> Callable[[], None]:
-        def step() -> None:
-            m.zero()
-            bal(m.losses()).total.backward()  # type: ignore[operator]
+    return step
 
-        return step
+
+def balanced_step(m: Model, bal: object) -> Callable[[], None]:
+    """One step through a lossport balancer: weights (and extra terms), then one backward of the total."""
+
+    def step() -> None:
+        m.zero()
+        bal(m.losses()).total.backward()  # type: ignore[operator]
+
+    return step
+
+
+def variants(m: Model) -> dict[str, Callable[[], None]]:
+    def lossport(bal: object) -> Callable[[], None]:
+        return balanced_step(m, bal)
 
     out: dict[str, Callable[[], None]] = {
-        "sum": plain_sum,
+        "sum": sum_step(m),
         "lossport UPGrad": lossport(UPGrad()),
         "lossport MGDA": lossport(MGDA()),
         "lossport PCGrad": lossport(PCGrad()),
@@ -170,11 +182,13 @@ def variants(m: Model) -> dict[str, Callable[[], None]]:
     return out
 
 
-def timings(T: int, reps: int) -> dict[str, tuple[float, float]]:
-    """(median, mean) ms of one step of every variant, interleaved; ``reps`` a multiple of 10 so that the mean
-    of an ``every=10`` variant is its amortised cost."""
+def timings(
+    T: int, reps: int, make: Callable[[Model], dict[str, Callable[[], None]]] = variants
+) -> dict[str, tuple[float, float]]:
+    """(median, mean) ms of one step of every variant (``make(model)``), interleaved; ``reps`` a multiple of 10
+    so that the mean of an ``every=10`` variant is its amortised cost."""
     m = Model(T)
-    vs = variants(m)
+    vs = make(m)
     for f in vs.values():  # warm-up
         f()
     times: dict[str, list[float]] = {k: [] for k in vs}

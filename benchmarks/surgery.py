@@ -11,12 +11,10 @@ Usage: ``python benchmarks/surgery.py`` (about a minute) or ``--reps N``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from gramian import HAVE_TORCHJD, Model  # benchmarks/gramian.py: the shared model
+from gramian import HAVE_TORCHJD, Model, balanced_step, sum_step, timings  # benchmarks/gramian.py
 
 from lossport.balance import DBMTL, GradDrop
 
@@ -26,24 +24,12 @@ if HAVE_TORCHJD:
 
 
 def variants(m: Model) -> dict[str, Callable[[], None]]:
-    def plain_sum() -> None:
-        m.zero()
-        _, ls = m.forward()
-        torch.stack(ls).sum().backward()
-
-    def lossport(bal: object) -> Callable[[], None]:
-        def step() -> None:
-            m.zero()
-            bal(m.losses()).total.backward()  # type: ignore[operator]
-
-        return step
-
     out: dict[str, Callable[[], None]] = {
-        "sum": plain_sum,
-        "GradDrop params": lossport(GradDrop()),
-        "GradDrop features": lossport(GradDrop(gramian="features", features="h")),
-        "DB-MTL params": lossport(DBMTL()),
-        "DB-MTL features": lossport(DBMTL(gramian="features", features="h")),
+        "sum": sum_step(m),
+        "GradDrop params": balanced_step(m, GradDrop()),
+        "GradDrop features": balanced_step(m, GradDrop(gramian="features", features="h")),
+        "DB-MTL params": balanced_step(m, DBMTL()),
+        "DB-MTL features": balanced_step(m, DBMTL(gramian="features", features="h")),
     }
     if HAVE_TORCHJD:
         shared = list(m.trunk.parameters())
@@ -59,20 +45,6 @@ def variants(m: Model) -> dict[str, Callable[[], None]]:
     return out
 
 
-def timings(T: int, reps: int) -> dict[str, float]:
-    m = Model(T)
-    vs = variants(m)
-    for f in vs.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in vs}
-    for _ in range(reps):
-        for k, f in vs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=20)
@@ -81,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, one thread, median ms per step over {args.reps} interleaved reps")
     for T in args.T:
-        res = timings(T, args.reps)
+        res = {k: median for k, (median, _) in timings(T, args.reps, variants).items()}
         ref = res.get("TorchJD autojac GradDrop")
         cells = []
         for k, v in res.items():
