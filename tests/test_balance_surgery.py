@@ -150,6 +150,21 @@ def test_graddrop_every_k_runs_on_every_kth_call_and_sums_in_between():
     assert calls[3].weights == {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
+def test_graddrop_failed_step_leaves_the_draws_unchanged():
+    net = Net()
+    bal = GradDrop(seed=3)
+    nan_grad = {
+        **SPEC,
+        "c": lossport.CustomLoss(lambda y, t: torch.sqrt((y * 0).sum()) + ((y - t) ** 2).mean(), target=True),
+    }
+    state = bal.generator.get_state()
+    with pytest.raises(FloatingPointError, match="state is unchanged"):
+        lossport.Objective(nan_grad, balance=bal)(net, batch())
+    assert torch.equal(bal.generator.get_state(), state)
+    lossport.Objective(SPEC, balance=bal)(net, batch())
+    assert not torch.equal(bal.generator.get_state(), state)
+
+
 def test_graddrop_arguments_are_checked():
     with pytest.raises(ValueError, match="leak"):
         GradDrop(leak=1.5)
@@ -272,3 +287,22 @@ def test_trains_by_name_in_each_mode(name, mode):
         losses.total.backward()
         opt.step()
     assert sum(v.item() for v in obj(net, batch(0)).parts.values()) < first
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_train_reports_or_skips_a_non_finite_gradient(on_nonfinite):
+    data = {k: torch.cat([batch(s)[k] for s in range(2)]) for k in batch(0)}
+    nan_grad = {
+        **SPEC,
+        "c": lossport.CustomLoss(lambda y, t: torch.sqrt((y * 0).sum()) + ((y - t) ** 2).mean(), target=True),
+    }
+    net = Net()
+    before = [p.detach().clone() for p in net.parameters()]
+    kw = {"balance": "graddrop", "epochs": 1, "batch_size": 32, "progress": False, "on_nonfinite": on_nonfinite}
+    if on_nonfinite == "raise":
+        with pytest.raises(lossport.NonFiniteLossError, match="non-finite gradient"):
+            lossport.train(net, data, nan_grad, **kw)
+    else:
+        r = lossport.train(net, data, nan_grad, **kw)
+        assert r.history.rounds[-1]["skipped"] == 2
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))

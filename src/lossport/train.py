@@ -28,8 +28,9 @@ history, scheduler, best net, early stopping, callbacks, loggers, checkpoint.
 
 **Non-finite parts.** ``on_nonfinite="raise"`` (default): :class:`~lossport.NonFiniteLossError` naming the
 part, round and batch; no optimizer step was taken with that batch, so the net keeps its last good weights,
-and the checkpoint (written only at round ends) is that of the last complete round. ``"skip"``: the batch is
-dropped (no backward, no step, no balancer call) and the history counts ``skipped`` batches per round.
+and the checkpoint (written only at round ends) is that of the last complete round. The same holds when the
+parts are finite but a gradient-level balancer finds a non-finite gradient. ``"skip"``: the batch is dropped
+(no backward, no step, no balancer update) and the history counts ``skipped`` batches per round.
 
 **Checkpoints** (``checkpoint=DIR``): ``DIR/checkpoint.pt`` is rewritten at the end of every round,
 atomically (a temporary file in ``DIR``, fsync, ``os.replace``), with the net, the optimizer, scheduler,
@@ -954,7 +955,19 @@ def train(
                 losses: Losses = raw
                 total_t = raw.total
                 if balancer is not None and raw.parts:
-                    losses = balancer(raw)
+                    try:
+                        losses = balancer(raw)
+                    except FloatingPointError as err:  # finite parts whose gradients are not (Gramian, surgery)
+                        opt.zero_grad(set_to_none=True)
+                        if on_nonfinite == "raise":
+                            raise NonFiniteLossError(
+                                f"round {r}, batch {b}: every part is finite but the balancer {balancer!r} met a "
+                                f"non-finite gradient ({err}); no step was taken. Check the losses' gradients "
+                                "(e.g. sqrt or log at 0), or skip such batches with on_nonfinite='skip'"
+                            ) from err
+                        stats.skipped += 1
+                        prog.batch(None, part_order)
+                        continue
                     total_t = losses.total
                     total = float(total_t.detach())
                     if not math.isfinite(total):

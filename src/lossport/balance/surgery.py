@@ -126,7 +126,7 @@ class _Surgery(GramianBalancer):
 class GradDrop(_Surgery):
     """GradDrop (Chen et al., "Just Pick a Sign", NeurIPS 2020): per coordinate, draw ``U ~ Uniform(0, 1)``
     and keep only the parts whose gradient sign agrees with a sign chosen with probability the positive sign
-    purity ``P`` (:func:`sign_purity_masks`, ``f(P) = P``); ``d = sum_i (leak + (1 - leak) M_i) g_i``.
+    purity ``P`` (:func:`sign_purity_keep`, ``f(P) = P``); ``d = sum_i (leak + (1 - leak) M_i) g_i``.
 
     * ``params`` mode (the nash-mtl / FAMO code): the coordinates are those of the shared parameters' gradient;
       equal to TorchJD's ``GradDrop`` aggregator given the same draws.
@@ -148,20 +148,22 @@ class GradDrop(_Surgery):
         self.leak = float(leak)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _uniform(self, shape: torch.Size, like: Tensor) -> Tensor:
-        return torch.rand(shape, generator=self.generator, dtype=like.dtype).to(like.device)
+    def _uniform(self, gen: torch.Generator, shape: torch.Size, like: Tensor) -> Tensor:
+        return torch.rand(shape, generator=gen, dtype=like.dtype).to(like.device)
 
     def surgery(self, J: Tensor, xs: list[Tensor], losses: Losses, s: Tensor) -> tuple[Tensor, Tensor, dict]:
         # d - J^T s = -(1 - leak) sum_i s_i (1 - keep_i) g_i: only the dropped entries are needed
         T = J.shape[0]
         b = torch.ones(T, dtype=J.dtype, device=J.device)
+        gen = torch.Generator()  # draws from a copy: the balancer's generator moves on only if the step succeeds
+        gen.set_state(self.generator.get_state())
         if self.mode == "params":
-            U = self._uniform(J.shape[1:], J)
+            U = self._uniform(gen, J.shape[1:], J)
             dropped = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
             for a in range(0, J.shape[1], _BLOCK):  # column blocks: T x P temporaries would cost more than the maths
                 Jb = J[:, a : a + _BLOCK]
                 dropped[a : a + _BLOCK] = torch.where(sign_purity_keep(Jb, U[a : a + _BLOCK]), 0.0, Jb).T @ s
-            return b, -(1 - self.leak) * dropped, {}
+            return b, -(1 - self.leak) * dropped, {"generator": gen}
         pieces = []
         offset = 0
         for z in xs:
@@ -171,10 +173,10 @@ class GradDrop(_Surgery):
             S = (Jz * z.detach().sign()).sum(1) if batched else Jz * z.detach().sign()
             if batched and distributed.is_distributed():
                 dist.all_reduce(S)
-            keep = sign_purity_keep(S, self._uniform(S.shape[1:], S))
+            keep = sign_purity_keep(S, self._uniform(gen, S.shape[1:], S))
             dropped = torch.where(keep.unsqueeze(1) if batched else keep, 0.0, Jz).reshape(T, -1)
             pieces.append(-(1 - self.leak) * (dropped.T @ s))
-        return b, torch.cat(pieces), {}
+        return b, torch.cat(pieces), {"generator": gen}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng": self.generator.get_state()}
