@@ -38,31 +38,31 @@ def _solve_psd(A: Tensor, b: Tensor) -> Tensor:
     return x
 
 
-def _face_solve(Gflat: Tensor, gi: Tensor, F: Tensor, c: Tensor, n: int, chunk: int = 32) -> Tensor:
-    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row of the mask ``F``), where ``Gflat``
-    stacks the extended matrices (``n`` real and ``n`` decoupled dummy variables) of problems ``gi``. Problems
-    are sorted by the size of their free set and solved in chunks, each padded (with dummies) to its own
-    largest free set."""
-    b = F.shape[0]
-    m2 = Gflat.shape[-1]
+def _face_solve(G: Tensor, gi: Tensor, F: Tensor, c: Tensor, pad: Tensor, chunk: int = 32) -> Tensor:
+    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row of the mask ``F``; problem ``p`` has the
+    matrix ``G[gi[p]]``). Problems are sorted by the size of their free set and solved in chunks, each padded to
+    its own largest free set with decoupled dummy variables (diagonal ``pad``, right-hand side 0)."""
+    b, n = F.shape
     cnt = F.sum(-1)
     x = torch.zeros(b, n, dtype=c.dtype, device=c.device)
     idx = torch.argsort(cnt)
     counts = cnt[idx].tolist()
+    stack = G.reshape(-1, n)
     for s in range(0, b, chunk):
         sel = idx[s : s + chunk]
         k = counts[min(s + chunk, b) - 1]
         if k == 0:
             continue
-        bs = sel.numel()
-        Fs = F[sel]
-        order = torch.sort(Fs.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
+        # the free variables first (in index order), then padding
+        order = torch.sort(F[sel].to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
         valid = torch.arange(k, device=c.device) < cnt[sel, None]
-        order = torch.where(valid, order, n + torch.arange(k, device=c.device))  # padding: distinct dummies
-        rows = Gflat.index_select(0, (gi[sel, None] * m2 + order).reshape(-1)).view(bs, k, m2)
-        sub = rows.gather(2, order[:, None, :].expand(bs, k, k))
-        sol = _solve_psd(sub, -c[sel].gather(-1, order))
-        x[sel] = torch.zeros(bs, m2, dtype=c.dtype, device=c.device).scatter_(-1, order, sol)[:, :n]
+        rows = (order + (gi[sel] * n)[:, None]).reshape(-1)  # rows of the (g n) x n stack
+        sub = stack.index_select(0, rows).view(-1, k, n).gather(2, order[:, None, :].expand(-1, k, k))
+        sub.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
+        sub.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, 0.0, pad[sel, None]))
+        rhs = torch.where(valid, -c[sel].gather(-1, order), 0.0)
+        sol = torch.where(valid, _solve_psd(sub, rhs), 0.0)
+        x[sel] = torch.zeros(sel.numel(), n, dtype=c.dtype, device=c.device).scatter_add_(-1, order, sol)
     return x
 
 
@@ -84,15 +84,6 @@ def _lcp_bpp(G: Tensor, c: Tensor, tol: float, max_iter: int) -> tuple[Tensor, T
     gi_all = torch.arange(g, device=dev).repeat_interleave(r)
     dmax_all = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)[gi_all]  # (B,)
     cscale_all = cf.abs().amax(-1)
-    # G extended by n dummy variables (diagonal ``max diag G``, decoupled): the padding of the free blocks
-    m2 = 2 * n
-    Gext = torch.zeros(g, m2, m2, dtype=dt, device=dev)
-    Gext[:, :n, :n] = G
-    Gext[:, n:, n:] = torch.diag_embed(
-        G.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-300).expand(g, n)
-    )
-    Gflat = Gext.reshape(g * m2, m2)
-    cext = torch.cat([cf, torch.zeros_like(cf)], -1)
     X = torch.zeros(B, n, dtype=dt, device=dev)
     Y = cf.clone()
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -104,7 +95,7 @@ def _lcp_bpp(G: Tensor, c: Tensor, tol: float, max_iter: int) -> tuple[Tensor, T
     ar = torch.arange(n, device=dev)
     for _ in range(max_iter):
         gi, cb, pad = gi_all[act], cf[act], dmax_all[act]
-        x = _face_solve(Gflat, gi, F, cext[act], n)
+        x = _face_solve(G, gi, F, cb, pad)
         if g == 1:
             y = x @ G[0] + cb  # G symmetric: rows of X G are (G x)^T
         else:
