@@ -306,3 +306,26 @@ def test_train_reports_or_skips_a_non_finite_gradient(on_nonfinite):
         r = lossport.train(net, data, nan_grad, **kw)
         assert r.history.rounds[-1]["skipped"] == 2
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+def test_a_skipped_batch_keeps_the_accumulated_gradient():
+    """accumulate=2 with the second of four batches skipped: the net ends as if that batch had not been
+    there (batches 0 and 2 make one step, batch 3 the last)."""
+
+    def mse_or_nan_gradient(y, t):
+        loss = ((y - t) ** 2).mean()
+        return loss + torch.sqrt((y * 0).sum()) if bool(t.max() > 50) else loss
+
+    data = {k: torch.cat([batch(s)[k][:8] for s in range(4)]) for k in batch(0)}
+    data["c"][8:16] = 99.0  # batch 1: a finite loss whose gradient is NaN
+    spec = {**SPEC, "c": lossport.CustomLoss(mse_or_nan_gradient, target=True)}
+    kw = {"balance": "graddrop", "epochs": 1, "batch_size": 8, "shuffle": False, "progress": False, "accumulate": 2}
+    skipped = Net()
+    r = lossport.train(skipped, data, spec, on_nonfinite="skip", optimizer="sgd", lr=0.1, **kw)
+    assert r.history.rounds[-1]["skipped"] == 1
+    reference = Net()
+    lossport.train(
+        reference, {k: torch.cat([v[:8], v[16:]]) for k, v in data.items()}, spec, optimizer="sgd", lr=0.1, **kw
+    )
+    assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(skipped.parameters(), reference.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(skipped.parameters(), Net().parameters()))

@@ -958,8 +958,8 @@ def train(
                     try:
                         losses = balancer(raw)
                     except FloatingPointError as err:  # finite parts whose gradients are not (Gramian, surgery)
-                        opt.zero_grad(set_to_none=True)
                         if on_nonfinite == "raise":
+                            opt.zero_grad(set_to_none=True)
                             raise NonFiniteLossError(
                                 f"round {r}, batch {b}: every part is finite but the balancer {balancer!r} met a "
                                 f"non-finite gradient ({err}); no step was taken. Check the losses' gradients "
@@ -971,8 +971,8 @@ def train(
                     total_t = losses.total
                     total = float(total_t.detach())
                     if not math.isfinite(total):
-                        opt.zero_grad(set_to_none=True)
                         if on_nonfinite == "raise":
+                            opt.zero_grad(set_to_none=True)
                             raise NonFiniteLossError(
                                 f"the total loss is {total} in round {r}, batch {b} although every part is "
                                 "finite: "
@@ -980,6 +980,7 @@ def train(
                                 f"({losses.as_dict()})"
                             )
                         stats.skipped += 1
+                        prog.batch(None, part_order)
                         continue
                 if mon is not None:
                     mon.observe(losses, balancer)
