@@ -209,7 +209,6 @@ class GramianBalancer(Balancer):
     def balance(self, losses: Losses) -> dict[str, Tensor | float]:
         names = losses.names
         recompute = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
-        self._calls += 1
         try:
             if recompute:
                 if len(names) == 1:
@@ -231,6 +230,7 @@ class GramianBalancer(Balancer):
                     self.info = diagnostics(G, names)
         finally:
             self._records = []  # never keep a forward's graph alive past its step
+        self._calls += 1  # a failed call does not count: the every=K schedule stays where it was
         assert self._last is not None
         return {k: self._last[k] for k in names}
 

@@ -95,11 +95,11 @@ class _Surgery(GramianBalancer):
     def balance(self, losses: Losses) -> Any:
         names = losses.names
         run = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
-        self._calls += 1
         try:
             if not run or len(names) == 1:
                 if run:
                     self._last = dict.fromkeys(names, 1.0)
+                self._calls += 1
                 return self.between(losses)
             J, xs = self.compute_jacobian(losses)
             b, c, state = self.surgery(J, xs, losses, _static(losses, J))
@@ -114,6 +114,7 @@ class _Surgery(GramianBalancer):
                 G = distributed.all_reduce_gramian(G)
             self.info = diagnostics(G, names)
             self._last = dict(zip(names, b.tolist()))
+            self._calls += 1  # only once the call has succeeded (see GramianBalancer.balance)
             return dict(self._last), {f"{self.name}/shared": _zero_valued(xs, c)}
         finally:
             self._records = []
