@@ -179,3 +179,25 @@ def test_every_method_in_features_mode_and_every_k(name):
     expected = twin.weigh(J @ J.T, losses)
     got = torch.tensor([calls[2].weights[k] for k in "abc"], dtype=torch.float64)
     assert torch.allclose(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "nash_mtl"])
+def test_a_non_finite_gradient_leaves_the_state_unchanged(name):
+    net = Net()
+    bal = resolve(name)
+    obj = lossport.Objective(SPEC, balance=bal)
+    obj(net, batch(0))
+    before = bal.state_dict()
+    nan_grad = {
+        **SPEC,
+        "c": lossport.CustomLoss(lambda y, t: torch.sqrt((y * 0).sum()) + ((y - t) ** 2).mean(), target=True),
+    }
+    with pytest.raises(FloatingPointError, match="state is unchanged"):
+        lossport.Objective(nan_grad, balance=bal)(net, batch(1))
+    after = bal.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        if isinstance(before[k], torch.Tensor):
+            assert torch.equal(after[k], before[k])
+        else:
+            assert after[k] == before[k]

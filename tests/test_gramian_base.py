@@ -168,8 +168,22 @@ class BadShape(GramianBalancer):
 
 
 class NaNs(GramianBalancer):
+    """Moves its own state on, then fails: the failed call must leave the state as it was."""
+
+    def __init__(self, **engine):
+        super().__init__(**engine)
+        self.moves = 0
+
     def weigh(self, G, losses):
+        self.moves += 1
         return torch.full((G.shape[0],), float("nan"))
+
+    def state_dict(self):
+        return {**super().state_dict(), "moves": self.moves}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.moves = state["moves"]
 
 
 def test_misconfiguration_raises_with_a_fix():
@@ -194,8 +208,10 @@ def test_misconfiguration_raises_with_a_fix():
         Recorder(gramian="features", features=nn.Linear(2, 2)).balance(losses_of(net))
     with pytest.raises(RuntimeError, match="expected a tensor of shape"):
         BadShape().balance(losses_of(net))
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        NaNs().balance(losses_of(net))
+    nans = NaNs()
+    with pytest.raises(FloatingPointError, match="state is unchanged"):
+        nans.balance(losses_of(net))
+    assert nans.moves == 0 and nans.state_dict()["calls"] == 0
     a, b = nn.Linear(2, 1), nn.Linear(2, 1)
     x = torch.randn(3, 2)
     parts = {"a": a(x).sum(), "b": b(x).sum()}

@@ -215,17 +215,29 @@ class GramianBalancer(Balancer):
                     self._last = {names[0]: 1.0}
                 else:
                     G = self.compute_gramian(losses)
-                    w = self.weigh(G, losses)
-                    if not isinstance(w, Tensor) or w.shape != (len(names),):
-                        raise RuntimeError(
-                            f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a tensor "
-                            f"of shape ({len(names)},) for the parts {names}"
-                        )
-                    w = w.detach().to(torch.float64)
-                    if not bool(torch.isfinite(w).all()):
+                    if not bool(torch.isfinite(G).all()):
+                        bad = [k for k, row in zip(names, G.tolist()) if not all(map(math.isfinite, row))]
                         raise FloatingPointError(
-                            f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}"
+                            f"{type(self).__name__}: the gradients of {bad} are not finite (their Gramian rows "
+                            "hold NaN or inf) although the losses are; the balancer's state is unchanged"
                         )
+                    before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
+                    try:
+                        w = self.weigh(G, losses)
+                        if not isinstance(w, Tensor) or w.shape != (len(names),):
+                            raise RuntimeError(
+                                f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
+                                f"tensor of shape ({len(names)},) for the parts {names}"
+                            )
+                        w = w.detach().to(torch.float64)
+                        if not bool(torch.isfinite(w).all()):
+                            raise FloatingPointError(
+                                f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
+                                "balancer's state is unchanged"
+                            )
+                    except Exception:
+                        self.load_state_dict(before)  # a failed call leaves the balancer as it was
+                        raise
                     self._last = dict(zip(names, w.cpu().tolist()))
                     self.info = diagnostics(G, names)
         finally:
