@@ -104,9 +104,10 @@ class _Surgery(GramianBalancer):
             J, xs = self.compute_jacobian(losses)
             b, c, state = self.surgery(J, xs, losses, _static(losses, J))
             if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(c).all())):
+                bad = [k for k, ok in zip(names, torch.isfinite(J).all(dim=1).tolist()) if not ok]
                 raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite update (weights {b.tolist()}); a part's gradient is not "
-                    "finite. No step was taken and the balancer's state is unchanged"
+                    f"{type(self).__name__}: the gradients of {bad or names} are not finite although the losses "
+                    "are; no step was taken and the balancer's state is unchanged"
                 )
             self.__dict__.update(state)
             G = (J @ J.T).to(torch.float64)  # for the diagnostics only: float32 products are enough
