@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lossport import NonFiniteLossError, Objective
+from lossport import CustomLoss, NonFiniteLossError, Objective
 from lossport.balance import Balancer
 from lossport.callbacks import Callback, TrainState
 from lossport.metrics import Callable
@@ -649,3 +649,33 @@ def test_monitor_records_cosines_and_norms_per_round():
     assert any("cos" in k for k in keys) and any("a" in k for k in keys), keys
     with pytest.raises(ValueError, match="monitor"):
         lossport.train(Two(), data, epochs=1, monitor=0, progress=False)
+
+
+def _nan_gradient_loss(y, t):
+    """A finite loss whose gradient is NaN on batches with a target above 50 (sqrt at 0)."""
+    loss = ((y - t) ** 2).mean()
+    return loss + torch.sqrt((y * 0).sum()) if bool(t.max() > 50) else loss
+
+
+@pytest.mark.parametrize("balance", [None, "uw"])
+def test_a_non_finite_gradient_with_finite_losses_is_caught_before_the_step(balance):
+    d = make_data(32)
+    d["a"] = d["a"].clone()
+    d["a"][8:16] = 99.0  # second batch of 8
+    spec = {"a": CustomLoss(_nan_gradient_loss, target=True), "b": "ce"}
+    net = TwoHead()
+    kw = {"batch_size": 8, "shuffle": False, "progress": False, "balance": balance}
+    with pytest.raises(NonFiniteLossError, match=r"gradient of trunk\.0\.weight, .*a\.weight"):
+        train(net, d, spec, epochs=1, **kw)
+    assert all(torch.isfinite(p).all() for p in net.parameters())  # the first step only; no NaN step
+    r = train(TwoHead(), d, spec, epochs=1, on_nonfinite="skip", **kw)
+    assert r.history.rounds[-1]["skipped"] == 1
+
+
+def test_gradient_check_is_exact_when_sums_overflow():
+    from lossport.train import _all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose sum overflows float32
+    assert _all_finite([big, torch.ones(2)])
+    assert not _all_finite([big, torch.tensor([1.0, float("nan")])])
+    assert not _all_finite([torch.tensor([float("inf"), -float("inf")])])

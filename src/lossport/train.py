@@ -29,8 +29,10 @@ history, scheduler, best net, early stopping, callbacks, loggers, checkpoint.
 **Non-finite parts.** ``on_nonfinite="raise"`` (default): :class:`~lossport.NonFiniteLossError` naming the
 part, round and batch; no optimizer step was taken with that batch, so the net keeps its last good weights,
 and the checkpoint (written only at round ends) is that of the last complete round. The same holds when the
-parts are finite but a gradient-level balancer finds a non-finite gradient. ``"skip"``: the batch is dropped
-(no backward, no step, no balancer update) and the history counts ``skipped`` batches per round.
+parts are finite but a gradient is not: the gradients are checked before every optimizer step (one sum per
+parameter tensor; a gradient-level balancer finds it even earlier), and the error names the parameters.
+``"skip"``: the batch is dropped (no backward, no step, no balancer update; for a non-finite gradient, the whole
+accumulated step) and the history counts ``skipped`` batches per round.
 
 **Checkpoints** (``checkpoint=DIR``): ``DIR/checkpoint.pt`` is rewritten at the end of every round,
 atomically (a temporary file in ``DIR``, fsync, ``os.replace``), with the net, the optimizer, scheduler,
@@ -992,9 +994,15 @@ def train(
                 pending += 1
                 last_batch = batch
                 if pending == accumulate:
-                    _step(net, opt, scaler, grad_clip, sched if scheduler_every == "batch" else None)
-                    objective.step(net, batch)
                     pending = 0
+                    bad_grads = _step(net, opt, scaler, grad_clip, sched if scheduler_every == "batch" else None)
+                    if bad_grads:
+                        if on_nonfinite == "raise":
+                            raise NonFiniteLossError(_bad_gradient_message(bad_grads, r, b))
+                        stats.skipped += 1
+                        prog.batch(None, part_order)
+                        continue
+                    objective.step(net, batch)
                 if balancer is None:  # static weights: recorded once per round
                     other = extra_vals
                 else:
@@ -1018,8 +1026,13 @@ def train(
                 if state.stop_reason is not None:
                     break
             if pending:
-                _step(net, opt, scaler, grad_clip, sched if scheduler_every == "batch" else None)
-                objective.step(net, last_batch)
+                bad_grads = _step(net, opt, scaler, grad_clip, sched if scheduler_every == "batch" else None)
+                if bad_grads and on_nonfinite == "raise":
+                    raise NonFiniteLossError(_bad_gradient_message(bad_grads, r, state.batch))
+                if bad_grads:
+                    stats.skipped += 1
+                else:
+                    objective.step(net, last_batch)
             train_time = time.perf_counter() - t_round
             train_seconds += train_time
             train_examples += stats.examples
@@ -1127,20 +1140,52 @@ def _check_key(key: str, row: Mapping[str, float], history: History, what: str) 
         raise ValueError(f"{what}={key!r} is not a history key; keys are {sorted(row)}")
 
 
-def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: Any, grad_clip: float | None, sched: Any) -> None:
+def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: Any, grad_clip: float | None, sched: Any) -> list[str]:
+    """One optimizer step (clip, step, clear the gradients, scheduler). Without a GradScaler (which skips
+    non-finite steps itself) the gradients are checked first: if any is NaN or inf, nothing is stepped, the
+    gradients are cleared and the names of the parameters concerned are returned (``[]`` after a step)."""
+    inner = unwrap(net)
     if scaler is not None:
         if grad_clip is not None:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(unwrap(net).parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(inner.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
     else:
+        grads = [p.grad for p in inner.parameters() if p.grad is not None]
+        if grads and not _all_finite(grads):
+            bad = [n for n, p in inner.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+            opt.zero_grad(set_to_none=True)
+            return bad
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(unwrap(net).parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(inner.parameters(), grad_clip)
         opt.step()
     opt.zero_grad(set_to_none=True)
     if sched is not None:
         sched.step()
+    return []
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether every gradient is finite: the sum of each tensor (a NaN or inf makes it non-finite), stacked and
+    read once per device and dtype; only a non-finite sum (which finite entries can also give, by overflow) is
+    checked element by element."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g.sum())
+    if all(math.isfinite(torch.stack(v).sum().item()) for v in groups.values()):
+        return True
+    return all(bool(g.isfinite().all()) for g in grads)
+
+
+def _bad_gradient_message(names: list[str], r: int, b: int) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"round {r}, batch {b} (0-based): every loss is finite but the gradient of {shown} is not (NaN or inf); "
+        "no optimizer step was taken, so the net keeps its last good weights. Look for a loss with an infinite "
+        "slope (sqrt or log at 0, a division), lower the learning rate, or skip such steps with "
+        "on_nonfinite='skip'"
+    )
 
 
 # ============================================================================================= checkpoints
