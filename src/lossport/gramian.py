@@ -31,12 +31,19 @@ does not apply (a part computed from another part, or non-shared parameters requ
 start from the parts themselves (:func:`batched_grads`).
 
 :func:`gramian_reference` is the definition (``T`` backward passes, explicit ``J``, ``J J^T``), used by the tests.
+
+**torch.compile.** A compiled net is ONE autograd node (``CompiledFunctionBackward``) between its inputs and
+parameters and its outputs: no layer is visible, so every parameter gets its ``T`` gradients explicitly through
+the compiled backward, in sequential passes (``vmap`` cannot run it). Graphs compiled inside lossport's
+forward pass are compiled without donated buffers (:func:`no_donated_buffers`), since these passes retain the
+graph; a graph whose backward was already compiled with donated buffers raises an error that says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +51,72 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from .graph import _SHARED, _owners
+from .graph import _COMPILED, _SHARED, _has_compiled, _owners, has_compiled_node
+from .graph import retained_grad as _grad
 
-__all__ = ["gramian", "gramian_reference", "jacobian", "feature_gramian", "batched_grads"]
+__all__ = [
+    "gramian",
+    "gramian_reference",
+    "jacobian",
+    "feature_gramian",
+    "batched_grads",
+    "no_donated_buffers",
+    "has_compiled_node",
+    "check_reached",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile'd graphs
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_donated_buffers() -> Iterator[None]:
+    """Inside: graphs that ``torch.compile`` compiles get no donated buffers
+    (``torch._functorch.config.donated_buffer = False``), so their backward can be run several times with
+    ``retain_graph=True``, as the Gramian balancers, :func:`lossport.inspection.monitor` and ``inspect`` do.
+    Scoped: the setting is restored on exit; graphs compiled outside are not affected. Used by
+    :class:`lossport.Objective` around its forward passes (where a compiled net compiles)."""
+    try:
+        import torch._functorch.config as config
+    except ImportError:  # pragma: no cover - very old torch
+        yield
+        return
+    if not hasattr(config, "donated_buffer"):
+        yield
+        return
+    with config.patch(donated_buffer=False):
+        yield
+
+
+def check_reached(parts: Sequence[Tensor], features: Sequence[Tensor]) -> None:
+    """Raise ``ValueError`` when no part's autograd graph consumes one of the ``features`` tensors (its Gramian
+    would be zero, silently)."""
+    edges: set[_Key] = set()
+    seen: set[int] = set()
+    stack = [p.grad_fn for p in parts if p.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for nxt, nr in node.next_functions:  # type: ignore[attr-defined]
+            if nxt is not None:
+                edges.add((id(nxt), int(nr)))
+                stack.append(nxt)
+    for k, f in enumerate(features):
+        if f.grad_fn is not None and _key(f) in edges:
+            continue
+        hint = ""
+        if type(f.grad_fn).__name__ == _COMPILED:
+            hint = (
+                " It is an output of a torch.compile'd graph that also computes the heads, whose graph is hidden "
+                "inside it: give features= the module that computes the representation (lossport then splits the "
+                "compiled graph there), or compile the trunk and the heads separately"
+            )
+        raise ValueError(
+            f"feature_gramian: no loss part is computed from the representation (tensor {k}, shape "
+            f"{tuple(f.shape)}), so its Gramian would be zero; give the representation the heads read.{hint}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,8 +142,8 @@ def batched_grads(
         return [None] * len(inputs)
     outs = [parts[t] for t in live]
     _check_scalars(parts)
-    if batched is None:
-        batched = outs[0].device.type != "cpu"
+    if batched is None:  # vmap cannot run a compiled backward: sequential passes there
+        batched = outs[0].device.type != "cpu" and not has_compiled_node(outs)
     if batched and len(live) > 1:
         eye = torch.eye(len(live), dtype=outs[0].dtype, device=outs[0].device)
         try:
@@ -95,7 +165,7 @@ def batched_grads(
             )
     rows: list[list[Tensor | None]] = [[None] * len(live) for _ in inputs]
     for i, out in enumerate(outs):
-        gs = torch.autograd.grad(out, list(inputs), retain_graph=True, allow_unused=True)  # type: ignore[arg-type]
+        gs = _grad(out, list(inputs), retain_graph=True, allow_unused=True)
         for k, g in enumerate(gs):
             rows[k][i] = g
     result: list[Tensor | None] = []
@@ -154,7 +224,7 @@ def _vjps(
             )
     rows: list[list[Tensor | None]] = [[None] * T for _ in inputs]
     for t in range(T):
-        gs = torch.autograd.grad(
+        gs = _grad(
             list(outputs),  # type: ignore[arg-type]
             list(inputs),  # type: ignore[arg-type]
             grad_outputs=[c[t] for c in cotangents],
@@ -248,7 +318,7 @@ def _split(parts: Sequence[Tensor], owner: dict[int, int] | None = None) -> _Spl
         total = parts[live[0]]
         for t in live[1:]:
             total = total + parts[t]
-        torch.autograd.grad(
+        _grad(
             total,
             [GradientEdge(*targets[k]) for k in keys],  # type: ignore[arg-type]
             retain_graph=True,
@@ -497,7 +567,7 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     total = parts[live[0]]
     for t in live[1:]:
         total = total + parts[t]
-    E = torch.autograd.grad(
+    E = _grad(
         total,
         [GradientEdge(heads[i], 0) for i in order],  # type: ignore[arg-type]
         retain_graph=True,
@@ -554,8 +624,8 @@ def _per_part_grads(
         if j is None or key[0] in below:
             rest.append(k)  # ... may also be used inside the trunk: both contributions add
     if rest and trunk:
-        if batched is None:
-            batched = True  # through the trunk only, vmap wins on the CPU too (one big matrix product per layer)
+        if batched is None:  # through the trunk only, vmap wins on the CPU too (one big matrix product per layer)
+            batched = not _has_compiled([e.node for e, _ in trunk])
         res = _vjps([e for e, _ in trunk], [g for _, g in trunk], [inputs[k] for k in rest], batched)
         for k, g in zip(rest, res):
             if g is not None:
@@ -627,6 +697,7 @@ def feature_gramian(
         if not f.requires_grad:
             raise ValueError("feature_gramian: the representation does not require grad (is it detached?)")
     _check_scalars(parts)
+    check_reached(parts, feats)
     if len(feats) == 1:
         G_heads = _linear_heads_gramian(parts, feats[0])
         if G_heads is not None:

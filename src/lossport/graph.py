@@ -3,16 +3,23 @@
 A part reaches a leaf when the leaf's ``AccumulateGrad`` node is reachable from the part's ``grad_fn`` through
 ``next_functions``: exactly the leaves its backward would write a gradient to. No caches and no global state:
 every call walks the graph it is given.
+
+A ``torch.compile``'d region is one opaque node (``CompiledFunctionBackward``) in that graph: every part through
+it reaches every parameter it uses. :func:`shared_parameters` then asks the gradients (see
+:func:`_shared_by_gradient`); :func:`reached_parameters` reports what the graph shows (``lossport.inspect`` runs
+compiled nets eagerly for that reason).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["reached_parameters", "shared_parameters"]
+__all__ = ["reached_parameters", "shared_parameters", "has_compiled_node", "retained_grad"]
 
 _SHARED = -1
 
@@ -61,6 +68,44 @@ def _owners(parts: Sequence[Tensor]) -> dict[int, int]:
     return owner
 
 
+_COMPILED = "CompiledFunctionBackward"
+
+
+def has_compiled_node(parts: Sequence[Tensor]) -> bool:
+    """Whether the autograd graph of ``parts`` holds a ``torch.compile``'d region (one opaque node)."""
+    return _has_compiled([p.grad_fn for p in parts if p.grad_fn is not None])
+
+
+def _has_compiled(roots: Sequence[object]) -> bool:
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == _COMPILED:
+            return True
+        stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
+    return False
+
+
+def retained_grad(*args: Any, **kwargs: Any) -> Any:
+    """``torch.autograd.grad`` whose donated-buffer error on a compiled graph says what happened."""
+    try:
+        return torch.autograd.grad(*args, **kwargs)
+    except RuntimeError as err:
+        if "donated buffer" not in str(err):
+            raise
+        raise RuntimeError(
+            "lossport needs several backward passes through this torch.compile'd graph (retain_graph=True), "
+            "but its backward was compiled with donated buffers, which allow one pass only: the graph was compiled "
+            "outside lossport's forward (or its first backward was an ordinary one). Call the compiled net through "
+            "the objective (objective(net, batch) compiles it without donated buffers), or set "
+            "torch._functorch.config.donated_buffer = False before the net first runs"
+        ) from err
+
+
 def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None = None) -> list[Tensor]:
     """Leaf tensors requiring grad reached by more than one of the scalar ``parts``, ordered from the output
     side to the input side (breadth first from all parts at once: the first entries are the parameters of the
@@ -85,7 +130,26 @@ def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None =
         var = getattr(node, "variable", None)
         if var is not None and owner.get(id(node)) == _SHARED:
             out.append(var)
+    if out and has_compiled_node(parts):
+        out = _shared_by_gradient(parts, out)
     return out
+
+
+def _shared_by_gradient(parts: Sequence[Tensor], candidates: list[Tensor]) -> list[Tensor]:
+    """The ``candidates`` on which two parts or more have a nonzero gradient.
+
+    A ``torch.compile``'d region is one autograd node that every part passing through it reaches, with every
+    parameter it uses behind it: its graph cannot tell the heads from the trunk. There the gradients decide (one
+    retained backward per part); they agree with the eager graph except where a part's gradient on a whole
+    parameter tensor is exactly zero although the part reaches it."""
+    hits = torch.zeros(len(candidates), dtype=torch.long)
+    for part in parts:
+        if part.grad_fn is None:
+            continue
+        gs = retained_grad(part, candidates, retain_graph=True, allow_unused=True)
+        flags = [torch.zeros((), dtype=torch.bool) if g is None else g.ne(0).any().cpu() for g in gs]
+        hits += torch.stack(flags).long()
+    return [p for p, n in zip(candidates, hits.tolist()) if n >= 2]
 
 
 def _leaf_behind(node: object) -> object | None:

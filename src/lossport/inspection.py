@@ -29,6 +29,9 @@ batch ``b``, and ``B_i`` the batches where part ``i`` is present:
 A part with no labelled example in a batch has no gradient in that batch: it is counted in ``missing`` and
 left out of that batch's averages. Regularization terms (``L1``/``L2``) are not parts and are not measured.
 
+**Compiled nets** (``torch.compile``) are measured eagerly (:func:`eager_compiled`): the compiled graph is one
+autograd node that hides the layers, so its reach would be "every part reaches everything".
+
 **During training**, :func:`monitor` gives the same trunk figures for one batch from the Gramian
 (:func:`lossport.gramian.gramian`), and :class:`Monitor` samples them every ``K`` steps and averages them
 per round.
@@ -36,9 +39,10 @@ per round.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -125,6 +129,20 @@ def parametrised_modules(net: nn.Module) -> list[tuple[str, nn.Module, list[tupl
 
 
 # -- inspect ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eager_compiled() -> Iterator[None]:
+    """Inside: ``torch.compile``'d functions and modules run eagerly (``torch.compiler.set_stance("force_eager")``,
+    restored on exit). A compiled net's graph is one opaque autograd node, in which every part reaches every
+    parameter; run eagerly, the graph shows which layer each part reaches, and the figures are those of the
+    eager net (the same function)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # torch < 2.6: no stance to set; compiled nets are then measured as compiled
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
 def inspect(
     net: nn.Module,
     data: Any,
@@ -178,7 +196,8 @@ def inspect(
     acc = _Accumulator()
     try:
         for batch in batch_list:
-            losses = objective._evaluate(net, batch)
+            with eager_compiled():
+                losses = objective._evaluate(net, batch)
             if balancer is not None and len(losses.parts) > 0:
                 losses = balancer(losses)
             acc.add(losses, owner, pname, mods)

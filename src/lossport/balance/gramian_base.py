@@ -114,7 +114,9 @@ class GramianBalancer(Balancer):
                 if z is not None and z.requires_grad:
                     obj._records.append(z)
 
-            self._hook = features.register_forward_hook(hook)
+            # run eagerly under torch.compile: the graph breaks at the representation, which stays a tensor of
+            # the autograd graph between the compiled trunk and the compiled heads (docs/integrations.md)
+            self._hook = features.register_forward_hook(torch.compiler.disable(hook))
 
     # ------------------------------------------------------------------------------------------------
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
