@@ -104,7 +104,7 @@ def check_reached(parts: Sequence[Tensor], features: Sequence[Tensor]) -> None:
                 edges.add((id(nxt), int(nr)))
                 stack.append(nxt)
     for k, f in enumerate(features):
-        if f.grad_fn is not None and _key(f) in edges:
+        if _key(f) in edges:
             continue
         hint = ""
         if type(f.grad_fn).__name__ == _COMPILED:

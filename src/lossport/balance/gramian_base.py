@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..gramian import batched_grads, feature_gramian, gramian, jacobian
+from ..gramian import batched_grads, check_reached, feature_gramian, gramian, jacobian
 from ..graph import shared_parameters
 from ..result_types import Losses
 from .base import Balancer
@@ -174,7 +174,9 @@ class GramianBalancer(Balancer):
         if not recs:
             raise ValueError(
                 f"features module {type(self.features).__name__} did not run (with gradients enabled) in the "
-                "forward of this batch; give the module the net calls, or an output name"
+                "forward of this batch; give the module the net calls, or an output name. (A torch.compile'd net "
+                "does not see hooks added after it first ran: build the balancer before the compiled net's first "
+                "call, or call torch._dynamo.reset())"
             )
         return recs
 
@@ -197,6 +199,7 @@ class GramianBalancer(Balancer):
         parts = [losses.parts[k] for k in losses.names]
         if self.mode == "features":
             zs = self.representation(losses)
+            check_reached(parts, zs)
             cols = [
                 (torch.zeros(len(parts), z.numel(), dtype=z.dtype, device=z.device) if g is None else g)
                 .reshape(len(parts), -1)
