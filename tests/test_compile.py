@@ -97,18 +97,37 @@ def test_inductor_with_donated_buffers() -> None:
         torch.testing.assert_close(comp, eager, rtol=0, atol=1e-5, msg=balance)
 
 
+class LossNet(Net):
+    """Returns its two losses (scalars): compiled, its backward donates the saved activations."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {"a": self.a(h).pow(2).mean(), "b": self.b(h).sin().mean()}
+
+
 def test_graph_compiled_outside_the_objective_with_donated_buffers_is_a_clear_error() -> None:
-    net = Net()
+    torch._dynamo.reset()
+    net = LossNet()
     model = torch.compile(net)
-    x = batches()[0]
-    out = model(x["x"])  # compiled here, with donated buffers; an ordinary backward compiles the backward
-    (out["a"].sum() + out["b"].sum()).backward()
-    objective = lossport.Objective({"a": "mse", "b": "mse"}, balance="upgrad")
-    objective.compile(net, x)
-    outputs, _ = objective.forward(model, x)  # same input shapes: the graph compiled above is reused
-    losses = objective.losses(outputs, x)
-    with pytest.raises(RuntimeError, match="donated buffers"):
-        objective.balancer(losses)
+    x = batches()[0]["x"]
+    out = model(x)  # compiled here, outside the objective: with donated buffers
+    (out["a"] + out["b"]).backward()
+    objective = lossport.Objective(["a", "b"], balance="upgrad")
+    with pytest.raises(RuntimeError, match="compiled with donated buffers.*objective"):
+        objective(model, {"x": x})  # the same graph is reused: one backward pass only
+
+
+def test_graph_compiled_inside_the_objective_allows_the_retained_passes() -> None:
+    torch._dynamo.reset()
+    net, eager = LossNet(), LossNet()
+    eager.load_state_dict(net.state_dict())
+    model = torch.compile(net)
+    x = batches()[0]["x"]
+    weights = []
+    for m in (eager, model):
+        objective = lossport.Objective(["a", "b"], balance="mgda")
+        weights.append({k: float(w) for k, w in objective(m, {"x": x}).weights.items()})
+    assert weights[1] == pytest.approx(weights[0], abs=1e-6)
 
 
 def test_monitor_and_inspect_match_eager() -> None:

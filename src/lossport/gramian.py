@@ -35,13 +35,14 @@ start from the parts themselves (:func:`batched_grads`).
 **torch.compile.** A compiled net is ONE autograd node (``CompiledFunctionBackward``) between its inputs and
 parameters and its outputs: no layer is visible, so every parameter gets its ``T`` gradients explicitly through
 the compiled backward, in sequential passes (``vmap`` cannot run it). Graphs compiled inside lossport's
-forward pass are compiled without donated buffers (:func:`no_donated_buffers`), since these passes retain the
-graph; a graph whose backward was already compiled with donated buffers raises an error that says so.
+forward pass are compiled so that their backward can run several times (:func:`retainable_compile`), since
+these passes retain the graph; a graph compiled elsewhere with donated buffers raises an error that says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ __all__ = [
     "feature_gramian",
     "batched_grads",
     "no_donated_buffers",
+    "retainable_compile",
     "has_compiled_node",
     "check_reached",
 ]
@@ -71,20 +73,30 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def no_donated_buffers() -> Iterator[None]:
-    """Inside: graphs that ``torch.compile`` compiles get no donated buffers
-    (``torch._functorch.config.donated_buffer = False``), so their backward can be run several times with
-    ``retain_graph=True``, as the Gramian balancers, :func:`lossport.inspection.monitor` and ``inspect`` do.
-    Scoped: the setting is restored on exit; graphs compiled outside are not affected. Used by
-    :class:`lossport.Objective` around its forward passes (where a compiled net compiles)."""
-    try:
-        import torch._functorch.config as config
-    except ImportError:  # pragma: no cover - very old torch
-        yield
-        return
-    if not hasattr(config, "donated_buffer"):
+    """Inside: ``torch._functorch.config.donated_buffer = False`` (restored on exit), which torch checks when a
+    compiled backward runs with ``retain_graph=True``."""
+    config = sys.modules.get("torch._functorch.config")
+    if config is None or not hasattr(config, "donated_buffer"):
         yield
         return
     with config.patch(donated_buffer=False):
+        yield
+
+
+@contextlib.contextmanager
+def retainable_compile() -> Iterator[None]:
+    """Inside: graphs that ``torch.compile`` compiles can run their backward several times with
+    ``retain_graph=True`` (as the Gramian balancers, :func:`lossport.inspection.monitor` and the surgery methods
+    do): no donated buffers (``torch._functorch.config.donated_buffer = False``) and no in-place reuse of buffers
+    by the inductor kernels (``torch._inductor.config.inplace_buffers = False``; with it, torch 2.13 on the CPU
+    overwrites saved activations and a second retained pass returns wrong gradients). Scoped: both settings are
+    restored on exit and graphs compiled outside are not affected. :class:`lossport.Objective` runs the net's
+    forward inside it (where a compiled net compiles); nothing is imported when torch.compile was never used."""
+    with contextlib.ExitStack() as stack:
+        for name, key in (("torch._functorch.config", "donated_buffer"), ("torch._inductor.config", "inplace_buffers")):
+            config = sys.modules.get(name)  # loaded by torch.compile: absent, no net is compiled
+            if config is not None and hasattr(config, key):
+                stack.enter_context(config.patch(**{key: False}))
         yield
 
 

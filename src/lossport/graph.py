@@ -12,6 +12,7 @@ compiled nets eagerly for that reason).
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -90,20 +91,70 @@ def _has_compiled(roots: Sequence[object]) -> bool:
     return False
 
 
+_FREE: weakref.WeakSet[type] = weakref.WeakSet()  # compiled graphs known to donate no buffer to their backward
+
+
 def retained_grad(*args: Any, **kwargs: Any) -> Any:
-    """``torch.autograd.grad`` whose donated-buffer error on a compiled graph says what happened."""
+    """``torch.autograd.grad``, for the retained passes through a ``torch.compile``'d graph too.
+
+    torch checks ``torch._functorch.config.donated_buffer`` when a compiled backward runs with ``retain_graph``
+    and refuses unless the flag is off, even for a graph compiled without donated buffers (as the ones compiled
+    in :class:`lossport.Objective`'s forward are). For such graphs the pass runs with the flag off for its
+    duration (the graphs found so are remembered, so later passes skip the refused attempt); a graph that really
+    donates buffers (compiled elsewhere) raises an error that says so."""
+    from .gramian import no_donated_buffers
+
+    if _FREE:
+        found = _compiled_graphs(_roots(args[0]))
+        if found and all(c in _FREE for c in found):
+            with no_donated_buffers():
+                return torch.autograd.grad(*args, **kwargs)
     try:
         return torch.autograd.grad(*args, **kwargs)
     except RuntimeError as err:
         if "donated buffer" not in str(err):
             raise
+        found = _compiled_graphs(_roots(args[0]))
+        if found and not any(_donates(c) for c in found):
+            _FREE.update(found)
+            with no_donated_buffers():
+                return torch.autograd.grad(*args, **kwargs)
         raise RuntimeError(
             "lossport needs several backward passes through this torch.compile'd graph (retain_graph=True), "
-            "but its backward was compiled with donated buffers, which allow one pass only: the graph was compiled "
-            "outside lossport's forward (or its first backward was an ordinary one). Call the compiled net through "
-            "the objective (objective(net, batch) compiles it without donated buffers), or set "
-            "torch._functorch.config.donated_buffer = False before the net first runs"
+            "but its backward was compiled with donated buffers, which allow one pass only: the net was compiled "
+            "by a call outside the objective. Let the objective make the compiled net's first call "
+            "(objective(net, batch) compiles it for several passes), or make that first call inside "
+            "lossport.gramian.retainable_compile()"
         ) from err
+
+
+def _roots(outputs: Any) -> list[object]:
+    items = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    nodes = [getattr(r, "grad_fn", None) if isinstance(r, Tensor) else getattr(r, "node", None) for r in items]
+    return [n for n in nodes if n is not None]
+
+
+def _compiled_graphs(roots: Sequence[object]) -> list[type]:
+    """The compiled-function classes of the compiled nodes below ``roots`` (one per compiled graph)."""
+    found: list[type] = []
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == _COMPILED:
+            cls = getattr(node, "_forward_cls", None)
+            found.append(cls if isinstance(cls, type) else type(node))
+        stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
+    return found
+
+
+def _donates(cls: type) -> bool:
+    """Whether a compiled graph was compiled with donated buffers (unknown counts as yes)."""
+    meta = getattr(cls, "metadata", None)
+    return meta is None or bool(getattr(meta, "bw_donated_idxs", [0]))
 
 
 def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None = None) -> list[Tensor]:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .auto import Producer, capture_inputs, choose, producer_of, record_producers
 from .distributed import global_losses, is_distributed
 from .errors import LossSpecError
-from .gramian import no_donated_buffers
+from .gramian import retainable_compile
 from .losses import CrossEntropy, _may_be_missing
 from .result_types import Losses
 from .spec import RESERVED, Term, _Regularization, apply_weights, compile_spec
@@ -327,11 +327,11 @@ class Objective:
         inner = unwrap(net)
         args, kwargs = self._inputs(inner, batch)
         if not self._producers:
-            with no_donated_buffers():  # a torch.compile'd net compiles here: see lossport.gramian
+            with retainable_compile():  # a torch.compile'd net compiles here: see lossport.gramian
                 outputs, _ = name_outputs(net(*args, **kwargs))
             return outputs, {}
         wanted = {m: inner.get_submodule(m) for m in self._producers.values()}
-        with capture_inputs(wanted) as got, no_donated_buffers():
+        with capture_inputs(wanted) as got, retainable_compile():
             out = net(*args, **kwargs)
         outputs, _ = name_outputs(out)
         logits: dict[str, Tensor] = {}
