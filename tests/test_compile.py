@@ -147,3 +147,24 @@ def test_monitor_and_inspect_match_eager() -> None:
         fc = mon_c.observe(objective(model, batch))
         assert fc == pytest.approx(fe, rel=1e-5)
     assert len(mon_c.params) == len(mon_e.params) == 6  # the trunk's parameters, not the heads'
+
+
+def run_recipe(section: str) -> dict:
+    from doc_blocks import python_block
+
+    scope: dict = {"__name__": "recipe"}
+    exec(compile(python_block("integrations.md", section), "integrations.md", "exec"), scope)
+    return scope
+
+
+def test_docs_plain_loop_recipe_runs() -> None:
+    scope = run_recipe("A plain loop")
+    assert set(scope["checkpoint"]) == {"net", "optimizer", "balancer"}
+    assert set(scope["losses"].parts) == {"a", "b"}
+
+
+def test_docs_compile_recipe_runs() -> None:
+    torch._dynamo.reset()
+    scope = run_recipe("torch.compile")
+    assert has_compiled_node(list(scope["losses"].parts.values()))
+    assert scope["report"].reach == {"a": ["trunk.0", "trunk.2", "a"], "b": ["trunk.0", "trunk.2", "b"]}

@@ -173,3 +173,14 @@ def test_resume_without_balancer_file_is_an_error(tmp_path) -> None:
 def test_objective_is_required_to_be_an_objective(tmp_path) -> None:
     with pytest.raises(TypeError, match="lossport.Objective"):
         LossportTrainer(model=TwoHeads(), args=args(tmp_path), objective={"topic": "ce"})
+
+
+def test_docs_recipe_runs(tmp_path, monkeypatch) -> None:
+    from doc_blocks import python_block
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "recipe", "OUTPUT_DIR": tmp_path / "out"}
+    exec(compile(python_block("integrations.md", "Hugging Face Trainer"), "integrations.md", "exec"), scope)
+    first = scope["trainer"].state.log_history[0]
+    assert {"loss", "topic", "score", "weight/topic", "weight/score"} <= set(first)
+    assert (tmp_path / "out" / "checkpoint-4" / BALANCER_FILE).is_file()

@@ -183,3 +183,15 @@ def test_bf16_mixed_trains_and_logs(tmp_path) -> None:
     t.fit(m, loader())
     assert torch.isfinite(torch.tensor(float(t.callback_metrics["train/a"])))
     assert not torch.equal(before, params(m.net))
+
+
+def test_docs_recipe_runs(tmp_path, monkeypatch) -> None:
+    from doc_blocks import python_block
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "recipe"}
+    exec(compile(python_block("integrations.md", "PyTorch Lightning"), "integrations.md", "exec"), scope)
+    got = scope["trainer"].callback_metrics
+    for key in ("train/digit", "train/size", "train/weight/digit", "val/digit", "val/size"):
+        assert key in got, sorted(got)
+    assert type(scope["Module"]().objective) is lossport.Objective
