@@ -130,6 +130,32 @@ def test_graph_compiled_inside_the_objective_allows_the_retained_passes() -> Non
     assert weights[1] == pytest.approx(weights[0], abs=1e-6)
 
 
+class FeatureNet(Net):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {"a": self.a(h), "b": self.b(h), "h": h}
+
+
+def test_representation_output_of_a_whole_compiled_net_is_an_error() -> None:
+    """Returned as an output, the representation is a sibling of the heads' outputs in the compiled node: no part
+    reads it, its Gramian would be zero. An error says so and names the ways out."""
+    torch._dynamo.reset()
+    net = FeatureNet()
+    balancer = resolve("mgda", gramian="features", features="h")
+    objective = lossport.Objective({"a": "mse", "b": "mse"}, balance=balancer)
+    with pytest.raises(ValueError, match="no loss part is computed from the representation.*module"):
+        objective(torch.compile(net, backend="aot_eager"), batches()[0])
+    weights = []
+    for split in (False, True):
+        model = copy.deepcopy(net)
+        if split:  # a graph per part of the net: the heads read the trunk's output
+            model.trunk = torch.compile(model.trunk, backend="aot_eager")
+        balancer = resolve("mgda", gramian="features", features="h")
+        losses = lossport.Objective({"a": "mse", "b": "mse"}, balance=balancer)(model, batches()[0])
+        weights.append({k: float(w) for k, w in losses.weights.items()})
+    assert weights[1] == pytest.approx(weights[0], abs=1e-6)
+
+
 def test_monitor_and_inspect_match_eager() -> None:
     torch._dynamo.reset()
     model = torch.compile(copy.deepcopy(BASE), backend="aot_eager")
