@@ -40,7 +40,9 @@ unchanged, and the class is restored when fitting ends. With that record it
   ``trainer.fit(..., ckpt_path=...)``, before the first resumed batch.
 
 The net and the objective see exactly what they see in a hand-written loop (:mod:`lossport.objective`), so the
-precision plugins (``"bf16-mixed"``), gradient accumulation and clipping of Lightning apply as usual.
+precision plugins (``"bf16-mixed"``), gradient accumulation and clipping of Lightning apply as usual; under its
+DDP strategies the parts are those of the global batch on every rank (:mod:`lossport.distributed`), so the logged
+values need no ``sync_dist``.
 """
 
 from __future__ import annotations
