@@ -105,6 +105,10 @@ class GramianBalancer(Balancer):
             me = weakref.ref(self)
 
             def hook(module: nn.Module, args: tuple, out: Any) -> None:
+                if torch.compiler.is_compiling():
+                    # under torch.compile the graph breaks here: the representation stays a tensor of the
+                    # autograd graph between the compiled trunk and the compiled heads (docs/integrations.md)
+                    torch._dynamo.graph_break()
                 obj = me()
                 if obj is None or not torch.is_grad_enabled():
                     return
@@ -114,9 +118,7 @@ class GramianBalancer(Balancer):
                 if z is not None and z.requires_grad:
                     obj._records.append(z)
 
-            # run eagerly under torch.compile: the graph breaks at the representation, which stays a tensor of
-            # the autograd graph between the compiled trunk and the compiled heads (docs/integrations.md)
-            self._hook = features.register_forward_hook(torch.compiler.disable(hook))
+            self._hook = features.register_forward_hook(hook)
 
     # ------------------------------------------------------------------------------------------------
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
