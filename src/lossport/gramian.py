@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from .graph import _COMPILED, _SHARED, _has_compiled, _owners, has_compiled_node
+from .graph import _COMPILED, _SHARED, _owners, has_compiled_node
 from .graph import retained_grad as _grad
 
 __all__ = [
@@ -622,7 +622,7 @@ def _per_part_grads(
         return batched_grads(parts, inputs, batched=batched)
     index = sp.index()
     trunk = [(GradientEdge(n, nr), g) for (n, nr), g in zip(sp.targets, sp.grads) if _var(n) is None]  # type: ignore[arg-type]
-    below = _below([e.node for e, _ in trunk])
+    below, compiled = _below([e.node for e, _ in trunk])
     if any(_var(n) is None and id(n) in below for n, _ in sp.targets):
         # a frontier node that is also fed from another frontier node: not two clean stages
         return batched_grads(parts, inputs, batched=batched)
@@ -637,7 +637,7 @@ def _per_part_grads(
             rest.append(k)  # ... may also be used inside the trunk: both contributions add
     if rest and trunk:
         if batched is None:  # through the trunk only, vmap wins on the CPU too (one big matrix product per layer)
-            batched = not _has_compiled([e.node for e, _ in trunk])
+            batched = not compiled  # vmap cannot run a compiled backward
         res = _vjps([e for e, _ in trunk], [g for _, g in trunk], [inputs[k] for k in rest], batched)
         for k, g in zip(rest, res):
             if g is not None:
@@ -646,17 +646,20 @@ def _per_part_grads(
     return out
 
 
-def _below(nodes: Sequence[object]) -> set[int]:
-    """Ids of the nodes strictly below ``nodes`` (reachable through their ``next_functions``)."""
+def _below(nodes: Sequence[object]) -> tuple[set[int], bool]:
+    """Ids of the nodes strictly below ``nodes`` (reachable through their ``next_functions``), and whether
+    ``nodes`` or those hold a ``torch.compile``'d node."""
     seen: set[int] = set()
+    compiled = any(type(n).__name__ == _COMPILED for n in nodes)
     stack = [n for node in nodes for n, _ in node.next_functions if n is not None]  # type: ignore[attr-defined]
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
+        compiled = compiled or type(node).__name__ == _COMPILED
         stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
-    return seen
+    return seen, compiled
 
 
 def jacobian(parts: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool | None = None) -> Tensor:

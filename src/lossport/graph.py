@@ -177,11 +177,12 @@ def shared_parameters(parts: Sequence[Tensor], params: Iterable[Tensor] | None =
                 )
         return chosen
     out: list[Tensor] = []
-    for node in _nodes(parts):
+    nodes = _nodes(parts)
+    for node in nodes:
         var = getattr(node, "variable", None)
         if var is not None and owner.get(id(node)) == _SHARED:
             out.append(var)
-    if out and has_compiled_node(parts):
+    if out and any(type(n).__name__ == _COMPILED for n in nodes):
         out = _shared_by_gradient(parts, out)
     return out
 
