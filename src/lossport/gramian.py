@@ -104,6 +104,7 @@ def check_reached(parts: Sequence[Tensor], features: Sequence[Tensor]) -> None:
     """Raise ``ValueError`` when no part's autograd graph consumes one of the ``features`` tensors (its Gramian
     would be zero, silently)."""
     edges: set[_Key] = set()
+    stop = {id(f.grad_fn) for f in features if f.grad_fn is not None}  # the trunk below is not walked
     seen: set[int] = set()
     stack = [p.grad_fn for p in parts if p.grad_fn is not None]
     while stack:
@@ -114,7 +115,8 @@ def check_reached(parts: Sequence[Tensor], features: Sequence[Tensor]) -> None:
         for nxt, nr in node.next_functions:  # type: ignore[attr-defined]
             if nxt is not None:
                 edges.add((id(nxt), int(nr)))
-                stack.append(nxt)
+                if id(nxt) not in stop:
+                    stack.append(nxt)
     for k, f in enumerate(features):
         if _key(f) in edges:
             continue
