@@ -217,3 +217,12 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path) -> No
     t = trainer(tmp_path / "two", max_epochs=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
     t.fit(spread)  # the main process gets rank 0's weights back
     torch.testing.assert_close(params(spread.net), params(single.net), rtol=0, atol=1e-5)
+
+
+def test_the_core_imports_neither_lightning_nor_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, lossport; print('lightning' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
