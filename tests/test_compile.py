@@ -17,6 +17,20 @@ from lossport.graph import has_compiled_node
 
 pytestmark = pytest.mark.compile
 
+
+@pytest.fixture(autouse=True)
+def fresh_compilation():
+    """No compile cache and no deterministic mode left by other tests: a cached inductor artifact compiled under
+    other settings (seen with torch.use_deterministic_algorithms(True), which Lightning's deterministic=True sets
+    for the whole process) was served and overwrote saved activations (docs/integrations.md)."""
+    import torch._inductor.config as inductor_config
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    with inductor_config.patch(force_disable_caches=True):
+        yield
+    torch.use_deterministic_algorithms(deterministic)
+
 W = 64  # wide enough for inductor to donate buffers (16-32-32 does not)
 
 
@@ -91,7 +105,7 @@ def test_gradient_balancers_match_eager(mode: str) -> None:
 def test_inductor_with_donated_buffers() -> None:
     """The default backend donates saved buffers to the backward at this width; the graph compiled inside the
     objective's forward does not, so the retained passes run and give the eager result."""
-    for balance, mode in [("upgrad", "params"), ("mgda", "features")]:
+    for balance, mode in [("upgrad", "params")]:  # features mode with inductor: the docs recipe test
         eager, _ = train(balance, mode, None)
         comp, _ = train(balance, mode, "inductor")
         torch.testing.assert_close(comp, eager, rtol=0, atol=1e-5, msg=balance)

@@ -84,16 +84,21 @@ def no_donated_buffers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def retainable_compile() -> Iterator[None]:
-    """Inside: graphs that ``torch.compile`` compiles can run their backward several times with
-    ``retain_graph=True`` (as the Gramian balancers, :func:`lossport.inspection.monitor` and the surgery methods
-    do): no donated buffers (``torch._functorch.config.donated_buffer = False``) and no in-place reuse of buffers
-    by the inductor kernels (``torch._inductor.config.inplace_buffers = False``; with it, torch 2.13 on the CPU
-    overwrites saved activations and a second retained pass returns wrong gradients). Scoped: both settings are
-    restored on exit and graphs compiled outside are not affected. :class:`lossport.Objective` runs the net's
-    forward inside it (where a compiled net compiles); nothing is imported when torch.compile was never used."""
+def retainable_compile(*, donated: bool = False) -> Iterator[None]:
+    """Inside: graphs that ``torch.compile`` compiles (forward, or a backward compiled lazily at its first run)
+    can run their backward several times with ``retain_graph=True``, as the Gramian balancers,
+    :func:`lossport.inspection.monitor` and the surgery methods do: no donated buffers
+    (``torch._functorch.config.donated_buffer = False``, unless ``donated=True``) and no reuse of the saved
+    activations' memory by the inductor kernels (``torch._inductor.config.inplace_buffers`` and
+    ``allow_buffer_reuse`` False: with them, torch 2.13's inductor on the CPU overwrites saved activations and a
+    second retained pass returns wrong gradients). Scoped: the settings are restored on exit and graphs compiled
+    outside are not affected. :class:`lossport.Objective` runs the net's forward inside it, and the retained
+    passes run inside it; nothing is imported when torch.compile was never used."""
+    keys = [("torch._inductor.config", "inplace_buffers"), ("torch._inductor.config", "allow_buffer_reuse")]
+    if not donated:
+        keys.append(("torch._functorch.config", "donated_buffer"))
     with contextlib.ExitStack() as stack:
-        for name, key in (("torch._functorch.config", "donated_buffer"), ("torch._inductor.config", "inplace_buffers")):
+        for name, key in keys:
             config = sys.modules.get(name)  # loaded by torch.compile: absent, no net is compiled
             if config is not None and hasattr(config, key):
                 stack.enter_context(config.patch(**{key: False}))

@@ -102,22 +102,23 @@ def retained_grad(*args: Any, **kwargs: Any) -> Any:
     in :class:`lossport.Objective`'s forward are). For such graphs the pass runs with the flag off for its
     duration (the graphs found so are remembered, so later passes skip the refused attempt); a graph that really
     donates buffers (compiled elsewhere) raises an error that says so."""
-    from .gramian import no_donated_buffers
+    from .gramian import retainable_compile
 
     if _FREE:
         found = _compiled_graphs(_roots(args[0]))
         if found and all(c in _FREE for c in found):
-            with no_donated_buffers():
+            with retainable_compile():
                 return torch.autograd.grad(*args, **kwargs)
     try:
-        return torch.autograd.grad(*args, **kwargs)
+        with retainable_compile(donated=True):  # a backward compiled lazily here keeps its saved activations
+            return torch.autograd.grad(*args, **kwargs)
     except RuntimeError as err:
         if "donated buffer" not in str(err):
             raise
         found = _compiled_graphs(_roots(args[0]))
         if found and not any(_donates(c) for c in found):
             _FREE.update(found)
-            with no_donated_buffers():
+            with retainable_compile():
                 return torch.autograd.grad(*args, **kwargs)
         raise RuntimeError(
             "lossport needs several backward passes through this torch.compile'd graph (retain_graph=True), "
