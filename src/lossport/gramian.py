@@ -62,7 +62,6 @@ __all__ = [
     "jacobian",
     "feature_gramian",
     "batched_grads",
-    "no_donated_buffers",
     "retainable_compile",
     "has_compiled_node",
     "check_reached",
@@ -72,18 +71,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # torch.compile'd graphs
 # ---------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_donated_buffers() -> Iterator[None]:
-    """Inside: ``torch._functorch.config.donated_buffer = False`` (restored on exit), which torch checks when a
-    compiled backward runs with ``retain_graph=True``."""
-    config = sys.modules.get("torch._functorch.config")
-    if config is None or not hasattr(config, "donated_buffer"):
-        yield
-        return
-    with config.patch(donated_buffer=False):
-        yield
-
-
 @contextlib.contextmanager
 def retainable_compile(*, donated: bool = False) -> Iterator[None]:
     """Inside: graphs that ``torch.compile`` compiles (forward, or a backward compiled lazily at its first run)
