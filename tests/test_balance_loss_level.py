@@ -312,7 +312,7 @@ class DictNet(nn.Module):
 
 @pytest.mark.parametrize("name", ALL)
 def test_train_with_each_method(name):
-    from lossport.train import train
+    from lossport.training import train
 
     torch.manual_seed(0)
     x = torch.randn(64, 4)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lossport import Objective
-from lossport.inspection import Monitor, figures_from_gramian, inspect, monitor, take_batches
+from lossport.inspection import Monitor, figures_from_gramian, inspect, monitor
 from lossport.report import IMBALANCE
+from lossport.training.data import first_batches
 
 
 class SeedNet(nn.Module):
@@ -49,7 +50,7 @@ def explicit(net, data, spec, modules, batch_size=16, batches=4):
     """Per batch, per part, the flattened gradient on each module's own parameters (None when missing)."""
     obj = Objective(spec)
     out = []
-    for batch in take_batches(data, batches, batch_size):
+    for batch in first_batches(data, batches, batch_size):
         losses = obj(net, batch)
         row = {}
         for k, v in losses.parts.items():
@@ -233,12 +234,9 @@ def test_dict_net_three_parts_auto_losses():
     assert d["cos"]["size"][0][1] is None
 
 
-def test_tuple_batches_and_dataloader():
+def test_tuple_batches():
     net = SeedNet()
     data = seed_data(32)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data["x"], data["y1"], data["y2"]), batch_size=8, shuffle=False
-    )
 
     class TupleSeed(SeedNet):
         def forward(self, x):
@@ -246,8 +244,8 @@ def test_tuple_batches_and_dataloader():
             return o["y1"], o["y2"]
 
     tnet = TupleSeed()
-    batches = [(x, (y1, y2)) for x, y1, y2 in loader]
-    r = inspect(tnet, batches, ["mse", "ce"], batches=3)
+    examples = [(x, (y1, y2)) for x, y1, y2 in zip(data["x"], data["y1"], data["y2"])]  # a list is a dataset
+    r = inspect(tnet, examples, ["mse", "ce"], batches=3, batch_size=8)
     assert r.batches == 3 and r.reach["out0"] == ["A", "B", "C"] and r.reach["out1"] == ["A", "B", "D"]
     r2 = inspect(net, (data["x"], {"y1": data["y1"], "y2": data["y2"]}), SPEC, batch_size=8, batches=2)
     assert r2.batches == 2 and r2.counts["y1"] == 16
@@ -381,10 +379,10 @@ def test_bad_arguments_raise():
         inspect(net, data, SPEC, batches=0)
     with pytest.raises(ValueError, match="weights"):
         inspect(net, data, Objective(SPEC), weights=[1, 2])
-    with pytest.raises(TypeError, match="data must be"):
+    with pytest.raises(TypeError, match="data is a int"):
         inspect(net, 3, SPEC)
-    with pytest.raises(ValueError, match="different numbers of examples"):
-        take_batches({"x": torch.zeros(4, 1), "y": torch.zeros(3)}, 2, 2)
+    with pytest.raises(ValueError, match="same first dimension"):
+        first_batches({"x": torch.zeros(4, 1), "y": torch.zeros(3)}, 2, 2)
     with pytest.raises(ValueError, match="unknown balancer"):
         inspect(net, data, SPEC, balance="nope")
 
@@ -420,7 +418,7 @@ def test_monitor_samples_every_k_and_averages_per_round():
     obj = Objective(SPEC)
     mon = Monitor(every=3)
     got = []
-    for b in take_batches(data, 4, 16):
+    for b in first_batches(data, 4, 16):
         losses = obj(net, b)
         got.append(mon.observe(losses))
     assert [g is not None for g in got] == [True, False, False, True]
@@ -440,7 +438,7 @@ def test_monitor_reuses_a_gramian_balancers_figures():
     obj = Objective(SPEC, balance=resolve("upgrad"))
     mon = Monitor(every=100)
     seen = []
-    for b in take_batches(data, 3, 16):
+    for b in first_batches(data, 3, 16):
         losses = obj(net, b)
         seen.append(mon.observe(losses, obj.balancer))
         direct = monitor(losses)
@@ -470,28 +468,6 @@ def test_monitor_moves_a_sample_past_steps_with_one_part():
     data["y2"][:16] = -100  # the first batch has only y1
     obj = Objective(SPEC)
     mon = Monitor(every=10)
-    got = [mon.observe(obj(net, b)) for b in take_batches(data, 3, 16)]
+    got = [mon.observe(obj(net, b)) for b in first_batches(data, 3, 16)]
     assert [g is not None for g in got] == [False, True, False]
     assert set(mon.end_round()) == {"gradnorm/y1", "gradnorm/y2", "cos/y1/y2", "gradratio/y1/y2"}
-
-
-def test_cli_inspect_on_the_demo_net(tmp_path, capsys):
-    import argparse
-
-    import matplotlib
-
-    from lossport.inspection import add_inspect_arguments, cli_inspect
-
-    matplotlib.use("Agg")
-    p = argparse.ArgumentParser()
-    add_inspect_arguments(p)
-    fig, js = tmp_path / "f.png", tmp_path / "r.json"
-    args = p.parse_args(["--batches", "2", "--batch-size", "32", "--figure", str(fig), "--json", str(js)])
-    assert cli_inspect(args) == 0
-    out = capsys.readouterr().out
-    assert "Reach and pull" in out and max(len(line) for line in out.splitlines()) <= 100
-    assert fig.stat().st_size > 0
-    d = json.loads(js.read_text())
-    assert d["parts"] == ["left", "right", "ink"]
-    assert d["reach"]["ink"] == ["trunk.0", "trunk.2", "trunk.5", "ink"]
-    assert d["shared"] == ["trunk.0", "trunk.2", "trunk.5"]

@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .data import MultiDigitsNet, multidigits
-    from .train import train
+    from .training import train
 
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
@@ -92,14 +92,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- inspect
 def add_inspect(sub: Any) -> None:
-    from .inspection import add_inspect_arguments, cli_inspect
-
     p = sub.add_parser(
         "inspect",
         help="which loss reaches which layer, how hard each pulls and whether they conflict (demo net)",
     )
-    add_inspect_arguments(p)
-    p.set_defaults(func=cli_inspect)
+    _inspect_arguments(p)
+    p.set_defaults(func=_cli_inspect)
+
+
+def _inspect_arguments(parser: Any) -> None:
+    """The options of ``lossport inspect`` (on the demo net :class:`lossport.data.MultiDigitsNet`)."""
+    parser.add_argument("--batches", type=int, default=4, help="batches measured (default 4)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    parser.add_argument("--balance", default=None, help="a balancer name whose weights to report")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the net's initialisation (default 0)")
+    parser.add_argument(
+        "--figure",
+        default="lossport-inspect.png",
+        help="where to save the figure ('' for none; default %(default)s)",
+    )
+    parser.add_argument("--json", default=None, help="also write report.as_dict() to this file")
+
+
+def _cli_inspect(args: Any) -> int:
+    """``lossport inspect``: the report of the demo net (multidigits, MultiDigitsNet, automatic losses) at
+    initialisation: prints the table, saves the figure (and the JSON)."""
+    import json
+
+    import torch
+
+    from .data import MultiDigitsNet, multidigits
+    from .inspection import inspect
+
+    torch.manual_seed(args.seed)
+    net = MultiDigitsNet()
+    data = multidigits("train", size=args.batches * args.batch_size)
+    report = inspect(
+        net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance
+    )
+    print(report.table())
+    if args.figure:
+        report.plot().savefig(args.figure, dpi=120, bbox_inches="tight")
+        print(f"\nfigure saved to {args.figure}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+        print(f"report saved to {args.json}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- compare
@@ -124,7 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .compare import compare
+    from .comparison import compare
     from .data import MultiDigitsNet, multidigits
 
     torch.set_num_threads(max(1, args.threads))

@@ -30,7 +30,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,22 +37,7 @@ from typing import Any
 
 from torch import nn
 
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .atomic import atomic_write_text
 
 
 class History:
@@ -166,6 +150,7 @@ class Result:
     history: History
     best_round: int | None = None
     best_key: str | None = None
+    best_reason: str | None = None
     stopped_because: str = "completed"
     examples_per_second: float = math.nan
     seconds: float = 0.0
@@ -273,4 +258,4 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-__all__ = ["History", "Result", "atomic_write_text"]
+__all__ = ["History", "Result"]

@@ -36,7 +36,6 @@ per round.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -49,65 +48,12 @@ from .graph import reached_parameters, shared_parameters
 from .objective import Objective, unwrap
 from .report import ModuleInfo, Report, advise
 from .result_types import Losses
+from .training.data import first_batches
 
 ROOT = "(root)"
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-def take_batches(data: Any, batches: int, batch_size: int) -> list[Any]:
-    """The first ``batches`` batches of ``data``: a dict of tensors (cut in consecutive slices of
-    ``batch_size`` rows), a pair ``(x, y)`` of tensors (likewise), or an iterable of batches (a
-    DataLoader)."""
-    if int(batches) < 1:
-        raise ValueError(f"batches must be a positive integer, not {batches!r}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    if isinstance(data, Mapping):
-        tensors = {k: v for k, v in data.items() if isinstance(v, Tensor) and v.dim() > 0}
-        if not tensors:
-            raise ValueError(
-                "data is a dict without tensors; give a dict {name: tensor} with examples on dim 0"
-            )
-        sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
-        n = min(sizes.values())
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"the tensors of data have different numbers of examples: {sizes}")
-        out: list[Any] = []
-        for s in range(0, n, batch_size):
-            if len(out) == batches:
-                break
-            out.append({k: (v[s : s + batch_size] if k in tensors else v) for k, v in data.items()})
-        return out
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        n = int(x.shape[0])
-        pairs: list[Any] = []
-        for s in range(0, n, batch_size):
-            if len(pairs) == batches:
-                break
-            ys = y[s : s + batch_size] if isinstance(y, Tensor) else _slice(y, s, batch_size)
-            pairs.append((x[s : s + batch_size], ys))
-        return pairs
-    if isinstance(data, Iterable):
-        out = list(itertools.islice(iter(data), batches))
-        if not out:
-            raise ValueError("data gave no batch")
-        return out
-    raise TypeError(
-        f"data must be a dict of tensors, a pair (x, y) or an iterable of batches (a DataLoader), not "
-        f"{type(data).__name__}"
-    )
-
-
-def _slice(y: Any, s: int, n: int) -> Any:
-    if isinstance(y, Mapping):
-        return {k: _slice(v, s, n) for k, v in y.items()}
-    if isinstance(y, (tuple, list)):
-        return type(y)(_slice(v, s, n) for v in y)
-    return y if y is None else y[s : s + n]
-
-
-# -- modules ------------------------------------------------------------------------------------------------
 def parametrised_modules(net: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
     """``(name, module, own parameters)`` of every module that owns parameters directly, in registration
     order; a parameter shared by several modules belongs to the first."""
@@ -174,11 +120,11 @@ def inspect(
     handles = []
     for mname, mod, _ in mods:
         handles.append(mod.register_forward_hook(lambda *_a, _n=mname: called.add(_n)))  # type: ignore[misc]
-    batch_list = take_batches(data, batches, batch_size)
+    batch_list = first_batches(data, batches, batch_size)
     acc = _Accumulator()
     try:
         for batch in batch_list:
-            losses = objective._evaluate(net, batch)
+            losses = objective.evaluate(net, batch)
             if balancer is not None and len(losses.parts) > 0:
                 losses = balancer(losses)
             acc.add(losses, owner, pname, mods)
@@ -450,18 +396,19 @@ class Monitor:
                     self._n[k] = self._n.get(k, 0) + 1
         return figs
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling schedule (saved in training checkpoints; the round's sums restart at each round)."""
+        return {"steps": self.steps, "due": self._due}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps, self._due = int(state["steps"]), bool(state["due"])
+
     def end_round(self) -> dict[str, float]:
         """Means of the figures sampled since the last call (each over the samples where it was defined),
         and start a new round."""
         out = {k: self._sums[k] / self._n[k] for k in self._sums}
         self._sums, self._n, self.samples = {}, {}, 0
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "every": self.every}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state["steps"])
 
 
 def _from_balancer_info(info: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
@@ -474,52 +421,10 @@ def _from_balancer_info(info: Mapping[str, float], names: Sequence[str]) -> dict
     return out
 
 
-# -- command line -------------------------------------------------------------------------------------------
-def add_inspect_arguments(parser: Any) -> None:
-    """The options of ``lossport inspect`` (on the demo net :class:`lossport.data.MultiDigitsNet`)."""
-    parser.add_argument("--batches", type=int, default=4, help="batches measured (default 4)")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
-    parser.add_argument("--balance", default=None, help="a balancer name whose weights to report")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the net's initialisation (default 0)")
-    parser.add_argument(
-        "--figure",
-        default="lossport-inspect.png",
-        help="where to save the figure ('' for none; default %(default)s)",
-    )
-    parser.add_argument("--json", default=None, help="also write report.as_dict() to this file")
-
-
-def cli_inspect(args: Any) -> int:
-    """``lossport inspect``: the report of the demo net (multidigits, MultiDigitsNet, automatic losses) at
-    initialisation: prints the table, saves the figure (and the JSON)."""
-    import json
-
-    from .data import MultiDigitsNet, multidigits
-
-    torch.manual_seed(args.seed)
-    net = MultiDigitsNet()
-    data = multidigits("train", size=args.batches * args.batch_size)
-    report = inspect(
-        net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance
-    )
-    print(report.table())
-    if args.figure:
-        report.plot().savefig(args.figure, dpi=120, bbox_inches="tight")
-        print(f"\nfigure saved to {args.figure}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.as_dict(), f, indent=1)
-        print(f"report saved to {args.json}")
-    return 0
-
-
 __all__ = [
     "inspect",
-    "take_batches",
     "parametrised_modules",
     "monitor",
     "figures_from_gramian",
     "Monitor",
-    "cli_inspect",
-    "add_inspect_arguments",
 ]

@@ -423,6 +423,11 @@ class Objective:
             losses = self.balancer(losses)
         return losses
 
+    def evaluate(self, net: nn.Module, batch: Batch, *, per_example: bool = False) -> Losses:
+        """The unweighted parts of ``batch`` (forward included), without the balancer: what ``__call__`` gives
+        before the balancer sets the weights."""
+        return self._evaluate(net, batch, per_example=per_example)
+
     def _evaluate(self, net: nn.Module, batch: Batch, *, per_example: bool = False) -> Losses:
         """Forward and parts; under torchrun the parts are the global batch's (:mod:`lossport.distributed`)."""
         outputs, logits = self.forward(net, batch)
