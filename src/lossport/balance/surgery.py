@@ -130,8 +130,11 @@ class GradDrop(_Surgery):
       feature, and each part's per-example gradients are kept or dropped together.
 
     Heads get their plain gradient (``b = 1``), as the sum of losses; ``leak`` (0, as LibMTL and TorchJD)
-    lets that fraction of every gradient through. The draws come from a generator seeded with ``seed`` (in the
-    state dict). With ``every=K`` GradDrop runs on every ``K``-th call and the calls between are the plain sum.
+    lets that fraction of every gradient through. The draws come from a host generator seeded with ``seed`` (in
+    the state dict): on the CPU directly, on another device through a generator of that device seeded by one
+    host draw per call (so a seed gives the same masks on the same kind of device, and the draws are made where
+    the gradients are). With ``every=K`` GradDrop runs on every ``K``-th call and the calls between are the
+    plain sum.
     """
 
     name = "graddrop"
