@@ -363,7 +363,7 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 f"a gradient method ({', '.join(repr(n) for n in grad_names[:3])}) removes the conflicting "
                 "component instead of letting the larger gradient win"
                 if grad_names
-                else "a gradient method (UPGrad, MGDA, PCGrad) removes the conflicting component"
+                else "a gradient-level balancer removes the conflicting component"
             )
             out.append(
                 f"'{a}' and '{b}' conflict on the shared trunk (mean cosine {c:.2f}){more}: a step that "
