@@ -239,3 +239,29 @@ def test_pairs_of_aliases_share_one_canonical_name_in_the_state():
 
 def test_public_names():
     assert lossport.balance.suggest is suggest and "kind_of" in lossport.balance.__all__
+
+
+def test_to_before_the_first_call_sets_the_dtype_of_state_made_later():
+    uw = Uncertainty().to(torch.float64)
+    uw(losses_of([1.0, 2.0]))  # float32 parts
+    assert [p.dtype for p in uw.parameters()] == [torch.float64] * 2
+    half = Uncertainty()
+    half(Losses(parts={"a": torch.tensor(1.0, dtype=torch.float16)}, weights={"a": 1.0}))
+    assert half.parameters()[0].dtype == torch.float32  # an optimizer's parameter: at least float32
+
+
+def test_a_call_brings_the_state_to_the_parts_device():
+    class Holder(Balancer):
+        kind = "static"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("_avg", {"a": torch.zeros(2)})
+
+        def balance(self, losses: Losses) -> dict[str, float]:
+            assert self._avg["a"].device == losses.parts["a"].device  # already there when the method runs
+            return {"a": 1.0}
+
+    bal = Holder()
+    out = bal(Losses(parts={"a": torch.zeros((), device="meta")}, weights={"a": 1.0}))
+    assert out.total.device.type == "meta" and bal._avg["a"].device.type == "meta"

@@ -139,6 +139,8 @@ class Balancer:
 
     _device: torch.device | None = None
     """The device the state lives on (``None`` until the first call or :meth:`to`)."""
+    _dtype: torch.dtype | None = None
+    """The floating dtype asked for by :meth:`to` (``None``: the parts'), also for state created later."""
 
     def __init__(self) -> None:
         self.info: dict[str, float] = {}
@@ -250,7 +252,8 @@ class Balancer:
 
     def to(self: B, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> B:
         """Move every tensor of the state to ``device`` and cast its floating tensors to ``dtype`` (either may
-        be omitted; ``to(torch.float64)`` casts only). Returns the balancer."""
+        be omitted; ``to(torch.float64)`` casts only); state created later (learned parameters at the first
+        call) takes that ``dtype`` too. Returns the balancer."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         dev = None if device is None else torch.device(device)
@@ -258,6 +261,8 @@ class Balancer:
             setattr(self, n, _move(getattr(self, n), dev, dtype))
         if dev is not None:
             self._device = dev
+        if dtype is not None:
+            self._dtype = dtype
         return self
 
     def follow(self, losses: Losses) -> None:

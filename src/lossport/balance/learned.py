@@ -67,7 +67,7 @@ class LearnedBalancer(Balancer):
             names = list(losses.parts) + [k for k in losses.missing if k not in losses.parts]
             ref = next(iter(losses.parts.values()), None)
             device = ref.device if ref is not None else None
-            dtype = torch.promote_types(ref.dtype, torch.float32) if ref is not None else torch.float32
+            dtype = self._dtype or (torch.promote_types(ref.dtype, torch.float32) if ref is not None else torch.float32)
             self._build(names, {k: self.init for k in names}, device, dtype)
             return
         unknown = [k for k in losses.parts if k not in self._params]
