@@ -365,13 +365,12 @@ class Monitor:
     def observe(self, losses: Losses, balancer: Any = None) -> dict[str, float] | None:
         """Call once per step, before ``backward()``. Counts the step; on sampled steps (and whenever a
         Gramian balancer has just computed ``G``) records the figures and returns them."""
-        from .balance.gramian_base import GramianBalancer
-
         step = self.steps
         self.steps += 1
         names = losses.names
         figs: dict[str, float] | None = None
-        if isinstance(balancer, GramianBalancer) and balancer.mode == "params" and balancer.params is None:
+        gramian = getattr(balancer, "kind", None) in ("gramian", "surgery")  # the Gramian engine's balancers
+        if gramian and balancer.mode == "params" and balancer.params is None:
             info = balancer.info
             if info is not self._last_info and all(f"norm/{k}" in info for k in names) and len(names) >= 2:
                 self._last_info = info

@@ -30,10 +30,6 @@ CONFLICT = -0.1
 WIDTH = 100
 """Width of the terminal table."""
 
-_LOSS_SCALE = ("normalize", "uw", "famo", "dwa", "gradnorm")
-_GRADIENT = ("upgrad", "mgda", "pcgrad", "cagrad", "nash_mtl")
-
-
 @dataclass
 class ModuleInfo:
     """One module that owns parameters directly."""
@@ -278,10 +274,11 @@ class Report:
 def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
     """Plain sentences derived from the figures of ``r``; each holds only when its condition does and cites
     the figure behind it. ``available``: the registered balancer names (the suggestions name only those)."""
+    from .balance import suggest
+
     out: list[str] = []
-    avail = set(available)
-    scale_names = [n for n in _LOSS_SCALE if n in avail]
-    grad_names = [n for n in _GRADIENT if n in avail]
+    scale_names = suggest(("loss", "learned"), among=available)
+    grad_names = suggest(("gramian",), among=available)
     for p in r.parts:
         k = r.missing.get(p, 0)
         if k == r.batches:
@@ -366,7 +363,7 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 f"a gradient method ({', '.join(repr(n) for n in grad_names[:3])}) removes the conflicting "
                 "component instead of letting the larger gradient win"
                 if grad_names
-                else "a gradient method (UPGrad, MGDA, PCGrad) removes the conflicting component"
+                else "a gradient-level balancer removes the conflicting component"
             )
             out.append(
                 f"'{a}' and '{b}' conflict on the shared trunk (mean cosine {c:.2f}){more}: a step that "

@@ -33,8 +33,10 @@ all-reduced in params mode (``T x P`` numbers: the cross-rank products ``J_r J_q
 Gramian in features mode (``T^2`` numbers: each rank's examples have their own representation rows).
 
 Subclasses write :meth:`weigh`; those needing the gradients themselves (GradDrop, DB-MTL:
-:mod:`lossport.balance.surgery`) call :meth:`compute_jacobian`. A subclass with state of its own extends
-:meth:`state_dict` / :meth:`load_state_dict` with ``{**super().state_dict(), ...}``.
+:mod:`lossport.balance.surgery`) call :meth:`compute_jacobian` and replace :meth:`run` and :meth:`between`:
+:meth:`balance` is the template of both families (the ``every=K`` schedule, single-part batches, a failed call
+that neither counts nor changes the state, the hook's records dropped). A subclass declares its own state with
+:meth:`~lossport.balance.base.Balancer.add_state` (warm starts, random generators, EMA targets).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class GramianBalancer(Balancer):
         than one part, found in the autograd graph at each call).
     """
 
+    kind = "gramian"
+
     def __init__(
         self,
         *,
@@ -96,8 +100,10 @@ class GramianBalancer(Balancer):
         if self.params is not None and not self.params:
             raise ValueError("params= is empty; give the shared parameters or leave params=None to infer them")
         self.features = features
-        self._calls = 0
-        self._last: dict[str, float] | None = None
+        self._calls: int
+        self._last: dict[str, float] | None
+        self.add_state("_calls", 0)  # calls counted for the every=K schedule
+        self.add_state("_last", None)  # the weights in use, by part
         self._records: list[Tensor] = []
         self._hook: Any = None
         self._net_hook: Any = None
@@ -206,53 +212,60 @@ class GramianBalancer(Balancer):
         return (distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J), params
 
     # ------------------------------------------------------------------------------------------------
-    def balance(self, losses: Losses) -> dict[str, Tensor | float]:
+    def balance(self, losses: Losses) -> Any:
+        """The template of the gradient-level families: on calls ``0, K, 2K, ...`` (and whenever the set of
+        parts present changes) :meth:`run` the method, on the others (and on single-part batches) return
+        :meth:`between`. A call that raises is not counted and leaves the state as it was (each :meth:`run`
+        sees to its own state); the features hook's records are dropped in every case."""
         names = losses.names
-        recompute = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
+        due = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
         try:
-            if recompute:
-                if len(names) == 1:
-                    self._last = {names[0]: 1.0}
-                else:
-                    G = self.compute_gramian(losses)
-                    if not bool(torch.isfinite(G).all()):
-                        bad = [k for k, row in zip(names, G.tolist()) if not all(map(math.isfinite, row))]
-                        raise FloatingPointError(
-                            f"{type(self).__name__}: the gradients of {bad} are not finite (their Gramian rows "
-                            "hold NaN or inf) although the losses are; the balancer's state is unchanged"
-                        )
-                    before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
-                    try:
-                        w = self.weigh(G, losses)
-                        if not isinstance(w, Tensor) or w.shape != (len(names),):
-                            raise RuntimeError(
-                                f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
-                                f"tensor of shape ({len(names)},) for the parts {names}"
-                            )
-                        w = w.detach().to(torch.float64)
-                        if not bool(torch.isfinite(w).all()):
-                            raise FloatingPointError(
-                                f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
-                                "balancer's state is unchanged"
-                            )
-                    except Exception:
-                        self.load_state_dict(before)  # a failed call leaves the balancer as it was
-                        raise
-                    self._last = dict(zip(names, w.cpu().tolist()))
-                    self.info = diagnostics(G, names)
+            if due and len(names) > 1:
+                out = self.run(losses)
+            else:
+                if due:
+                    self._last = dict.fromkeys(names, 1.0)
+                out = self.between(losses)
         finally:
             self._records = []  # never keep a forward's graph alive past its step
-        self._calls += 1  # a failed call does not count: the every=K schedule stays where it was
+        self._calls += 1  # only once the call has succeeded: the every=K schedule stays where it was
+        return out
+
+    def between(self, losses: Losses) -> Any:
+        """The weights of the calls between two runs of the method and of single-part batches: the last ones."""
         assert self._last is not None
-        return {k: self._last[k] for k in names}
+        return {k: self._last[k] for k in losses.names}
 
-    # ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"calls": self._calls, "last": None if self._last is None else dict(self._last)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._calls = int(state["calls"])
-        self._last = None if state["last"] is None else {k: float(v) for k, v in state["last"].items()}
+    def run(self, losses: Losses) -> Any:
+        """Compute ``G``, check it, weigh it (restoring the state if :meth:`weigh` fails) and keep the weights."""
+        names = losses.names
+        G = self.compute_gramian(losses)
+        if not bool(torch.isfinite(G).all()):
+            bad = [k for k, row in zip(names, G.tolist()) if not all(map(math.isfinite, row))]
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradients of {bad} are not finite (their Gramian rows "
+                "hold NaN or inf) although the losses are; the balancer's state is unchanged"
+            )
+        before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
+        try:
+            w = self.weigh(G, losses)
+            if not isinstance(w, Tensor) or w.shape != (len(names),):
+                raise RuntimeError(
+                    f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
+                    f"tensor of shape ({len(names)},) for the parts {names}"
+                )
+            w = w.detach().to(torch.float64)
+            if not bool(torch.isfinite(w).all()):
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
+                    "balancer's state is unchanged"
+                )
+        except Exception:
+            self.load_state_dict(before)  # a failed call leaves the balancer as it was
+            raise
+        self._last = dict(zip(names, w.cpu().tolist()))
+        self.info = diagnostics(G, names)
+        return dict(self._last)
 
     def close(self) -> None:
         """Remove the forward hooks placed for a ``features`` module."""

@@ -25,6 +25,7 @@ class EqualWeights(Balancer):
     """
 
     name = "ew"
+    kind = "static"
 
     def balance(self, losses: Losses) -> dict[str, float]:
         return {k: 1.0 for k in losses.parts}
@@ -44,6 +45,7 @@ class Static(Balancer):
     """
 
     name = "static"
+    kind = "static"
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
