@@ -297,7 +297,7 @@ class FAMO(LearnedBalancer):
         out = {}
         for k, v in losses.parts.items():
             d = float(v.detach()) - self._floor(k) + self.eps
-            if not d > 0:
+            if math.isfinite(d) and not d > 0:  # a NaN or inf part is the caller's to report, not a floor problem
                 raise ValueError(
                     f"FAMO: part {k!r} = {float(v.detach())} is not above its floor {self._floor(k)}; FAMO takes "
                     "log(L - floor): set floor= below the smallest value the loss can take"
