@@ -84,7 +84,7 @@ def test_global_losses_give_the_one_process_gradient_with_uneven_labels():
 
 # ------------------------------------------------------------------------------ lossport.train under torchrun
 
-METHODS = [None, "uw", "famo", "mgda", "upgrad", "nash_mtl", "graddrop", "db_mtl"]
+METHODS = [None, "uw", "famo", "gradnorm", "mgda", "upgrad", "nash_mtl", "graddrop", "db_mtl"]
 
 
 def train_data():

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..result_types import Losses
 from .base import Balancer, register
 from .loss_level import _positive
@@ -429,13 +430,18 @@ class GradNorm(LearnedBalancer):
             _positive("GradNorm", k, v, "its training rates are ratios L_i / L_i(0)")
             self._initial.setdefault(k, v)
         layer = self._shared_layer(losses)
-        norms: list[float] = []
-        for k in names:
+        rows = []
+        for k in names:  # the part's gradient on W, flattened (zeros where its graph does not reach W)
             grads = torch.autograd.grad(losses.parts[k], layer, retain_graph=True, allow_unused=True)
-            sq = sum(float(g.detach().pow(2).sum()) for g in grads if g is not None)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
+                                   for g, p in zip(grads, layer, strict=True)]))  # fmt: skip
+        # under torchrun: the gradients of the global parts (the mean of the ranks' surrogate gradients)
+        J = distributed.all_reduce_jacobian(torch.stack(rows).to(torch.float64))
+        norms: list[float] = []
+        for i, k in enumerate(names):
             static = losses.weights[k]
             s = abs(float(static.detach()) if isinstance(static, Tensor) else float(static))
-            norms.append(s * sq**0.5)
+            norms.append(s * float(J[i].norm()))
         ratio = [vals[k] / self._initial[k] if self._initial[k] != 0 else 1.0 for k in names]
         mean_ratio = sum(ratio) / len(ratio)
         r = [x / mean_ratio if mean_ratio != 0 else 1.0 for x in ratio]
