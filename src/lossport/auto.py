@@ -18,7 +18,9 @@ no module, ``torch.sigmoid`` in the graph    binary cross-entropy from the proba
 anything else                                mean squared error
 ==========================================  =====================================================================
 
-``objective.describe()`` prints what was chosen for each output.
+``objective.describe()`` prints what was chosen for each output. A ``torch.nn`` cross-entropy given explicitly
+(``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``F.cross_entropy``, ...) is fitted to its output's producer
+the same way (:func:`fit_torch_loss`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance
+from .errors import LossSpecError
+from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance, TorchLoss
 
 
 @dataclass
@@ -132,6 +135,38 @@ def choose(producer: Producer) -> tuple[LossLayer | None, bool, str]:
             "auto: torch.sigmoid -> binary CE from probabilities (use nn.Sigmoid for the stable form)",
         )
     return MSE(), False, "auto: MSE" + (f" ({where})" if producer.module_name else "")
+
+
+_MAKES = {"softmax": "index", "fn_softmax": "index", "sigmoid": "binary", "fn_sigmoid": "binary"}
+
+
+def fit_torch_loss(output: str, loss: TorchLoss, producer: Producer) -> tuple[TorchLoss, bool, str]:
+    """Fit a torch cross-entropy to the output it is given: (loss, use the producer's input?, how).
+
+    ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss`` expect logits. On an ``nn.Softmax``/``nn.Sigmoid``
+    output they get the logits that entered it (classes on the softmax's dim), as the ``"ce"``/``"bce"``
+    aliases do; on a functional ``torch.softmax``/``torch.sigmoid`` output, ``log p`` / ``logit p`` (the same
+    loss of the probabilities, clamped). A softmax output under BCE-with-logits, or a sigmoid output under
+    cross-entropy, is an error. Other losses and producers are left as they are.
+    """
+    expects, makes = loss.expects_logits, _MAKES.get(producer.kind)
+    if expects is None or makes is None:
+        return loss, False, ""
+    where = producer.module_name or "torch." + producer.kind[3:]
+    name = type(loss.inner).__name__
+    if makes != expects:
+        act, fix = ("softmax", "nn.BCELoss()") if makes == "index" else ("sigmoid", "nn.BCELoss() or a Softmax")
+        raise LossSpecError(
+            f"output {output!r} holds {act} probabilities (produced by {where!r}) but its loss nn.{name} expects "
+            f"{'class scores for a softmax' if expects == 'index' else 'logits for a sigmoid'}; use {fix}, "
+            "or the alias 'ce'/'bce' that fits the output"
+        )
+    class_dim = producer.dim if makes == "index" else None
+    if producer.kind in ("softmax", "sigmoid"):
+        return loss.adapted(class_dim=class_dim), True, f", from the logits entering {where!r}"
+    prepare = "log" if makes == "index" else "logit"
+    how = f", from the {prepare} of the probabilities of {where}"
+    return loss.adapted(class_dim=class_dim, prepare=prepare), False, how
 
 
 @contextmanager
