@@ -682,7 +682,7 @@ def _values_mask(name: str, mask: Tensor, vals: Tensor) -> Tensor:
 def _example_weights(name: str, vals: Tensor, sample_weight: Tensor | None) -> Tensor:
     """Sample weights broadcast to the values: a scalar, one per example (B,), or the values' shape."""
     sw = _sample_weights(vals, sample_weight)
-    if sw.dim() > 1 and sw.shape != vals.shape:
+    if sample_weight is not None and sample_weight.dim() > 1 and sw.shape != vals.shape:
         raise ValueError(
             f"nn.{name}: sample weights of shape {tuple(sw.shape)} do not fit its per-element values of shape "
             f"{tuple(vals.shape)}; give one weight per example, shape ({vals.shape[0]},)"

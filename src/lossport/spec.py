@@ -60,7 +60,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .errors import LossSpecError
-from .losses import ALIASES, LossLayer, from_alias, is_torch_loss, torch_loss
+from .losses import ALIASES, LossLayer, TorchLoss, from_alias, is_torch_loss, torch_loss
 
 RESERVED = ("loss",)
 
@@ -497,6 +497,8 @@ def _short(t: Term) -> str:
         return "port"
     if t.kind == "auto":
         return "auto"
+    if isinstance(t.loss, TorchLoss):
+        return type(t.loss.inner).__name__.lower()
     if isinstance(t.loss, LossLayer):
         return type(t.loss).__name__.lower()
     return str(getattr(t.loss, "name", getattr(t.loss, "__name__", "loss")))
