@@ -153,6 +153,10 @@ def test_logit_loss_on_the_wrong_activation_is_an_error():
         Objective({"flag": nn.CrossEntropyLoss()})(net, b)
     with pytest.raises(LossSpecError, match=r"'digit' holds softmax probabilities.*nn.BCEWithLogitsLoss"):
         Objective({"digit": nn.BCEWithLogitsLoss()})(net, b)
+    with pytest.raises(LossSpecError, match=r"'digit' holds softmax.*nn.NLLLoss expects log-probabilities"):
+        Objective({"digit": nn.NLLLoss()})(net, b)
+    with pytest.raises(LossSpecError, match=r"'digit' holds softmax.*log-probabilities.*LogSoftmax"):
+        Objective({"digit": F.nll_loss})(Functional(), b)
 
 
 # ------------------------------------------------------------------------------------------------ Keras order

@@ -248,9 +248,33 @@ def test_torch_loss_class_dim_moves_token_logits_and_double_weights_follow_the_i
     t = torch.randint(0, 4, (3, 5), generator=g)
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])  # float32 weights, float64 logits
     ref = F.cross_entropy(logits.permute(0, 2, 1), t, weight=w.double())
-    ce = L.TorchLoss(torch.nn.CrossEntropyLoss(weight=w))
+    module = torch.nn.CrossEntropyLoss(weight=w)
+    ce = L.TorchLoss(module)
     assert torch.allclose(ce(logits, t), ref)  # only the last dim fits (3, 5) targets
     assert torch.allclose(ce.adapted(class_dim=-1)(logits, t), ref)
+    assert module.weight is w and module.weight.dtype == torch.float32  # the given module is left as it was
+
+
+def test_torch_loss_shares_a_learned_loss_parameters_and_takes_a_label_column():
+    class LearnedScale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.reduction = "mean"
+            self.log_s = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, input, target):
+            v = (input - target).pow(2) * self.log_s.exp()
+            return v.mean() if self.reduction == "mean" else v
+
+    module = LearnedScale()
+    loss = L.TorchLoss(module)
+    loss(torch.ones(2, 1), torch.zeros(2, 1)).backward()
+    assert module.log_s.grad is not None and module.log_s.grad.item() == pytest.approx(math.exp(0.5))
+    assert module.reduction == "mean"
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    column = torch.tensor([[1], [0]])
+    ce = L.TorchLoss(torch.nn.CrossEntropyLoss())(logits, column)
+    assert ce.item() == pytest.approx((math.log(4 / 3) + math.log(4)) / 2, rel=1e-6)
 
 
 def test_torch_loss_errors_say_what_to_do():
@@ -290,3 +314,12 @@ def test_port_loss_sums_per_example_and_averages_over_the_batch():
     assert L.port_loss("p", torch.tensor([1.0, 2.0, 3.0]), 2)[0].item() == 6.0  # no batch dimension: summed
     with pytest.raises(ValueError, match="sample weights"):
         L.port_loss("p", torch.tensor(2.5), 2, torch.ones(2))
+
+
+def test_torch_cross_entropy_probability_targets_mask_a_row_with_nan():
+    logits = torch.tensor([[0.0, math.log(3.0)], [5.0, -5.0]])
+    q = torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]])
+    ce = L.TorchLoss(torch.nn.CrossEntropyLoss())
+    # row 0: -(0.5 log 1/4 + 0.5 log 3/4); row 1 missing
+    assert ce(logits, q).item() == pytest.approx(0.5 * math.log(4) + 0.5 * math.log(4 / 3), rel=1e-6)
+    assert math.isnan(ce(logits, q, reduction="none")[1].item())

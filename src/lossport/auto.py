@@ -141,32 +141,45 @@ _MAKES = {"softmax": "index", "fn_softmax": "index", "sigmoid": "binary", "fn_si
 
 
 def fit_torch_loss(output: str, loss: TorchLoss, producer: Producer) -> tuple[TorchLoss, bool, str]:
-    """Fit a torch cross-entropy to the output it is given: (loss, use the producer's input?, how).
+    """Fit a torch loss to the output it is given: (loss, use the producer's input?, how, for describe()).
 
     ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss`` expect logits. On an ``nn.Softmax``/``nn.Sigmoid``
     output they get the logits that entered it (classes on the softmax's dim), as the ``"ce"``/``"bce"``
     aliases do; on a functional ``torch.softmax``/``torch.sigmoid`` output, ``log p`` / ``logit p`` (the same
-    loss of the probabilities, clamped). A softmax output under BCE-with-logits, or a sigmoid output under
-    cross-entropy, is an error. Other losses and producers are left as they are.
+    loss of the probabilities, clamped). A softmax output under BCE-with-logits, a sigmoid output under
+    cross-entropy, and probabilities under a loss of log-probabilities (``nn.NLLLoss``, ``nn.KLDivLoss``) are
+    errors. Other losses and producers are left as they are.
     """
-    expects, makes = loss.expects_logits, _MAKES.get(producer.kind)
+    expects, makes = loss.expects, _MAKES.get(producer.kind)
     if expects is None or makes is None:
         return loss, False, ""
     where = producer.module_name or "torch." + producer.kind[3:]
-    name = type(loss.inner).__name__
     if makes != expects:
-        act, fix = ("softmax", "nn.BCELoss()") if makes == "index" else ("sigmoid", "nn.BCELoss() or a Softmax")
-        raise LossSpecError(
-            f"output {output!r} holds {act} probabilities (produced by {where!r}) but its loss nn.{name} expects "
-            f"{'class scores for a softmax' if expects == 'index' else 'logits for a sigmoid'}; use {fix}, "
-            "or the alias 'ce'/'bce' that fits the output"
-        )
+        raise LossSpecError(_mismatch(output, loss, where, makes, expects))
     class_dim = producer.dim if makes == "index" else None
     if producer.kind in ("softmax", "sigmoid"):
         return loss.adapted(class_dim=class_dim), True, f", from the logits entering {where!r}"
     prepare = "log" if makes == "index" else "logit"
     how = f", from the {prepare} of the probabilities of {where}"
     return loss.adapted(class_dim=class_dim, prepare=prepare), False, how
+
+
+def _mismatch(output: str, loss: TorchLoss, where: str, makes: str, expects: str) -> str:
+    act = "softmax" if makes == "index" else "sigmoid"
+    wants = {
+        "index": "class scores (logits) for a softmax",
+        "binary": "logits for a sigmoid",
+        "log": "log-probabilities",
+    }[expects]
+    if expects == "log":
+        fix = "end the net with nn.LogSoftmax, or use nn.CrossEntropyLoss() (lossport then takes the logits)"
+    else:
+        fix = "use nn.BCELoss() (it takes probabilities)" + (" or 'bce'" if act == "sigmoid" else "")
+        fix += ", or an output with the activation the loss expects"
+    return (
+        f"output {output!r} holds {act} probabilities (produced by {where!r}) but its loss "
+        f"nn.{type(loss.inner).__name__} expects {wants}; {fix}"
+    )
 
 
 @contextmanager

@@ -538,7 +538,10 @@ class TorchLoss(LossLayer):
         if prepare not in _PREPARES:
             raise ValueError(f"prepare must be one of {_PREPARES}, not {prepare!r}")
         _check_takes_input_and_target(module)
-        inner = copy.deepcopy(module)
+        # a shallow copy: the parameters (a learned loss's) stay the given module's, so its optimizer still trains
+        # them; its own buffer table, so moving the class weights to the input's device leaves the module as it is
+        inner = copy.copy(module)
+        inner._buffers = dict(module._buffers)
         inner.reduction = "none"  # type: ignore[assignment]
         self.inner = inner
         self.rule = reduction
@@ -546,12 +549,16 @@ class TorchLoss(LossLayer):
         self.prepare = prepare
 
     @property
-    def expects_logits(self) -> str | None:
-        """``"index"`` for cross-entropy on class scores, ``"binary"`` for BCE-with-logits, else None."""
+    def expects(self) -> str | None:
+        """What the module's input must hold: ``"index"`` class scores for a softmax (``CrossEntropyLoss``),
+        ``"binary"`` logits for a sigmoid (``BCEWithLogitsLoss``), ``"log"`` log-probabilities (``NLLLoss``,
+        ``KLDivLoss``); None when it is not about scores or probabilities."""
         if isinstance(self.inner, nn.CrossEntropyLoss):
             return "index"
         if isinstance(self.inner, nn.BCEWithLogitsLoss):
             return "binary"
+        if isinstance(self.inner, (nn.NLLLoss, nn.KLDivLoss)):
+            return "log"
         return None
 
     def adapted(self, *, class_dim: int | None = None, prepare: str | None = None) -> TorchLoss:
@@ -624,6 +631,8 @@ class TorchLoss(LossLayer):
             if not torch.equal(y, y.round()):
                 raise ValueError(f"nn.{type(self.inner).__name__}: class targets must be whole numbers (or NaN)")
             y = y.long()
+        if x.dim() >= 1:
+            y = _reshape_if_same(x[:, 0] if x.dim() >= 2 else x, y)  # a (B, 1) label column for (B, C) scores
         mask = y != ignore
         weight = getattr(self.inner, "weight", None)
         den = None
@@ -642,11 +651,14 @@ class TorchLoss(LossLayer):
         return last if _without(x.shape, last) == tuple(y.shape) else 1
 
     def _match_device(self, x: Tensor) -> None:
-        """Move the copy's buffers (class weights) to the input's device and floating dtype."""
-        for b in self.inner.buffers():
-            if b.device != x.device or (b.is_floating_point() and b.dtype != x.dtype):
-                self.inner.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
-                return
+        """Put the copy's own buffers (class weights, ``pos_weight``) on the input's device and floating dtype."""
+        table = self.inner._buffers
+        for key, buf in table.items():
+            if buf is None:
+                continue
+            dtype = x.dtype if buf.is_floating_point() and x.is_floating_point() else buf.dtype
+            if buf.device != x.device or buf.dtype != dtype:
+                table[key] = buf.to(device=x.device, dtype=dtype)
 
 
 def _reshape_if_same(x: Tensor, y: Tensor) -> Tensor:
