@@ -281,3 +281,36 @@ def test_port_without_batch_dimension_is_summed_and_scalar_port_refuses_sample_w
     assert losses.total.item() == pytest.approx(2.5 + torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() + 4.0)
     with pytest.raises(LossSpecError, match="'reg'.*sample weights"):
         Objective("reg")(Components(), {"x": x, "reg_weight": torch.ones(2)})
+
+
+def test_ce_alias_on_a_functional_softmax_over_the_last_dim_and_auto_mse_hint():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = TokenHead(5)
+
+        def forward(self, x):
+            return torch.softmax(self.head(x), dim=-1)  # T == K == 5: the softmax's dim says where the classes are
+
+    net, x = Tagger(), torch.randn(2, 5, 3)
+    t = torch.randint(0, 5, (2, 5))
+    ref = F.cross_entropy(net.head(x).permute(0, 2, 1), t)
+    assert torch.allclose(Objective("ce")(net, (x, t)).total, ref, atol=1e-5)
+    # auto on plain token logits chooses MSE (Wolfram's rule); the shape error points to 'ce'
+    with pytest.raises(LossSpecError, match="class indices: give this output the loss 'ce'"):
+        Objective("auto")(TokenHead(4), (x, torch.randint(0, 4, (2, 5))))
+
+
+def test_auto_on_a_functional_log_softmax_over_the_last_dim_of_a_3d_output():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = TokenHead(4)
+
+        def forward(self, x):
+            return torch.log_softmax(self.head(x), dim=-1)
+
+    net, x = Tagger(), torch.randn(2, 6, 3)
+    t = torch.randint(0, 4, (2, 6))
+    ref = F.cross_entropy(net.head(x).permute(0, 2, 1), t)
+    assert torch.allclose(Objective("auto")(net, (x, t)).total, ref, atol=1e-5)

@@ -94,12 +94,19 @@ def producer_of(out: Tensor, seen: dict[int, tuple[str, nn.Module, Tensor]]) -> 
     fn = out.grad_fn
     fname = type(fn).__name__ if fn is not None else ""
     if fname.startswith("SoftmaxBackward"):
-        return Producer(None, "fn_softmax", int(getattr(fn, "_saved_dim", 1)) % max(out.dim(), 1))
+        return Producer(None, "fn_softmax", _saved_dim(fn) % max(out.dim(), 1))
     if fname.startswith("LogSoftmaxBackward"):
-        return Producer(None, "fn_logsoftmax", int(getattr(fn, "_saved_dim", 1)) % max(out.dim(), 1))
+        return Producer(None, "fn_logsoftmax", _saved_dim(fn) % max(out.dim(), 1))
     if fname.startswith("SigmoidBackward"):
         return Producer(None, "fn_sigmoid")
     return Producer(rec[0] if rec else None, "other")
+
+
+def _saved_dim(fn: object) -> int:
+    """The dim a functional softmax saved for backward; autograd exposes it as an unsigned 64-bit integer, so
+    ``dim=-1`` reads 2**64 - 1 (which modulo 3 would wrongly give dim 0 for a 3-d output)."""
+    d = int(getattr(fn, "_saved_dim", 1))
+    return d - 2**64 if d >= 2**63 else d
 
 
 def choose(producer: Producer) -> tuple[LossLayer | None, bool, str]:

@@ -109,9 +109,12 @@ def _check_same_shape(name: str, input: Tensor, target: Tensor) -> Tensor:
         squeezed_t = [d for d in target.shape[1:] if d != 1]
         if squeezed_in == squeezed_t:
             return target.reshape(input.shape)
+    hint = ""
+    if not target.is_floating_point() and target.dim() == input.dim() - 1:
+        hint = "; the target looks like class indices: give this output the loss 'ce' (cross-entropy)"
     raise ValueError(
         f"{name}: the target has shape {tuple(target.shape)} but the output has shape {tuple(input.shape)}; "
-        "they must match (a (B,) target may serve a (B, 1) output)"
+        f"they must match (a (B,) target may serve a (B, 1) output){hint}"
     )
 
 

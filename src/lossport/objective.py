@@ -261,12 +261,12 @@ class Objective:
                 "expects logits; use 'auto' or the alias ('ce'/'bce'), which take the logits before the "
                 "activation, or CrossEntropy(..., from_logits=False)"
             )
+        if form == "index":  # the softmax's dim, functional or module, is where the classes are
+            t.loss.class_dim = producer.dim
         if producer.kind in ("softmax", "sigmoid"):
             assert producer.module_name is not None
             t.use_producer_input = True
             self._producers[t.output] = producer.module_name
-            if producer.kind == "softmax":
-                t.loss.class_dim = producer.dim
             t.how += f", from the logits entering {producer.module_name!r}"
         else:
             t.loss.from_logits = False
