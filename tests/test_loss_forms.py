@@ -314,3 +314,44 @@ def test_auto_on_a_functional_log_softmax_over_the_last_dim_of_a_3d_output():
     t = torch.randint(0, 4, (2, 6))
     ref = F.cross_entropy(net.head(x).permute(0, 2, 1), t)
     assert torch.allclose(Objective("auto")(net, (x, t)).total, ref, atol=1e-5)
+
+
+HEADS = {
+    "linear": lambda: nn.Linear(4, 3),
+    "softmax": lambda: nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)),
+    "sigmoid": lambda: nn.Sequential(nn.Linear(4, 1), nn.Sigmoid()),
+    "functional": lambda: Functional(),
+}
+TARGETS = {
+    "classes": lambda g: torch.randint(0, 3, (5,), generator=g),
+    "binary": lambda g: torch.randint(0, 2, (5, 1), generator=g).float(),
+    "values": lambda g: torch.randn(5, 3, generator=g),
+}
+TORCH_SPECS = [
+    nn.MSELoss(),
+    nn.L1Loss(reduction="sum"),
+    nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0])),
+    nn.BCEWithLogitsLoss(),
+    nn.BCELoss(),
+    nn.NLLLoss(),
+    nn.KLDivLoss(reduction="batchmean"),
+    F.cross_entropy,
+    F.mse_loss,
+    F.binary_cross_entropy_with_logits,
+]
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_every_torch_loss_on_every_head_gives_a_finite_value_or_a_loss_spec_error(head, target):
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 4, generator=g), TARGETS[target](g)
+    net = HEADS[head]()
+    for spec in TORCH_SPECS:
+        try:
+            out = Objective(spec)(net, (x, y) if head != "functional" else {"x": x, "digit": y, "flag": y})
+        except LossSpecError:
+            continue
+        except Exception as e:  # anything else escaping is a bug
+            pytest.fail(f"{spec!r} on a {head} head with {target} targets raised {type(e).__name__}: {e}")
+        assert torch.isfinite(out.total) or any(math.isnan(v) for v in out.as_dict().values()), spec

@@ -240,6 +240,12 @@ def test_torch_kl_batchmean_counts_only_labelled_examples():
 def test_torch_loss_b_vs_b1_is_reshaped_not_broadcast():
     x = torch.tensor([[1.0], [2.0]])
     assert L.TorchLoss(torch.nn.MSELoss())(x, torch.tensor([0.0, 0.0])).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match=r"broadcast to \(2, 3\)"):
+        L.TorchLoss(torch.nn.MSELoss())(x, torch.zeros(2, 3))
+    # a legitimately different target shape (class indices for MultiMarginLoss) is left to the module
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    margin = torch.nn.MultiMarginLoss()
+    assert torch.allclose(L.TorchLoss(margin)(scores, torch.tensor([0, 0])), margin(scores, torch.tensor([0, 0])))
 
 
 def test_torch_loss_class_dim_moves_token_logits_and_double_weights_follow_the_input():

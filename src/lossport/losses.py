@@ -595,6 +595,11 @@ class TorchLoss(LossLayer):
                 "values, so missing labels and sample weights cannot be applied; wrap it to use its value as is: "
                 "lossport.CustomLoss(loss, target=True)"
             )
+        if vals.numel() > x.numel():
+            raise ValueError(
+                f"nn.{name}: the target of shape {tuple(y.shape)} and the output of shape {tuple(x.shape)} were "
+                f"broadcast to {tuple(vals.shape)}; give a target of the output's shape"
+            )
         mask = _values_mask(name, mask, vals)
         den = _values_mask(name, den, vals) if den is not None else None
         return _reduce_module(name, vals, mask, den, sample_weight, self.rule, reduction)
@@ -610,7 +615,7 @@ class TorchLoss(LossLayer):
         if isinstance(self.inner, (nn.CrossEntropyLoss, nn.NLLLoss)):
             return self._class_prepared(x, target)
         y = target
-        if y.is_floating_point() and y.shape != x.shape and x.dim() >= 1:
+        if y.shape != x.shape and x.dim() >= 1:
             y = _reshape_if_same(x, y)
         mask = _float_target_mask(y)
         if y.is_floating_point():
