@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .errors import LossSpecError
-from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance, TorchLoss
+from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance, TorchLoss, module_name
 
 
 @dataclass
@@ -185,7 +185,7 @@ def _mismatch(output: str, loss: TorchLoss, where: str, makes: str, expects: str
         fix += ", or an output with the activation the loss expects"
     return (
         f"output {output!r} holds {act} probabilities (produced by {where!r}) but its loss "
-        f"nn.{type(loss.inner).__name__} expects {wants}; {fix}"
+        f"{module_name(loss.inner)} expects {wants}; {fix}"
     )
 
 

@@ -479,6 +479,12 @@ def is_torch_loss(obj: object) -> bool:
     return isinstance(obj, nn.Module) and not isinstance(obj, LossLayer) and isinstance(reduction, str)
 
 
+def module_name(module: nn.Module) -> str:
+    """``nn.MSELoss`` for a torch loss, the bare class name for any other module."""
+    cls = type(module)
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
+
+
 def _check_takes_input_and_target(module: nn.Module) -> None:
     """A loss spec calls ``loss(output, target)``: refuse modules that need a third input (triplet, cosine, CTC)."""
     try:
@@ -493,7 +499,7 @@ def _check_takes_input_and_target(module: nn.Module) -> None:
     if len(required) > 2 or len(positional) < 2:
         names = ", ".join(p.name for p in positional)
         raise ValueError(
-            f"nn.{type(module).__name__} takes ({names}), but a loss spec calls loss(output, target); wrap it in "
+            f"{module_name(module)} takes ({names}), but a loss spec calls loss(output, target); wrap it in "
             "a callable of (output, target), e.g. lossport.CustomLoss(lambda o, t: loss(o[:, 0], o[:, 1], t), "
             "target=True)"
         )
@@ -534,7 +540,7 @@ class TorchLoss(LossLayer):
         reduction = str(module.reduction)
         if reduction not in _MODULE_REDUCTIONS:
             raise ValueError(
-                f"nn.{type(module).__name__}(reduction={reduction!r}) gives no batch value; give it "
+                f"{module_name(module)}(reduction={reduction!r}) gives no batch value; give it "
                 "reduction='mean' (the default) or 'sum': lossport runs it per example itself (missing labels, "
                 "sample weights; objective(..., per_example=True) returns the per-example values)"
             )
@@ -574,7 +580,7 @@ class TorchLoss(LossLayer):
     def describe(self) -> str:
         extra = f", class_dim={self.class_dim}" if self.class_dim is not None else ""
         extra += f", from {self.prepare} of the probabilities" if self.prepare else ""
-        return f"nn.{type(self.inner).__name__} (reduction={self.rule!r}, per example{extra})"
+        return f"{module_name(self.inner)} (reduction={self.rule!r}, per example{extra})"
 
     def extra_repr(self) -> str:
         return f"reduction={self.rule!r}, class_dim={self.class_dim}, prepare={self.prepare!r}"
@@ -587,21 +593,20 @@ class TorchLoss(LossLayer):
         x, y, mask, den = self._prepared(input, target)
         self._match_device(x)
         vals = self.inner(x, y)
-        name = type(self.inner).__name__
+        name = module_name(self.inner)
         if not isinstance(vals, Tensor) or vals.dim() == 0 or vals.shape[0] != x.shape[0]:
             got = tuple(vals.shape) if isinstance(vals, Tensor) else type(vals).__name__
             raise ValueError(
-                f"nn.{name} with reduction='none' returned {got} for a batch of {x.shape[0]}: no per-example "
+                f"{name} with reduction='none' returned {got} for a batch of {x.shape[0]}: no per-example "
                 "values, so missing labels and sample weights cannot be applied; wrap it to use its value as is: "
                 "lossport.CustomLoss(loss, target=True)"
             )
         if vals.numel() > x.numel():
             raise ValueError(
-                f"nn.{name}: the target of shape {tuple(y.shape)} and the output of shape {tuple(x.shape)} were "
+                f"{name}: the target of shape {tuple(y.shape)} and the output of shape {tuple(x.shape)} were "
                 f"broadcast to {tuple(vals.shape)}; give a target of the output's shape"
             )
-        mask = _values_mask(name, mask, vals)
-        den = _values_mask(name, den, vals) if den is not None else None
+        mask = _values_mask(name, mask, vals)  # class-index targets (den) have the values' shape already
         return _reduce_module(name, vals, mask, den, sample_weight, self.rule, reduction)
 
     def _prepared(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -637,7 +642,7 @@ class TorchLoss(LossLayer):
             nan = torch.isnan(y)
             y = torch.where(nan, torch.full_like(y, ignore), y)
             if not torch.equal(y, y.round()):
-                raise ValueError(f"nn.{type(self.inner).__name__}: class targets must be whole numbers (or NaN)")
+                raise ValueError(f"{module_name(self.inner)}: class targets must be whole numbers (or NaN)")
             y = y.long()
         if x.dim() >= 1:
             y = _reshape_if_same(x[:, 0] if x.dim() >= 2 else x, y)  # a (B, 1) label column for (B, C) scores
@@ -678,14 +683,14 @@ def _reshape_if_same(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _values_mask(name: str, mask: Tensor, vals: Tensor) -> Tensor:
-    """An element mask (or per-element tensor) of the target's shape mapped onto the values' shape."""
+    """The target's element mask mapped onto the values' shape (a class dim or all non-batch dims reduced)."""
     if mask.shape == vals.shape:
         return mask
     b = vals.shape[0]
-    if mask.dtype == torch.bool and bool(mask.all()):
+    if bool(mask.all()):
         return torch.ones(vals.shape, dtype=torch.bool, device=vals.device)
     if mask.dim() == vals.dim() + 1 and _without(mask.shape, 1) == tuple(vals.shape):
-        return mask.all(1) if mask.dtype == torch.bool else mask.sum(1)  # a class dim reduced away
+        return mask.all(1)  # a class dim reduced away: a row with a missing entry is missing
     if vals.dim() == 1 and mask.shape[:1] == vals.shape:
         return mask.reshape(b, -1).all(1)  # one value per example: missing if any entry is
     if mask.dim() == vals.dim():
@@ -694,7 +699,7 @@ def _values_mask(name: str, mask: Tensor, vals: Tensor) -> Tensor:
         except RuntimeError:
             pass
     raise ValueError(
-        f"nn.{name}: missing labels in a target of shape {tuple(mask.shape)} cannot be matched to its per-element "
+        f"{name}: missing labels in a target of shape {tuple(mask.shape)} cannot be matched to its per-element "
         f"values of shape {tuple(vals.shape)}; fill the missing targets or use a lossport loss layer"
     )
 
@@ -704,7 +709,7 @@ def _example_weights(name: str, vals: Tensor, sample_weight: Tensor | None) -> T
     sw = _sample_weights(vals, sample_weight)
     if sample_weight is not None and sample_weight.dim() > 1 and sw.shape != vals.shape:
         raise ValueError(
-            f"nn.{name}: sample weights of shape {tuple(sw.shape)} do not fit its per-element values of shape "
+            f"{name}: sample weights of shape {tuple(sw.shape)} do not fit its per-element values of shape "
             f"{tuple(vals.shape)}; give one weight per example, shape ({vals.shape[0]},)"
         )
     return sw
@@ -731,7 +736,7 @@ def _reduce_module(
     if rule == "mean":
         return (v * a).sum() / (a if den is None else a * den).sum()
     if sample_weight is not None and sample_weight.dim() > 1:
-        raise ValueError(f"nn.{name}(reduction='batchmean') takes one sample weight per example, shape ({b},)")
+        raise ValueError(f"{name}(reduction='batchmean') takes one sample weight per example, shape ({b},)")
     w = labelled.to(vals.dtype) * (sw.reshape(-1) if sw.dim() else sw)
     return (v * a).sum() / w.sum()
 

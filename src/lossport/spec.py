@@ -60,7 +60,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .errors import LossSpecError
-from .losses import ALIASES, LossLayer, TorchLoss, from_alias, is_torch_loss, torch_loss
+from .losses import ALIASES, LossLayer, TorchLoss, from_alias, is_torch_loss, module_name, torch_loss
 
 RESERVED = ("loss",)
 
@@ -333,7 +333,7 @@ class _Compiler:
         if tl is not None:
             if tl is spec or is_torch_loss(spec):
                 return tl, "given"
-            return tl, f"F.{getattr(spec, '__name__', spec)} run as nn.{type(tl.inner).__name__}()"
+            return tl, f"F.{getattr(spec, '__name__', spec)} run as {module_name(tl.inner)}()"
         if not isinstance(spec, (LossLayer, CustomLoss)) and callable_needs_target(spec) and keras_order(spec):
             return CustomLoss(spec, target=True), "given; Keras order (y_true, y_pred): called fn(target, output)"
         return spec, "given"
