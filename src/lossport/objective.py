@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .auto import Producer, capture_inputs, choose, producer_of, record_producers
+from .auto import Producer, capture_inputs, choose, fit_torch_loss, producer_of, record_producers
 from .distributed import global_losses, is_distributed
 from .errors import LossSpecError
-from .losses import CrossEntropy, _may_be_missing
+from .losses import CrossEntropy, TorchLoss, _may_be_missing, port_loss
 from .result_types import Losses
 from .spec import RESERVED, Term, _Regularization, apply_weights, compile_spec
 
@@ -215,6 +215,11 @@ class Objective:
                         self._producers[t.output] = name
             elif t.kind == "layer" and isinstance(t.loss, CrossEntropy) and t.output is not None:
                 self._fit_cross_entropy(t, producers[t.output])
+            elif t.kind == "layer" and isinstance(t.loss, TorchLoss) and t.output is not None:
+                t.loss, from_input, fitted = fit_torch_loss(t.output, t.loss, producers[t.output])
+                t.how, t.use_producer_input = t.how + fitted, from_input
+                if from_input:
+                    self._producers[t.output] = str(producers[t.output].module_name)
             if t.kind in ("layer", "callable") and t.needs_target:
                 t.target = t.output
         reserved = [t.name for t in terms if t.name in RESERVED]
@@ -256,12 +261,12 @@ class Objective:
                 "expects logits; use 'auto' or the alias ('ce'/'bce'), which take the logits before the "
                 "activation, or CrossEntropy(..., from_logits=False)"
             )
+        if form == "index":  # the softmax's dim, functional or module, is where the classes are
+            t.loss.class_dim = producer.dim
         if producer.kind in ("softmax", "sigmoid"):
             assert producer.module_name is not None
             t.use_producer_input = True
             self._producers[t.output] = producer.module_name
-            if producer.kind == "softmax":
-                t.loss.class_dim = producer.dim
             t.how += f", from the logits entering {producer.module_name!r}"
         else:
             t.loss.from_logits = False
@@ -384,7 +389,7 @@ class Objective:
             sw = targets.get(f"{t.output}_weight")
             if t.kind == "port":
                 values: dict[str, tuple[Tensor, Tensor | None]] = {
-                    t.name: (y_hat.sum() if y_hat.dim() else y_hat, None)
+                    t.name: port_loss(t.name, y_hat, _batch_size(targets, outputs), sw)
                 }
             elif t.kind == "layer":
                 x = logits.get(t.output, y_hat) if t.use_producer_input else y_hat

@@ -10,10 +10,11 @@ to fix it. The forms (``outputs`` are the net's outputs, named by dict key, ``ou
 ``"auto"``                                  a loss for every output, chosen from the module that produced it
                                             (:mod:`lossport.auto`); scalar outputs, if any, are the losses.
 ``"name"`` (an output name)                 that output already is a loss (an HF model's ``loss``; Wolfram
-                                            ``"port"``); an array output is summed.
+                                            ``"port"``); an array output is summed per example and averaged
+                                            over the batch (see below).
 a loss layer, alias or callable             single-output nets only (``"mse"``, ``"mae"``, ``"huber"``, ``"ce"``,
                                             ``"bce"``, ``"contrastive"``, a :class:`~lossport.losses.LossLayer`,
-                                            a function).
+                                            a ``torch.nn`` loss module, a function).
 ``{output: spec}``                          per output: ``"auto"``, a loss, an alias, a callable, ``Scaled``,
                                             ``None`` (no loss) or a list of these (several losses). Outputs not
                                             named get no loss.
@@ -27,10 +28,20 @@ a loss layer, alias or callable             single-output nets only (``"mse"``, 
 ==========================================  ==================================================================
 
 Callables: one required positional parameter means ``fn(output)`` (no target), two mean
-``fn(output, target)``; :class:`CustomLoss` declares it explicitly. A callable may return a scalar, a
-per-example array (summed over non-batch dimensions, then averaged over the batch, weighted by the sample
-weights when given), or a dict of those: one part per key, named ``output/key`` (Wolfram's multi-port loss
-nets, e.g. a VAE's reconstruction and KL).
+``fn(output, target)``; :class:`CustomLoss` declares it explicitly. A callable whose first two parameters are
+named target-first, as Keras's ``(y_true, y_pred)`` (:func:`keras_order`), is called ``fn(target, output)``;
+any other names keep ``fn(output, target)``. A callable may return a scalar, a per-example array (summed over
+non-batch dimensions, then averaged over the batch, weighted by the sample weights when given), or a dict of
+those: one part per key, named ``output/key`` (Wolfram's multi-port loss nets, e.g. a VAE's reconstruction
+and KL). An output that already is a loss follows the same rule: a scalar as is, an array with the batch
+dimension summed per example and averaged over the batch, an array without it summed
+(:func:`lossport.losses.port_loss`).
+
+PyTorch losses: any ``torch.nn`` loss module (``nn.MSELoss()``, ``nn.CrossEntropyLoss(weight=w)``, anything with
+a ``reduction``) and the functional losses ``F.cross_entropy``, ``F.mse_loss``, ... are loss layers
+(:class:`lossport.losses.TorchLoss`): run per example so that missing labels and sample weights apply, reduced
+as the module's ``reduction`` says. Cross-entropy ones on a Softmax/Sigmoid output take the logits that entered
+it, as the ``"ce"``/``"bce"`` aliases do (:func:`lossport.auto.fit_torch_loss`).
 
 Part names: the output's name when it has one loss; ``output/<loss>`` when an output has several (a repeat
 gets ``_2``, ``_3``...); ``l1``/``l2`` for regularization. ``weights=`` (Keras ``loss_weights``) is a list
@@ -49,7 +60,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .errors import LossSpecError
-from .losses import ALIASES, LossLayer, from_alias
+from .losses import ALIASES, LossLayer, TorchLoss, from_alias, is_torch_loss, module_name, torch_loss
 
 RESERVED = ("loss",)
 
@@ -74,19 +85,55 @@ class Scaled:
         return f"Scaled({self.spec!r}, {self.r})"
 
 
+_TARGET_NAMES = frozenset({"y_true", "target", "targets", "label", "labels", "y"})
+_PREDICTION_NAMES = frozenset(
+    {"y_pred", "output", "outputs", "pred", "preds", "prediction", "predictions", "input", "logits", "y_hat", "yhat"}
+)
+
+
+def keras_order(fn: Any) -> bool:
+    """Whether ``fn``'s first two positional parameters name the target first and the prediction second, as
+    Keras's ``loss(y_true, y_pred)`` (also ``(target, output)``, ``(labels, logits)``, ``(y, y_hat)``, ...).
+
+    Such a callable is called ``fn(target, output)``. Any other names (``(output, target)``, ``(a, b)``, no
+    signature) keep lossport's documented ``fn(output, target)``.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in sig.parameters.values() if p.kind in kinds][:2]
+    return len(names) == 2 and names[0] in _TARGET_NAMES and names[1] in _PREDICTION_NAMES
+
+
+class _TargetFirst:
+    """``fn`` called in Keras order: ``_TargetFirst(fn)(output, target) = fn(target, output)``."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__name__ = str(getattr(fn, "__name__", type(fn).__name__))
+
+    def __call__(self, output: Any, target: Any) -> Any:
+        return self.fn(target, output)
+
+
 class CustomLoss:
-    """A callable declared as a loss: ``CustomLoss(fn, target=True)`` calls ``fn(output, target)``,
+    """A callable declared as a loss: ``CustomLoss(fn, target=True)`` calls ``fn(output, target)`` (or
+    ``fn(target, output)`` when its parameters are named in Keras order, :func:`keras_order`),
     ``target=False`` calls ``fn(output)``. Plain callables are told apart by their signature."""
 
     def __init__(self, fn: Callable[..., Any], *, target: bool, name: str | None = None) -> None:
         if not callable(fn):
             raise LossSpecError(f"CustomLoss needs a callable, got {fn!r}")
-        self.fn = fn
         self.target = bool(target)
+        self.target_first = self.target and keras_order(fn)
+        self.fn: Callable[..., Any] = _TargetFirst(fn) if self.target_first else fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
 
     def __repr__(self) -> str:
-        return f"CustomLoss({self.name}, target={self.target})"
+        order = ", called fn(target, output)" if self.target_first else ""
+        return f"CustomLoss({self.name}, target={self.target}{order})"
 
 
 class _Regularization:
@@ -199,6 +246,7 @@ def callable_needs_target(fn: Any) -> bool:
 def _is_loss_like(spec: Any) -> bool:
     return (
         isinstance(spec, (LossLayer, CustomLoss))
+        or is_torch_loss(spec)
         or (isinstance(spec, str) and spec in ALIASES)
         or (callable(spec) and not isinstance(spec, (str, type, nn.Module, _Regularization)))
     )
@@ -265,21 +313,30 @@ class _Compiler:
             return None
         if isinstance(spec, dict):
             raise self.err(f"output {output!r}: a dict is not a loss; give a loss, an alias or a list of them")
-        if isinstance(spec, (LossLayer, CustomLoss)) or _is_loss_like(spec):
-            kind = "layer" if isinstance(spec, LossLayer) else "callable"
+        if _is_loss_like(spec):
+            loss, how = self.loss_of(output, spec)
+            kind = "layer" if isinstance(loss, LossLayer) else "callable"
+            needs = callable_needs_target(loss)
             self.terms.append(
-                Term(
-                    name="",
-                    output=output,
-                    kind=kind,
-                    loss=spec,
-                    scale=scale,
-                    needs_target=callable_needs_target(spec),
-                    how="given",
-                )
+                Term(name="", output=output, kind=kind, loss=loss, scale=scale, needs_target=needs, how=how)
             )
             return None
-        raise self.err(f"output {output!r}: cannot use {spec!r} as a loss")
+        raise self.err(f"output {output!r}: cannot use {spec!r} as a loss; {_not_a_loss_hint(spec)}")
+
+    def loss_of(self, output: str, spec: Any) -> tuple[Any, str]:
+        """What a given loss turns into: a torch loss -> :class:`TorchLoss`, a Keras-order callable ->
+        :class:`CustomLoss` calling ``fn(target, output)``, anything else unchanged; and how, for describe()."""
+        try:
+            tl = torch_loss(spec)
+        except ValueError as e:
+            raise self.err(f"output {output!r}: {e}") from e
+        if tl is not None:
+            if tl is spec or is_torch_loss(spec):
+                return tl, "given"
+            return tl, f"F.{getattr(spec, '__name__', spec)} run as {module_name(tl.inner)}()"
+        if not isinstance(spec, (LossLayer, CustomLoss)) and callable_needs_target(spec) and keras_order(spec):
+            return CustomLoss(spec, target=True), "given; Keras order (y_true, y_pred): called fn(target, output)"
+        return spec, "given"
 
     # -- top-level forms ---------------------------------------------------------------------------
     def top(self, spec: Any, scale: float = 1.0) -> None:
@@ -328,7 +385,7 @@ class _Compiler:
             return self.listing([spec], scale)
         if _is_loss_like(spec):
             return self.single(spec, scale)
-        raise self.err(f"cannot use {spec!r} as a loss spec")
+        raise self.err(f"cannot use {spec!r} as a loss spec; {_not_a_loss_hint(spec)}")
 
     def single(self, spec: Any, scale: float) -> None:
         if len(self.outputs) != 1:
@@ -375,6 +432,18 @@ class _Compiler:
             f"list entry {s!r}: on a net with several outputs each entry must say its output: an output name, "
             "an (output, loss) pair or a dict {output: loss}"
         )
+
+
+def _not_a_loss_hint(spec: Any) -> str:
+    """How to fix a value that is not a loss spec."""
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return f"give an instance, {spec.__name__}(), not the class"
+    if isinstance(spec, nn.Module):
+        return (
+            f"{type(spec).__name__} has no `reduction`, so it is not recognised as a torch loss; declare it: "
+            "lossport.CustomLoss(module, target=True) calls module(output, target)"
+        )
+    return f"give an alias ({_fmt(ALIASES)}), 'auto', an output name, a loss layer, a torch.nn loss or a callable"
 
 
 def _unscale(s: Any) -> Any:
@@ -428,6 +497,8 @@ def _short(t: Term) -> str:
         return "port"
     if t.kind == "auto":
         return "auto"
+    if isinstance(t.loss, TorchLoss):
+        return type(t.loss.inner).__name__.lower()
     if isinstance(t.loss, LossLayer):
         return type(t.loss).__name__.lower()
     return str(getattr(t.loss, "name", getattr(t.loss, "__name__", "loss")))
@@ -488,4 +559,14 @@ def _number(w: Any, name: str) -> float:
     return float(w)
 
 
-__all__ = ["Scaled", "CustomLoss", "L1", "L2", "Term", "compile_spec", "apply_weights", "callable_needs_target"]
+__all__ = [
+    "Scaled",
+    "CustomLoss",
+    "L1",
+    "L2",
+    "Term",
+    "compile_spec",
+    "apply_weights",
+    "callable_needs_target",
+    "keras_order",
+]
