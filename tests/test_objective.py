@@ -138,10 +138,11 @@ def test_auto_uses_scalar_outputs_as_losses_and_nothing_else():
     net = HF()
     x, labels = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
     losses = Objective()(net, {"x": x, "labels": labels})
-    assert losses.names == ["loss"]
+    # an output named "loss" gives the part "loss/port": the key "loss" is the total's (result_types.TOTAL_KEY)
+    assert losses.names == ["loss/port"]
     assert torch.allclose(losses.total, F.cross_entropy(net.lin(x), labels))
     # by name: the same
-    assert Objective("loss")(net, {"x": x, "labels": labels}).names == ["loss"]
+    assert Objective("loss")(net, {"x": x, "labels": labels}).names == ["loss/port"]
 
 
 # ----------------------------------------------------------------------------------------- forms
