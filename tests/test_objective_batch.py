@@ -56,6 +56,8 @@ def test_callable_targets():
     losses = obj(net, b)
     out = net(b["x"])
     assert torch.allclose(losses.total, F.mse_loss(out["a"], b["y"][:, :2]) + F.mse_loss(out["b"], b["y"][:, 2:]))
+    with pytest.raises(LossSpecError, match=r"output 'b'.*targets\(batch\) has no key 'b' \(its keys: \['a'\]\)"):
+        Objective({"a": "mse", "b": "mse"}, targets=lambda bt: {"a": bt["y"][:, :2]})(net, b)
     with pytest.raises(LossSpecError, match="must return a dict"):
         Objective({"a": "mse"}, targets=lambda bt: bt["y"])(net, b)
 
@@ -79,7 +81,9 @@ def test_labels_serve_the_single_supervised_output():
 def test_labels_do_not_serve_several_outputs_and_the_error_says_what_to_do():
     net, b = TwoHeads(), batch()
     b["labels"] = b.pop("y")
-    with pytest.raises(LossSpecError, match=r"output 'a'.*no key 'a'.*batch keys: \['labels', 'x'\].*targets="):
+    with pytest.raises(
+        LossSpecError, match=r"output 'a'.*the batch has no key 'a' \(its keys: \['labels', 'x'\]\).*targets="
+    ):
         Objective({"a": "mse", "b": "mse"})(net, b)
 
 
@@ -94,7 +98,7 @@ def test_targets_errors_name_the_output_and_the_key():
     net, b = TwoHeads(), batch()
     with pytest.raises(LossSpecError, match=r"targets= names output 'c'.*'a', 'b'"):
         Objective({"a": "mse"}, targets={"c": "y"})(net, b)
-    with pytest.raises(LossSpecError, match=r"output 'a'.*no key 'za'.*batch keys: \['x', 'y'\]"):
+    with pytest.raises(LossSpecError, match=r"output 'a'.*the batch has no key 'za' \(its keys: \['x', 'y'\]\)"):
         Objective({"a": "mse"}, targets={"a": "za"})(net, b)
     with pytest.raises(LossSpecError, match="targets= must be"):
         Objective({"a": "mse"}, targets=3)

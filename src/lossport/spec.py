@@ -3,8 +3,9 @@
 A spec says which loss each output gets. Every form Keras (``compile(loss=..., loss_weights=...)``) and
 Wolfram (``NetTrain[..., LossFunction -> ...]``) accept is accepted here, and each means exactly one thing;
 anything else raises :class:`~lossport.LossSpecError` naming the output, listing the valid names and saying how
-to fix it. The forms (``outputs`` are the net's outputs, named by dict key, ``out0, out1, ...`` for a tuple and
-``out`` for a single tensor):
+to fix it. The forms (``outputs`` are the net's outputs, named by dict key, namedtuple or dataclass field,
+``out0, out1, ...`` for a tuple, ``out`` for a single tensor, ``parent/child`` one level down: see
+:mod:`lossport.objective.outputs`):
 
 ==========================================  ==================================================================
 ``"auto"``                                  a loss for every output, chosen from the module that produced it

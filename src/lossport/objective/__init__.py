@@ -172,7 +172,15 @@ class Objective:
         """The unbalanced loss parts from already computed outputs (static weights applied)."""
         plan = self._need_plan()
         source = target_source(batch, self.target_spec, plan.structure, list(plan.output_names))
-        losses, found = evaluate_terms(plan, outputs, source, net=net, logits=logits or {}, per_example=per_example)
+        losses, found = evaluate_terms(
+            plan,
+            outputs,
+            source,
+            net=net,
+            logits=logits or {},
+            per_example=per_example,
+            source_name="targets(batch)" if callable(self.target_spec) else "the batch",
+        )
         if found:
             self.plan = plan.with_parts(found)
         return losses

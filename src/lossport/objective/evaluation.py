@@ -79,8 +79,12 @@ def evaluate_terms(
     net: nn.Module | None,
     logits: Mapping[str, Tensor],
     per_example: bool,
+    source_name: str = "the batch",
 ) -> tuple[Losses, dict[str, tuple[str, ...]]]:
-    """The parts of every term, and (by term name) the part names of dict-returning terms that changed."""
+    """The parts of every term, and (by term name) the part names of dict-returning terms that changed.
+
+    ``source`` holds the targets and sample weights (:func:`lossport.objective.batch.target_source`);
+    ``source_name`` says what it is in error messages."""
     parts: dict[str, Tensor] = {}
     weights: dict[str, Tensor | float] = {}
     extra: dict[str, Tensor] = {}
@@ -99,7 +103,7 @@ def evaluate_terms(
         if t.output not in outputs:  # not returned in this mode (auxiliary heads in evaluation)
             missing.extend(t.part_names)
             continue
-        target = _get_target(t, source) if t.needs_target else None
+        target = _get_target(t, source, source_name) if t.needs_target else None
         values = _term_values(t, outputs[t.output], logits, target, source.get(f"{t.output}_weight"), per_example)
         if t.kind is TermKind.CALLABLE and tuple(values) != t.part_names:
             found[t.name] = tuple(values)
@@ -142,14 +146,14 @@ def _term_values(
     return _call_fn(t, y_hat, target, sw)
 
 
-def _get_target(t: Term, source: Mapping[str, Any]) -> Tensor:
+def _get_target(t: Term, source: Mapping[str, Any], source_name: str) -> Tensor:
     key = t.target or t.output
     assert key is not None
     if key not in source or source[key] is None:
         avail = sorted(k for k in source if isinstance(k, str))
         raise LossSpecError(
-            f"output {t.output!r} has loss {t.loss_name()} which needs a target, but the batch has no key {key!r} "
-            f"(batch keys: {avail}). Add the targets under {key!r}, read them from another key with "
+            f"output {t.output!r} has loss {t.loss_name()} which needs a target, but {source_name} has no key "
+            f"{key!r} (its keys: {avail}). Add the targets under {key!r}, read them from another key with "
             f"targets={{{t.output!r}: '<key>'}}, or give output {t.output!r} a loss without target (or None)"
         )
     y = source[key]
