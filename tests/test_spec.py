@@ -1,8 +1,10 @@
 """Random specs against random nets: compiling either succeeds (and then evaluates to a finite total with the
 weighted-sum identity) or raises LossSpecError; nothing else ever escapes."""
 
+import dataclasses
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,6 +12,7 @@ from torch import nn
 
 from lossport import L1, L2, CustomLoss, LossSpecError, Objective, Scaled
 from lossport.losses import MAE, MSE, CrossEntropy
+from lossport.spec import Term, TermKind, apply_weights, compile_spec
 
 OUTPUT_KINDS = ["linear", "softmax", "sigmoid", "scalar"]
 
@@ -120,3 +123,28 @@ def test_random_specs_compile_or_raise_loss_spec_error(case):
     expected = sum(float(losses.weights[k]) * d[k] for k in losses.parts) + sum(d[k] for k in losses.extra)
     assert math.isclose(d["loss"], expected, rel_tol=1e-5, abs_tol=1e-6)
     assert obj.describe().count("\n") >= 1
+
+
+# ------------------------------------------------------------------------------------ terms are immutable
+
+
+def test_terms_are_frozen_with_a_closed_set_of_kinds():
+    terms = compile_spec({"a": "auto", "b": ["mse", "mae"]}, ["a", "b"], structure="dict")
+    assert [(t.name, t.kind) for t in terms] == [
+        ("a", TermKind.AUTO),
+        ("b/mse", TermKind.LAYER),
+        ("b/mae", TermKind.LAYER),
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        terms[0].weight = 2.0  # type: ignore[misc]
+    weighted = apply_weights(terms, {"a": 2.0, "b/mse": 1.0, "b/mae": 0.5})
+    assert [t.weight for t in weighted] == [2.0, 1.0, 0.5] and [t.weight for t in terms] == [1.0, 1.0, 1.0]
+    assert Term(name="x", output="x", kind="layer").kind is TermKind.LAYER  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a valid TermKind"):
+        Term(name="x", output="x", kind="lyer")  # type: ignore[arg-type]
+
+
+def test_an_output_named_loss_gives_loss_slash_parts():
+    assert [t.name for t in compile_spec("loss", ["loss", "logits"], structure="dict")] == ["loss/port"]
+    names = [t.name for t in compile_spec({"loss": "mse", "y": "mae"}, ["loss", "y"], structure="dict")]
+    assert names == ["loss/mse", "y"]

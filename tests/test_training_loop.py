@@ -80,3 +80,29 @@ def test_best_round_passes_over_nan_validation_rounds_and_says_so() -> None:
     reason = res.best_reason or ""
     assert f"round {res.best_round} has the lowest val_loss" in reason and "2 rounds with a non-finite" in reason
     assert "static weights" in reason  # under a balancer, val_loss is not the balanced total: said
+
+
+def test_targets_route_one_batch_key_to_several_outputs_in_train_and_evaluate() -> None:
+    """GoogLeNet-style: the main and the auxiliary head learn the same label; no copies of it in the batch."""
+
+    class MainAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(4, 8)
+            self.main, self.aux = nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.trunk(x).relu()
+            return {"main": self.main(h), "aux": self.aux(h)} if self.training else {"main": self.main(h)}
+
+    d = make_data(32)
+    data = {"x": d["x"], "label": d["b"]}
+    route = {"main": "label", "aux": "label"}
+    res = train(MainAux(), data, {"main": "ce", "aux": "ce"}, weights={"main": 1.0, "aux": 0.3}, targets=route,
+                epochs=2, progress=False, validation=0.25)  # fmt: skip
+    assert {"main", "aux", "val_main"} <= set(res.history.keys()) and "val_aux" not in res.history.keys()
+    out = evaluate(res.net, data, {"main": "ce", "aux": "ce"}, targets=route)
+    assert set(out) == {"loss", "main"}  # the aux head exists only in training: absent, not an error
+    with pytest.raises(Exception, match="label") as err:
+        train(MainAux(), {"x": d["x"], "y": d["b"]}, {"main": "ce", "aux": "ce"}, targets=route, progress=False)
+    assert "'main'" in str(err.value) or "'aux'" in str(err.value)

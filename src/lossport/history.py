@@ -6,7 +6,9 @@ History keys, per round (``history["digit"]`` is the list over rounds, NaN where
 ==========================  ========================================================================
 ``round``                   1, 2, ...
 ``loss``                    training total (the backpropagated ``sum_i w_i L_i + extra``), mean over the
-                            round's batches weighted by batch size (Keras, Wolfram)
+                            round's batches weighted by batch size (Keras, Wolfram). Always the total: no
+                            part is named ``loss`` (an output named ``loss`` gives parts ``loss/<loss>``;
+                            ``lossport.result_types.TOTAL_KEY`` and ``part_key``)
 ``<part>``                  unweighted loss part, averaged over the round's labelled examples of that part;
                             absent (NaN) in a round where no batch had a labelled example
 ``weight/<part>``           the applied weight ``s_i b_i``, mean over the batches where the part was present
@@ -38,6 +40,7 @@ from typing import Any
 from torch import nn
 
 from .atomic import atomic_write_text
+from .result_types import TOTAL_KEY, part_key
 
 
 class History:
@@ -168,11 +171,11 @@ class Result:
         last = self.history.last
         best = self.history.rounds[self.best_round - 1] if self.best_round else None
         rows = [["part", "weight", "train", "val"] + (["val (best)"] if best else [])]
-        for p in ["loss", *self.part_names]:
+        for p in [TOTAL_KEY, *(part_key(q) for q in self.part_names)]:
             w = last.get(f"weight/{p}", math.nan)
             row = [
-                p if p != "loss" else "total",
-                "" if p == "loss" else f"{w:.4g}",
+                p if p != TOTAL_KEY else "total",
+                "" if p == TOTAL_KEY else f"{w:.4g}",
                 _fmt(last.get(p)),
                 _fmt(last.get(f"val_{p}")),
             ]
@@ -202,7 +205,7 @@ class Result:
             from matplotlib.figure import Figure
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("Result.plot needs matplotlib: pip install 'lossport[plot]'") from e
-        names = ["loss", *(self.part_names if parts is None else list(parts))]
+        names = [TOTAL_KEY, *(part_key(p) for p in (self.part_names if parts is None else list(parts)))]
         keys = self.history.rounds[-1].keys() if self.history.rounds else ()
         monitor_groups = [g for g in ("cos", "gradnorm", "norm") if any(k.startswith(f"monitor/{g}") for k in keys)]
         n = len(names) + len(monitor_groups)
@@ -223,7 +226,7 @@ class Result:
                 ax.set_yscale("log")
             if self.best_round:
                 ax.axvline(self.best_round, color="grey", lw=0.8, ls=":")
-            ax.set_title("total" if name == "loss" else name)
+            ax.set_title("total" if name == TOTAL_KEY else name)
             ax.set_xlabel("round")
             if i == 0:
                 ax.legend()
@@ -245,7 +248,7 @@ class Result:
 
     def __repr__(self) -> str:
         last = self.history.rounds[-1] if self.history.rounds else {}
-        shown = {k: round(last[k], 6) for k in ("loss", "val_loss") if k in last}
+        shown = {k: round(last[k], 6) for k in (TOTAL_KEY, f"val_{TOTAL_KEY}") if k in last}
         return (
             f"Result({self.rounds} rounds, stopped_because={self.stopped_because!r}, "
             f"best_round={self.best_round}, last={shown})"

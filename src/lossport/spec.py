@@ -3,8 +3,9 @@
 A spec says which loss each output gets. Every form Keras (``compile(loss=..., loss_weights=...)``) and
 Wolfram (``NetTrain[..., LossFunction -> ...]``) accept is accepted here, and each means exactly one thing;
 anything else raises :class:`~lossport.LossSpecError` naming the output, listing the valid names and saying how
-to fix it. The forms (``outputs`` are the net's outputs, named by dict key, ``out0, out1, ...`` for a tuple and
-``out`` for a single tensor):
+to fix it. The forms (``outputs`` are the net's outputs, named by dict key, namedtuple or dataclass field,
+``out0, out1, ...`` for a tuple, ``out`` for a single tensor, ``parent/child`` one level down: see
+:mod:`lossport.objective.outputs`):
 
 ==========================================  ==================================================================
 ``"auto"``                                  a loss for every output, chosen from the module that produced it
@@ -44,9 +45,10 @@ as the module's ``reduction`` says. Cross-entropy ones on a Softmax/Sigmoid outp
 it, as the ``"ce"``/``"bce"`` aliases do (:func:`lossport.auto.fit_torch_loss`).
 
 Part names: the output's name when it has one loss; ``output/<loss>`` when an output has several (a repeat
-gets ``_2``, ``_3``...); ``l1``/``l2`` for regularization. ``weights=`` (Keras ``loss_weights``) is a list
-in declaration order, a dict by loss name, or a number when there is exactly one loss; every loss needs a
-weight, and an unknown name is an error.
+gets ``_2``, ``_3``...); ``l1``/``l2`` for regularization. ``loss`` always means the total: the parts of an output
+named ``loss`` (a Hugging Face model's) are ``loss/<loss>``, ``loss/port`` when it already is the loss.
+``weights=`` (Keras ``loss_weights``) is a list in declaration order, a dict by loss name, or a number when
+there is exactly one loss; every loss needs a weight, and an unknown name is an error.
 """
 
 from __future__ import annotations
@@ -54,15 +56,15 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 from torch import Tensor, nn
 
 from .errors import LossSpecError
 from .losses import ALIASES, LossLayer, TorchLoss, from_alias, is_torch_loss, module_name, torch_loss
-
-RESERVED = ("loss",)
+from .result_types import TOTAL_KEY
 
 
 class Scaled:
@@ -188,30 +190,57 @@ class L2(_Regularization):
     power = 2
 
 
-@dataclass
+class TermKind(str, Enum):
+    """The closed set of term kinds. ``AUTO`` exists only between :func:`compile_spec` and binding
+    (:mod:`lossport.objective.binding`), which resolves it to ``PORT`` or ``LAYER``."""
+
+    PORT = "port"  # the output already is the loss
+    LAYER = "layer"  # a LossLayer applied to (output, target)
+    CALLABLE = "callable"  # a user callable: fn(output) or fn(output, target), may return a dict of parts
+    REG = "reg"  # an L1/L2 regularization part, no output
+    AUTO = "auto"  # "auto": chosen at binding from the module that produced the output
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
 class Term:
-    """One declared loss: what it reads, how it computes, its static weight."""
+    """One declared loss, immutable: what it reads, how it computes, its static weight.
+
+    Terms are built by :func:`compile_spec` and completed by binding with :func:`dataclasses.replace`; nothing
+    edits a term in place. ``kind`` is a :class:`TermKind` (a plain string naming one is converted; any other
+    string is a ``ValueError``)."""
 
     name: str
     output: str | None
-    kind: str  # "port" | "layer" | "callable" | "reg"
+    kind: TermKind
     loss: Any = None  # LossLayer, callable, _Regularization or None
     scale: float = 1.0
     weight: float = 1.0
-    target: str | None = None
+    target: str | None = None  # the key of its target (a batch key, or an output name for targets=callable)
     needs_target: bool = False
     use_producer_input: bool = False  # auto CE/BCE from the logits that entered a Softmax/Sigmoid module
+    producer: str | None = None  # the module whose input is taken as logits when use_producer_input
     how: str = ""  # how the loss was chosen, for describe()
-    parts: list[str] = field(default_factory=list)  # filled at the first evaluation for dict-returning callables
+    parts: tuple[str, ...] = ()  # part names of a dict-returning callable, once known (else the term's name)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", TermKind(self.kind))
 
     @property
     def static_weight(self) -> float:
         return self.weight * self.scale
 
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The names this term reports its values under (its name, or a dict-returning callable's parts)."""
+        return self.parts or (self.name,)
+
     def loss_name(self) -> str:
-        if self.kind == "port":
+        if self.kind is TermKind.PORT:
             return "(output is the loss)"
-        if self.kind == "reg":
+        if self.kind is TermKind.REG:
             return repr(self.loss)
         if isinstance(self.loss, LossLayer):
             return self.loss.describe()
@@ -281,13 +310,15 @@ class _Compiler:
         if spec is None:
             return None
         if isinstance(spec, _Regularization):
-            self.terms.append(Term(name="", output=None, kind="reg", loss=spec, scale=scale, how="regularization"))
+            self.terms.append(
+                Term(name="", output=None, kind=TermKind.REG, loss=spec, scale=scale, how="regularization")
+            )
             return None
         if output is None:
             raise self.err(f"internal: no output for spec {spec!r}")
         if isinstance(spec, str):
             if spec == "auto":
-                self.terms.append(Term(name="", output=output, kind="auto", scale=scale))
+                self.terms.append(Term(name="", output=output, kind=TermKind.AUTO, scale=scale))
                 return None
             if spec in ALIASES:
                 layer = from_alias(spec)
@@ -295,7 +326,7 @@ class _Compiler:
                     Term(
                         name="",
                         output=output,
-                        kind="layer",
+                        kind=TermKind.LAYER,
                         loss=layer,
                         scale=scale,
                         needs_target=True,
@@ -315,7 +346,7 @@ class _Compiler:
             raise self.err(f"output {output!r}: a dict is not a loss; give a loss, an alias or a list of them")
         if _is_loss_like(spec):
             loss, how = self.loss_of(output, spec)
-            kind = "layer" if isinstance(loss, LossLayer) else "callable"
+            kind = TermKind.LAYER if isinstance(loss, LossLayer) else TermKind.CALLABLE
             needs = callable_needs_target(loss)
             self.terms.append(
                 Term(name="", output=output, kind=kind, loss=loss, scale=scale, needs_target=needs, how=how)
@@ -349,11 +380,13 @@ class _Compiler:
                 if self.scalars:
                     for o in self.scalars:
                         self.terms.append(
-                            Term(name="", output=o, kind="port", scale=scale, how="auto: scalar output is a loss")
+                            Term(
+                                name="", output=o, kind=TermKind.PORT, scale=scale, how="auto: scalar output is a loss"
+                            )
                         )
                     return None
                 for o in self.outputs:
-                    self.terms.append(Term(name="", output=o, kind="auto", scale=scale))
+                    self.terms.append(Term(name="", output=o, kind=TermKind.AUTO, scale=scale))
                 return None
             if spec in self.outputs:
                 if spec in ALIASES:
@@ -361,7 +394,7 @@ class _Compiler:
                         f"{spec!r} is both an output name and a loss alias; write {{{spec!r}: 'mse'}} or "
                         f"[{spec!r}] with a pair ({spec!r}, None) to say which you mean"
                     )
-                self.terms.append(Term(name="", output=spec, kind="port", scale=scale, how="output is a loss"))
+                self.terms.append(Term(name="", output=spec, kind=TermKind.PORT, scale=scale, how="output is a loss"))
                 return None
             if spec in ALIASES:
                 return self.single(spec, scale)
@@ -462,41 +495,43 @@ def _is_named_entry(s: Any, outputs: Sequence[str]) -> bool:
 
 
 def compile_spec(spec: Any, outputs: Sequence[str], *, structure: str, scalars: Sequence[str] = ()) -> list[Term]:
-    """Turn a spec into terms with names (``auto`` terms are resolved later by :mod:`lossport.auto`).
+    """Turn a spec into named terms (``AUTO`` terms are resolved at binding, from :mod:`lossport.auto`).
 
     ``structure`` is ``"dict"``, ``"tuple"`` or ``"single"``; ``scalars`` the outputs that are scalars.
     """
     c = _Compiler(outputs, structure, scalars)
     c.top(spec)
-    terms = c.terms
-    if not terms:
+    if not c.terms:
         raise c.err("the loss spec gives no loss at all (every output has None); nothing would be trained")
-    _name_terms(terms)
-    return terms
+    return _name_terms(c.terms)
 
 
-def _name_terms(terms: list[Term]) -> None:
+def _name_terms(terms: Sequence[Term]) -> list[Term]:
+    """Part names: the output's name when it has one loss, ``output/<loss>`` when it has several, ``l1``/``l2``
+    for regularization, ``_2``, ``_3``... for repeats. The name :data:`~lossport.result_types.TOTAL_KEY`
+    (``"loss"``) belongs to the total: the parts of an output named ``loss`` are always ``loss/<loss>``
+    (``loss/port`` when that output already is the loss), as if it had several losses."""
     per_output: dict[str | None, int] = {}
     for t in terms:
         per_output[t.output] = per_output.get(t.output, 0) + 1
     used: dict[str, int] = {}
+    named = []
     for t in terms:
-        if t.kind == "reg":
+        if t.kind is TermKind.REG:
             base = "l1" if isinstance(t.loss, L1) else "l2"
-        elif per_output[t.output] == 1:
+        elif per_output[t.output] == 1 and t.output != TOTAL_KEY:
             base = str(t.output)
         else:
             base = f"{t.output}/{_short(t)}"
         n = used.get(base, 0) + 1
         used[base] = n
-        t.name = base if n == 1 else f"{base}_{n}"
+        named.append(replace(t, name=base if n == 1 else f"{base}_{n}"))
+    return named
 
 
 def _short(t: Term) -> str:
-    if t.kind == "port":
-        return "port"
-    if t.kind == "auto":
-        return "auto"
+    if t.kind in (TermKind.PORT, TermKind.AUTO):
+        return t.kind.value
     if isinstance(t.loss, TorchLoss):
         return type(t.loss.inner).__name__.lower()
     if isinstance(t.loss, LossLayer):
@@ -504,12 +539,18 @@ def _short(t: Term) -> str:
     return str(getattr(t.loss, "name", getattr(t.loss, "__name__", "loss")))
 
 
-def apply_weights(terms: list[Term], weights: Any) -> None:
-    """Set each non-regularization term's static weight from ``weights=`` (Keras ``loss_weights``)."""
-    losses = [t for t in terms if t.kind != "reg"]
-    names = [t.name for t in losses]
+def apply_weights(terms: Sequence[Term], weights: Any) -> list[Term]:
+    """The terms with each non-regularization term's static weight from ``weights=`` (Keras ``loss_weights``):
+    a number (exactly one loss), a list in declaration order, or a dict by part name."""
+    losses = [t for t in terms if t.kind is not TermKind.REG]
     if weights is None:
-        return
+        return list(terms)
+    given = _weights_by_name(losses, weights)
+    return [replace(t, weight=given[t.name]) if t.name in given else t for t in terms]
+
+
+def _weights_by_name(losses: Sequence[Term], weights: Any) -> dict[str, float]:
+    names = [t.name for t in losses]
     if isinstance(weights, bool):
         raise LossSpecError("weights must be a number, a list or a dict, not a bool")
     if isinstance(weights, (int, float)):
@@ -518,8 +559,7 @@ def apply_weights(terms: list[Term], weights: Any) -> None:
                 f"a single number as weights needs exactly one loss, but there are {len(losses)}: {_fmt(names)}. "
                 "Give a dict {name: weight} or a list in this order"
             )
-        losses[0].weight = float(weights)
-        return
+        return {names[0]: float(weights)}
     if isinstance(weights, Mapping):
         unknown = [k for k in weights if k not in names]
         if unknown:
@@ -533,9 +573,7 @@ def apply_weights(terms: list[Term], weights: Any) -> None:
                 f"weights gives no weight for {_fmt(missing)}; every loss needs one ({_fmt(names)}). "
                 "Add them (1.0 for unchanged)"
             )
-        for t in losses:
-            t.weight = _number(weights[t.name], t.name)
-        return
+        return {n: _number(weights[n], n) for n in names}
     if isinstance(weights, (list, tuple)) or (isinstance(weights, Tensor) and weights.dim() == 1):
         ws = list(weights)
         if len(ws) != len(losses):
@@ -543,9 +581,7 @@ def apply_weights(terms: list[Term], weights: Any) -> None:
                 f"weights has {len(ws)} entries but there are {len(losses)} losses, in this order: {_fmt(names)}. "
                 "Give one weight per loss, or a dict {name: weight}"
             )
-        for t, w in zip(losses, ws):
-            t.weight = _number(w, t.name)
-        return
+        return {n: _number(w, n) for n, w in zip(names, ws)}
     raise LossSpecError(f"weights must be a number, a list or a dict {{name: weight}}, not {type(weights).__name__}")
 
 
@@ -565,6 +601,7 @@ __all__ = [
     "L1",
     "L2",
     "Term",
+    "TermKind",
     "compile_spec",
     "apply_weights",
     "callable_needs_target",

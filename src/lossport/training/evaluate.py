@@ -17,13 +17,16 @@ from .progress import RoundStats
 from .setup import autocast, resolve_device, resolve_precision
 
 
-def as_objective(loss: LossSpec | Objective, weights: Any, balance: Any) -> Objective:
-    """``loss`` itself when it is an Objective (then ``weights``/``balance`` must be left out), else a new one."""
+def as_objective(loss: LossSpec | Objective, weights: Any, balance: Any, targets: Any = None) -> Objective:
+    """``loss`` itself when it is an Objective (then ``weights``/``balance``/``targets`` must be left out), else a
+    new one."""
     if isinstance(loss, Objective):
-        if weights is not None or balance is not None:
-            raise ValueError("weights= and balance= belong to the Objective when an Objective is given as loss")
+        if weights is not None or balance is not None or targets is not None:
+            raise ValueError(
+                "weights=, balance= and targets= belong to the Objective when an Objective is given as loss"
+            )
         return loss
-    return Objective(loss, weights=weights, balance=balance)
+    return Objective(loss, weights=weights, balance=balance, targets=targets)
 
 
 @overload
@@ -33,6 +36,7 @@ def evaluate(
     loss: LossSpec | Objective = ...,
     *,
     weights: Any = ...,
+    targets: Any = ...,
     metrics: Any = ...,
     batch_size: int = ...,
     device: Any = ...,
@@ -48,6 +52,7 @@ def evaluate(
     loss: LossSpec | Objective = ...,
     *,
     weights: Any = ...,
+    targets: Any = ...,
     metrics: Any = ...,
     batch_size: int = ...,
     device: Any = ...,
@@ -62,13 +67,15 @@ def evaluate(
     loss: LossSpec | Objective = "auto",
     *,
     weights: Any = None,
+    targets: Any = None,
     metrics: Any = None,
     batch_size: int = 256,
     device: Any = None,
     precision: str = "32",
     per_example: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, Tensor]]:
-    """Loss parts and metrics of ``net`` on ``data``, without gradients, in eval mode.
+    """Loss parts and metrics of ``net`` on ``data``, without gradients, in eval mode (a new objective is bound in
+    the net's own mode first, so a part of an output that exists only in training is absent, not an error).
 
     Returns floats keyed as the history: ``loss`` (the total ``sum_i s_i L_i + regularization`` with the
     static weights ``s_i`` of the spec; a balancer of an Objective given as ``loss`` is not applied), every
@@ -76,9 +83,10 @@ def evaluate(
     with no labelled example anywhere is absent), and ``output/metric``. With ``per_example=True`` also
     returns the per-example loss of every part (a tensor of length N in data order, NaN where unlabelled;
     Wolfram's "ExampleLosses"). ``loss`` may be an :class:`~lossport.Objective`. ``device=None`` uses the
-    net's device. ``data`` takes every form :func:`lossport.train` takes.
+    net's device. ``data`` takes every form :func:`lossport.train` takes; ``targets`` says where each output's
+    target is in a batch (:class:`~lossport.Objective`).
     """
-    objective = as_objective(loss, weights, None)
+    objective = as_objective(loss, weights, None, targets)
     dev = resolve_device(device, net)
     prec = resolve_precision(precision, dev)
     src = make_source(data, batch_size, where="data")
@@ -122,6 +130,10 @@ def evaluate_source(
     """The body of :func:`evaluate` on a :class:`~lossport.training.data.Source` (also the validation of
     :func:`lossport.train`); ``mset``: a metric set to reuse, else one is built from ``metric_spec``."""
     was_training = net.training
+    if not objective.compiled:  # bind in the net's own mode, so parts of training-only outputs are known
+        first = next(iter(src), None)
+        if first is not None:
+            objective.compile(net, to_device(first, device))
     net.eval()
     if mset is not None:
         mset.reset()

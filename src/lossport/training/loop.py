@@ -71,6 +71,7 @@ class TrainOptions:
     loss: Any
     weights: Any
     balance: Any
+    targets: Any
     epochs: int
     batch_size: int
     optimizer: Any
@@ -127,6 +128,7 @@ def train(
     *,
     weights: Any = None,
     balance: BalanceSpec = None,
+    targets: Any = None,
     epochs: int = 10,
     batch_size: int = 32,
     optimizer: Any = "adam",
@@ -161,8 +163,8 @@ def train(
     Args:
         net: the net; trained in place (``Result.final_net`` is this object).
         data: training data (:mod:`lossport.training.data` lists the forms).
-        loss, weights, balance: the loss spec, static weights and balancer (:class:`~lossport.Objective`);
-            ``loss`` may also be an ``Objective``.
+        loss, weights, balance, targets: the loss spec, static weights, balancer and where each output's target
+            is in a batch (:class:`~lossport.Objective`); ``loss`` may also be an ``Objective``.
         epochs: number of rounds (passes over the data).
         batch_size: examples per batch for in-memory data and Datasets (a DataLoader keeps its own).
         optimizer: ``"adam"`` (default), ``"adamw"`` (weight decay 0.01 unless given), ``"sgd"`` (momentum
@@ -209,7 +211,7 @@ class _Run:
 
     def __init__(self, net: nn.Module, data: Any, o: TrainOptions) -> None:
         self.o = o
-        self.objective = as_objective(o.loss, o.weights, o.balance)
+        self.objective = as_objective(o.loss, o.weights, o.balance, o.targets)
         self.balancer = self.objective.balancer
         monitor = None
         if o.monitor is not False:
