@@ -148,7 +148,7 @@ def add_compare(sub: Any) -> None:
         help="rank balancing methods on the built-in data against single-task baselines (Delta-m%%)",
     )
     p.add_argument("--data", default="multidigits", choices=["multidigits"], help="built-in data set")
-    p.add_argument("--methods", default="ew,uw,dwa,famo,mgda,pcgrad,cagrad,nash_mtl,upgrad")
+    p.add_argument("--methods", default=_default_methods(3, 5), help="comma-separated balancer names")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--size", type=int, default=2000, help="training examples (default 2000)")
@@ -168,9 +168,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from .balance import available
+    from .balance import aliases, available
 
-    unknown = [m for m in methods if m not in available() and m not in ("ew", "sum")]
+    unknown = [m for m in methods if m.lower().replace("-", "_") not in aliases()]
     if unknown:
         print(f"unknown methods {unknown}; available: {', '.join(available())}", file=sys.stderr)
         return 2
@@ -200,10 +200,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_methods(n_loss: int, n_gradient: int, loss_kinds: tuple[str, ...] = ("learned", "loss")) -> str:
+    """The plain sum, then the first loss-level (of ``loss_kinds``) and gradient-level methods of the balancers'
+    own preference order (:func:`lossport.balance.suggest`)."""
+    from .balance import suggest
+
+    names = [*suggest(["static"])[:1], *suggest(loss_kinds)[:n_loss], *suggest(["gramian"])[:n_gradient]]
+    return ",".join(names)
+
+
 # ----------------------------------------------------------------------------------------------------- toy
 def add_toy(sub: Any) -> None:
     p = sub.add_parser("toy", help="trajectories of balancers on the two-task toy problem (CAGrad/Nash-MTL/FAMO)")
-    p.add_argument("--methods", default="ew,mgda,pcgrad,cagrad,nash_mtl,famo")
+    p.add_argument("--methods", default=_default_methods(2, 4, ("learned",)), help="comma-separated balancer names")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--out", type=Path, default=Path("lossport-toy.png"))
@@ -213,7 +222,7 @@ def add_toy(sub: Any) -> None:
 def cmd_toy(args: argparse.Namespace) -> int:
     from . import toy
 
-    methods = [None if m.strip() in ("ew", "sum") else m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     trajs = toy.run_all(methods, steps=args.steps, lr=args.lr)
     for name, ts in trajs.items():
         ends = ", ".join(f"({float(t.end[0]):.2f}, {float(t.end[1]):.2f})" for t in ts)

@@ -197,7 +197,7 @@ def compare(
         make_net: builds a fresh net (called once per run; the seed is set before each call).
         data: training data (any form :func:`lossport.train` accepts).
         loss: a dict spec ``{task: loss}``; the single-task baseline of ``task`` trains on ``{task: loss[task]}``.
-        methods: balancer names or factories (``"ew"``/``None`` for the plain sum, ``"uw"``, ``"upgrad"``...).
+        methods: balancer names or factories (:func:`lossport.balance.available`; ``None`` for static weights).
         metrics: per task, the metrics scored on ``test`` (``{"left": ["accuracy"], "ink": ["mae"]}``).
         test: held-out data for the reported metrics.
         seeds: a count (seeds 0..n-1) or the list of seeds.
@@ -233,8 +233,6 @@ def compare(
         row = Row(str(label if method is not None else "sum"))
         for seed in seed_list:
             balance = method() if callable(method) and not isinstance(method, str) else method
-            if balance in ("ew", "sum"):
-                balance = None
             scores, sps = _train_eval(make_net, data, loss, balance, seed, test, metrics, train_kwargs)
             for k, v in scores.items():
                 row.metrics.setdefault(k, []).append(v)

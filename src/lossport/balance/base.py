@@ -89,6 +89,11 @@ def available() -> list[str]:
     return sorted(set(_CANONICAL.values()))
 
 
+def aliases() -> list[str]:
+    """Every name :func:`resolve` accepts (canonical names and aliases)."""
+    return sorted(_REGISTRY)
+
+
 def kind_of(name: str) -> str:
     """The kind of the registered method ``name`` (a canonical name or an alias)."""
     key = name.lower().replace("-", "_")

@@ -16,7 +16,7 @@ from ..result_types import Losses
 from .base import Balancer, register
 
 
-@register("ew", "equal", "equal_weights")
+@register("ew", "sum", "equal", "equal_weights")
 class EqualWeights(Balancer):
     """Equal weighting: ``b_i = 1``, so the total is ``sum_i s_i L_i`` with the spec's static weights ``s_i``.
 
