@@ -42,3 +42,7 @@ __all__ = [
     "FAMO",
     "GradNorm",
 ]
+
+from .robust import Krum, TrimmedMean  # noqa: E402
+
+__all__ += ["Krum", "TrimmedMean"]
