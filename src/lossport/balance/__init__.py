@@ -46,3 +46,8 @@ __all__ = [
 from .robust import Krum, TrimmedMean  # noqa: E402
 
 __all__ += ["Krum", "TrimmedMean"]
+
+from .priority import PCD  # noqa: E402
+from .stochastic import CRMOGM  # noqa: E402
+
+__all__ += ["PCD", "CRMOGM"]

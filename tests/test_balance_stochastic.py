@@ -1,0 +1,136 @@
+"""CR-MOGM (lossport.balance.stochastic), checked against TorchJD 0.18's CRMOGMWeighting."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, UPGradWeighting
+
+import lossport
+from lossport.balance import CRMOGM, UPGrad, resolve
+
+NAMES = ["a", "b", "c"]
+SPEC = dict.fromkeys(NAMES, "mse")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.heads = nn.ModuleDict({k: nn.Linear(8, 1) for k in NAMES})
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {**{k: m(h) for k, m in self.heads.items()}, "h": h}
+
+
+def batch(seed=0, n=32):
+    g = torch.Generator().manual_seed(seed)
+    out = {"x": torch.randn(n, 4, generator=g)}
+    for i, k in enumerate(NAMES):
+        out[k] = (1 + 5 * i) * torch.randn(n, 1, generator=g) + i
+    return out
+
+
+def fake_losses(names):
+    return lossport.Losses(parts={k: torch.tensor(1.0) for k in names}, weights=dict.fromkeys(names, 1.0))
+
+
+def jacobians(T, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randn(T, 30, generator=g, dtype=torch.float64)
+    low = torch.randn(T, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 30, generator=g, dtype=torch.float64)
+    U, _, V = torch.linalg.svd(torch.randn(T, 30, generator=g, dtype=torch.float64), full_matrices=False)
+    ill = U @ torch.diag(torch.logspace(0, -6, T, dtype=torch.float64)) @ V
+    return {"random": rand, "rank_deficient": low, "ill_conditioned": ill}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("base,tj", [("upgrad", UPGradWeighting), ("imtl_g", IMTLGWeighting)])
+def test_equals_torchjd_times_T_over_three_steps(seed, base, tj):
+    T = 3 + seed % 3
+    names = list("abcde"[:T])
+    for kind, J in jacobians(T, seed).items():
+        mine, ref = CRMOGM(base=base, alpha=0.7), CRMOGMWeighting(tj(), alpha=0.7)
+        g = torch.Generator().manual_seed(seed)
+        for step in range(3):
+            Js = J + 0.3 * step * torch.randn(J.shape, generator=g, dtype=torch.float64)
+            G = Js @ Js.T
+            assert torch.allclose(mine.weigh(G, fake_losses(names)), T * ref(G), rtol=1e-5, atol=1e-6), (kind, step)
+
+
+def test_moving_average_by_hand_and_missing_part_keeps_its_average():
+    bal = CRMOGM(base="imtl_g", alpha=0.5)
+    base = resolve("imtl_g")
+    Gs = [torch.diag(torch.tensor(d, dtype=torch.float64)) for d in ([1.0, 4.0, 9.0], [4.0, 1.0, 1.0])]
+    hat = [base.weigh(G, fake_losses(NAMES)) for G in Gs]
+    assert torch.allclose(bal.weigh(Gs[0], fake_losses(NAMES)), hat[0])  # lambda_0 = the first weights
+    assert torch.allclose(bal.weigh(Gs[1], fake_losses(NAMES)), 0.5 * hat[0] + 0.5 * hat[1])
+    G2 = torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64))
+    h2 = base.weigh(G2, fake_losses(["a", "c"]))
+    w = bal.weigh(G2, fake_losses(["a", "c"]))
+    avg = 0.5 * hat[0] + 0.5 * hat[1]
+    assert torch.allclose(w, 0.5 * avg[[0, 2]] + 0.5 * h2)
+    assert bal.state_dict()["lambda"]["b"] == pytest.approx(float(avg[1]))  # b absent: its average is kept
+
+
+def test_alpha_zero_is_the_base_and_alpha_one_freezes():
+    net = Net()
+    plain = lossport.Objective(SPEC, balance="upgrad")
+    zero = lossport.Objective(SPEC, balance=CRMOGM(base="upgrad", alpha=0.0))
+    frozen = lossport.Objective(SPEC, balance=CRMOGM(base=UPGrad(), alpha=1.0))
+    first = frozen(net, batch(0)).weights
+    for s in range(3):
+        assert zero(net, batch(s)).weights == pytest.approx(plain(net, batch(s)).weights)
+        assert frozen(net, batch(s)).weights == first
+
+
+def test_state_round_trip_includes_the_base_state():
+    net = Net()
+    bal = resolve("cr_mogm", base="pcgrad", alpha=0.8, gramian="features", features="h")
+    obj = lossport.Objective(SPEC, balance=bal)
+    for s in range(3):
+        obj(net, batch(s))
+    twin = resolve("cr_mogm", base="pcgrad", alpha=0.8, gramian="features", features="h")
+    twin.load_state_dict(bal.state_dict())
+    obj2 = lossport.Objective(SPEC, balance=twin)
+    for s in range(3, 7):  # PCGrad's random order continues where it was
+        assert obj(net, batch(s)).weights == obj2(net, batch(s)).weights
+
+
+def test_every_k_advances_the_average_on_computed_calls_only():
+    net = Net()
+    bal = CRMOGM(base="mgda", alpha=0.5, every=2)
+    obj = lossport.Objective(SPEC, balance=bal)
+    ws = [obj(net, batch(s)).weights for s in range(3)]
+    assert ws[0] == ws[1] != ws[2]
+    twin = CRMOGM(base="mgda", alpha=0.5)
+    obj2 = lossport.Objective(SPEC, balance=twin)
+    obj2(net, batch(0))
+    assert obj2(net, batch(2)).weights == pytest.approx(ws[2])
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="function of the Gramian"):
+        CRMOGM(base="graddrop")
+    with pytest.raises(TypeError, match="function of the Gramian"):
+        CRMOGM(base="uw")
+    with pytest.raises(ValueError, match="engine options"):
+        CRMOGM(base=UPGrad(every=3))
+    with pytest.raises(ValueError, match="alpha"):
+        CRMOGM(alpha=1.5)
+    bal = CRMOGM()
+    with pytest.raises(ValueError, match="alpha"):
+        bal.alpha = -0.1
+
+
+def test_train_three_steps_with_finite_weights():
+    net = Net()
+    r = lossport.train(
+        net, batch(7, n=48), SPEC, balance="cr_mogm", epochs=1, batch_size=16, shuffle=False, progress=False, seed=0
+    )
+    assert len(r.history.batch_values("loss")) == 3
+    assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
