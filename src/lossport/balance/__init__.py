@@ -51,3 +51,8 @@ from .priority import PCD  # noqa: E402
 from .stochastic import CRMOGM  # noqa: E402
 
 __all__ += ["PCD", "CRMOGM"]
+
+from .bilevel import LDCMTL  # noqa: E402
+from .group import GO4Align  # noqa: E402
+
+__all__ += ["GO4Align", "LDCMTL"]
