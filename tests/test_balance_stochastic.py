@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, UPGradWeighting
+from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, MoDoWeighting, SDMGradWeighting, UPGradWeighting
 
 import lossport
-from lossport.balance import CRMOGM, UPGrad, resolve
+from lossport.balance import CRMOGM, MoDo, SDMGrad, UPGrad, resolve
 
 NAMES = ["a", "b", "c"]
 SPEC = dict.fromkeys(NAMES, "mse")
@@ -130,6 +130,77 @@ def test_train_three_steps_with_finite_weights():
     net = Net()
     r = lossport.train(
         net, batch(7, n=48), SPEC, balance="cr_mogm", epochs=1, batch_size=16, shuffle=False, progress=False, seed=0
+    )
+    assert len(r.history.batch_values("loss")) == 3
+    assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ SDMGrad, MoDo
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    "mine,ref",
+    [
+        (lambda: SDMGrad(), lambda: SDMGradWeighting()),
+        (lambda: SDMGrad(lambda_=0.0, lr=1.0, n_iter=5), lambda: SDMGradWeighting(lr=1.0, n_iter=5, lambda_=0.0)),
+        (lambda: MoDo(), lambda: MoDoWeighting()),
+        (lambda: MoDo(gamma=0.5, rho=0.0), lambda: MoDoWeighting(gamma=0.5, rho=0.0)),
+    ],
+)
+def test_carried_simplex_methods_equal_torchjd_times_T_over_three_steps(seed, mine, ref):
+    T = 3 + seed % 3
+    names = list("abcde"[:T])
+    for kind, J in jacobians(T, seed).items():
+        J = J / J.norm() * 0.7  # gradients of norm ~1: MoDo's unnormalised steps stay inside the simplex
+        a, b = mine(), ref()
+        g = torch.Generator().manual_seed(seed)
+        interior = False
+        for step in range(3):
+            Js = J + 0.1 * step * torch.randn(J.shape, generator=g, dtype=torch.float64)
+            G = Js @ Js.T
+            w, r = a.weigh(G, fake_losses(names)), T * b(G)
+            assert torch.allclose(w, r, rtol=1e-6, atol=1e-9), (kind, step)
+            assert w.sum().item() == pytest.approx(T)
+            interior |= bool(((w > 1e-6) & (w < T - 1e-6)).sum() >= 2)
+        assert interior, kind  # the weights are not just a vertex of the simplex
+
+
+def test_sdmgrad_with_lambda_large_tends_to_the_mean_and_state_round_trip():
+    net = Net()
+    w = lossport.Objective(SPEC, balance=SDMGrad(lambda_=1e6))(net, batch()).weights
+    assert w == pytest.approx(dict.fromkeys(NAMES, 1.0), rel=1e-4)
+    for name in ("sdmgrad", "modo"):
+        bal = resolve(name, every=2)
+        obj = lossport.Objective(SPEC, balance=bal)
+        ws = [obj(net, batch(s)).weights for s in range(3)]
+        assert ws[0] == ws[1]
+        twin = resolve(name, every=2)
+        twin.load_state_dict(bal.state_dict())
+        obj2 = lossport.Objective(SPEC, balance=twin)
+        for s in range(3, 7):
+            assert obj(net, batch(s)).weights == obj2(net, batch(s)).weights
+
+
+def test_carried_weights_of_a_missing_part_are_kept():
+    bal = MoDo(gamma=0.05)
+    G = torch.tensor([[1.0, 0.2, 0.1], [0.2, 2.0, 0.3], [0.1, 0.3, 0.5]], dtype=torch.float64)
+    bal.weigh(G, fake_losses(NAMES))
+    before = dict(bal.state_dict()["w"])
+    bal.weigh(G[[0, 2]][:, [0, 2]], fake_losses(["a", "c"]))
+    after = bal.state_dict()["w"]
+    assert after["b"] == before["b"]
+    assert after["a"] + after["c"] == pytest.approx(before["a"] + before["c"])
+    with pytest.raises(ValueError, match="lambda_"):
+        SDMGrad(lambda_=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        MoDo(gamma=0.0)
+
+
+@pytest.mark.parametrize("name", ["sdmgrad", "modo"])
+def test_sdmgrad_and_modo_train_three_steps(name):
+    net = Net()
+    r = lossport.train(
+        net, batch(7, n=48), SPEC, balance=name, epochs=1, batch_size=16, shuffle=False, progress=False, seed=0
     )
     assert len(r.history.batch_values("loss")) == 3
     assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)

@@ -48,9 +48,9 @@ from .robust import Krum, TrimmedMean  # noqa: E402
 __all__ += ["Krum", "TrimmedMean"]
 
 from .priority import PCD  # noqa: E402
-from .stochastic import CRMOGM  # noqa: E402
+from .stochastic import CRMOGM, MoDo, SDMGrad  # noqa: E402
 
-__all__ += ["PCD", "CRMOGM"]
+__all__ += ["PCD", "CRMOGM", "SDMGrad", "MoDo"]
 
 from .bilevel import LDCMTL  # noqa: E402
 from .group import GO4Align  # noqa: E402

@@ -3,6 +3,20 @@ step to step.
 
 * :class:`CRMOGM` (Zhou et al., NeurIPS 2022): a moving average of the weights of any other Gramian method,
   which reduces the bias that stochastic gradients put into the weights of MGDA-like methods.
+* :class:`SDMGrad` (Xiao, Ban, Ji, NeurIPS 2023) and :class:`MoDo` (Chen et al., JMLR 2024): simplex weights
+  carried from step to step and moved by a few projected gradient steps on ``w^T G w``-type objectives.
+
+**One batch, not two.** SDMGrad and MoDo are stated with the cross matrix ``J_1 J_2^T`` of the Jacobians of
+two *independent* mini-batches (an unbiased estimate of the true Gramian; TorchJD's ``SDMGradWeighting`` and
+``MoDoWeighting`` take that matrix). A lossport balancer sees one batch, so here the matrix is the Gramian
+``J J^T`` of the current batch: a biased estimate, and the papers' convergence guarantees do not cover it. (The
+official SDMGrad code computes its three batches' gradients into aliases of one tensor, so it too ends up
+using one batch's gradients: see ``/work/shared/reference/balancing-methods.md``.) Given the same matrix the
+weights are TorchJD's, times ``T`` (tested).
+
+Weights carried between steps are kept per part name: a part missing from a batch keeps its weight, the parts
+present are renormalised among themselves for the step and written back with the mass they had. A part never
+seen before restarts every weight from uniform (TorchJD resets when the number of parts changes).
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..result_types import Losses
+from ..solvers import project_simplex
 from .base import register, resolve
 from .gramian_base import GramianBalancer
 from .surgery import _Surgery
@@ -93,4 +108,118 @@ class CRMOGM(GramianBalancer):
         return super().__repr__()[:-1] + f", base={self.base!r}, alpha={self.alpha})"
 
 
-__all__ = ["CRMOGM"]
+class _CarriedSimplex(GramianBalancer):
+    """Base of SDMGrad and MoDo: simplex weights ``w`` (per part name) carried from one computed step to the
+    next; :meth:`update` moves the weights of the parts present."""
+
+    def __init__(self, **engine: Any) -> None:
+        super().__init__(**engine)
+        self._w: dict[str, float] = {}
+
+    def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(new w, output weights)`` (both on the simplex) from ``G`` and the current ``w`` of the parts present."""
+        raise NotImplementedError
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        names = losses.names
+        T = len(names)
+        if all(k in self._w for k in names) and (mass := sum(self._w[k] for k in names)) > 0:
+            w0 = torch.tensor([self._w[k] / mass for k in names], dtype=torch.float64)
+        else:  # first call, or a part never seen before: restart from uniform (TorchJD resets on a new shape)
+            self._w, mass = {}, 1.0
+            w0 = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        new, out = self.update(G.detach().to(torch.float64).cpu(), w0)
+        self._w.update({k: mass * float(v) for k, v in zip(names, new.tolist())})
+        return T * out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "w": dict(self._w)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._w = {k: float(v) for k, v in state["w"].items()}
+
+
+@register("sdmgrad")
+class SDMGrad(_CarriedSimplex):
+    """SDMGrad (Xiao, Ban, Ji, "Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
+    Algorithms", NeurIPS 2023): the update ``d = J^T (w + lambda w~) / (1 + lambda)`` stays within a ball around
+    the preference direction ``J^T w~`` (``w~ = 1/T``, the mean gradient); the simplex weights ``w`` are found by
+    ``n_iter`` steps of projected gradient descent with momentum on ``1/2 ||J^T (w + lambda w~)||^2``, i.e. with
+    ``A = G / mean_i(sqrt(G_ii))^2`` (the authors' scale normalisation), ``v <- momentum v + A (w + lambda w~)``,
+    ``w <- proj_simplex(w - lr v)``, warm-started from the previous step's ``w``.
+
+    :param lambda_: the pull towards the mean gradient (0.3, the value of the authors' experiments and LibMTL;
+        their class default is 0.6). ``0`` is a stochastic MGDA.
+    :param lr: inner step size (10), ``momentum`` (0.5) and ``n_iter`` (20): the authors' inner solver.
+
+    Factor ``T``: the paper's and TorchJD's weights ``(w + lambda w~) / (1 + lambda)`` sum to 1. See the module
+    docstring for the single-batch Gramian used here."""
+
+    name = "sdmgrad"
+    kind: ClassVar[str] = "gramian"
+
+    def __init__(
+        self, lambda_: float = 0.3, lr: float = 10.0, momentum: float = 0.5, n_iter: int = 20, **engine: Any
+    ) -> None:
+        super().__init__(**engine)
+        if not lambda_ >= 0:
+            raise ValueError(f"SDMGrad: lambda_ must be >= 0, not {lambda_!r}")
+        if not lr > 0:
+            raise ValueError(f"SDMGrad: lr must be > 0, not {lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SDMGrad: momentum must be in [0, 1), not {momentum!r}")
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"SDMGrad: n_iter must be an integer >= 1, not {n_iter!r}")
+        self.lambda_, self.lr, self.momentum, self.n_iter = float(lambda_), float(lr), float(momentum), n_iter
+
+    def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        T = G.shape[0]
+        pref = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        scale = G.diagonal().clamp_min(0).sqrt().mean()
+        A = G / (scale**2 + 1e-8)
+        v: Tensor | None = None
+        for _ in range(self.n_iter):
+            g = A @ (w + self.lambda_ * pref)
+            v = g if v is None else self.momentum * v + g
+            w = project_simplex(w - self.lr * v)
+        return w, (w + self.lambda_ * pref) / (1 + self.lambda_)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", lambda_={self.lambda_}, lr={self.lr}, n_iter={self.n_iter})"
+
+
+@register("modo")
+class MoDo(_CarriedSimplex):
+    """MoDo (Chen, Fernando, Ying, Chen, "Three-Way Trade-Off in Multi-Objective Learning: Optimization,
+    Generalization and Conflict-Avoidance", JMLR 2024, Eq. 2.9a): one projected gradient step per training step
+    on the simplex weights, ``lambda <- proj_simplex(lambda - gamma (G lambda + rho lambda))``, starting from
+    ``1/T``; the update is ``J^T lambda``.
+
+    :param gamma: the weights' step size (0.1, TorchJD's default); ``G`` is not normalised, so ``gamma`` acts
+        relative to the squared gradient norms.
+    :param rho: the l2 regulariser of the weights (0.1, TorchJD's default).
+
+    Factor ``T``: the paper's and TorchJD's ``lambda`` sums to 1. See the module docstring for the single-batch
+    Gramian used here (the paper's guarantee needs two independent batches)."""
+
+    name = "modo"
+    kind: ClassVar[str] = "gramian"
+
+    def __init__(self, gamma: float = 0.1, rho: float = 0.1, **engine: Any) -> None:
+        super().__init__(**engine)
+        if not gamma > 0:
+            raise ValueError(f"MoDo: gamma must be > 0, not {gamma!r}")
+        if not rho >= 0:
+            raise ValueError(f"MoDo: rho must be >= 0, not {rho!r}")
+        self.gamma, self.rho = float(gamma), float(rho)
+
+    def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        w = project_simplex(w - self.gamma * (G @ w + self.rho * w))
+        return w, w
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", gamma={self.gamma}, rho={self.rho})"
+
+
+__all__ = ["CRMOGM", "SDMGrad", "MoDo"]
