@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchjd.aggregation import KrumWeighting
+from torchjd.aggregation import ExcessMTLWeighting, KrumWeighting
 from torchjd.aggregation import TrimmedMean as TJTrimmedMean
 
 import lossport
-from lossport.balance import Krum, TrimmedMean, resolve
+from lossport.balance import ExcessMTL, Krum, TrimmedMean, resolve
 from lossport.balance.robust import krum, trimmed_mean
 from lossport.gramian import gramian_reference
 from lossport.graph import shared_parameters
@@ -213,3 +213,57 @@ def test_train_three_steps_with_finite_weights(name, kw):
     assert all(math.isfinite(v) and v >= 0 for v in w)
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+# ------------------------------------------------------------------------------------------------ ExcessMTL
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("warmup,eta", [(0, 1.0), (2, 1.0), (0, 0.3)])
+def test_excess_mtl_equals_torchjd_over_four_steps(seed, warmup, eta):
+    T = 3 + seed
+    names = NAMES[:T] if T <= 5 else NAMES
+    T = len(names)
+    for kind, J in matrices(T, seed=seed).items():
+        mine, ref = ExcessMTL(robust_step_size=eta, n_warmup_steps=warmup), ExcessMTLWeighting(eta, warmup)
+        g = torch.Generator().manual_seed(seed)
+        for step in range(4):
+            Js = J * (1 + 0.5 * step) + 0.2 * torch.randn(J.shape, generator=g, dtype=torch.float64)
+            w, r = mine.weigh_jacobian(Js, names), ref(Js)
+            assert torch.allclose(w, r, rtol=1e-6, atol=1e-9), (kind, step)
+        assert not torch.allclose(w, torch.full_like(w, 1 / T))  # the weights moved
+
+
+def test_excess_mtl_balancer_uses_the_shared_jacobian_and_keeps_its_state():
+    net = Net()
+    bal = ExcessMTL(robust_step_size=0.5)
+    obj = lossport.Objective(SPEC, balance=bal)
+    ref = ExcessMTLWeighting(0.5)
+    for s in range(3):
+        x = batch(s)
+        J, _, _ = jacobian_and_parts(net, x)
+        expected = 5 * ref(J.double())
+        got = obj(net, x).weights
+        assert torch.allclose(torch.tensor([got[k] for k in NAMES], dtype=torch.float64), expected, rtol=1e-4)
+    twin = ExcessMTL(robust_step_size=0.5)
+    twin.load_state_dict(bal.state_dict())
+    obj2 = lossport.Objective(SPEC, balance=twin)
+    for s in range(3, 5):
+        assert obj(net, batch(s)).weights == obj2(net, batch(s)).weights
+    b = batch(9)
+    b["c"] = torch.full((32, 1), float("nan"))
+    before = bal.state_dict()["logw"]["c"]
+    w = obj(net, b).weights
+    assert set(w) == set(NAMES) - {"c"} and bal.state_dict()["logw"]["c"] == before
+    with pytest.raises(ValueError, match="gramian='params'"):
+        ExcessMTL(gramian="features", features="h")
+    with pytest.raises(ValueError, match="robust_step_size"):
+        ExcessMTL(robust_step_size=0.0)
+
+
+def test_excess_mtl_trains_three_steps():
+    net = Net()
+    r = lossport.train(
+        net, batch(7, n=48), SPEC, balance="excess_mtl", epochs=1, batch_size=16, shuffle=False, progress=False
+    )
+    assert len(r.history.batch_values("loss")) == 3
+    assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
+    assert all(torch.isfinite(p).all() for p in net.parameters())

@@ -43,9 +43,9 @@ __all__ = [
     "GradNorm",
 ]
 
-from .robust import Krum, TrimmedMean  # noqa: E402
+from .robust import ExcessMTL, Krum, TrimmedMean  # noqa: E402
 
-__all__ += ["Krum", "TrimmedMean"]
+__all__ += ["Krum", "TrimmedMean", "ExcessMTL"]
 
 from .priority import PCD  # noqa: E402
 from .stochastic import CRMOGM, MoDo, SDMGrad  # noqa: E402

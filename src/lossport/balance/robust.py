@@ -15,6 +15,7 @@ or corrupted, and seldom what one wants when every part matters.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -159,4 +160,118 @@ class TrimmedMean(_Surgery):
         return super().__repr__()[:-1] + f", trim_number={self.trim_number})"
 
 
-__all__ = ["Krum", "TrimmedMean", "krum", "trimmed_mean"]
+@register("excess_mtl", "excessmtl")
+class ExcessMTL(GramianBalancer):
+    """ExcessMTL (He, Fu, Gu, "Robust Multi-Task Learning with Excess Risks", ICML 2024): weights moved towards
+    the parts far from their own optimum, measured by an estimate of the *excess* risk rather than the loss (so
+    label noise, which raises the loss but not the excess risk, does not attract weight).
+
+    Per part ``i``, with ``J_i`` its gradient on the shared parameters: accumulate ``S_i += J_i^2`` (AdaGrad's
+    diagonal Hessian estimate, Eq. 7), estimate the excess risk ``e_i = sum_p J_ip^2 / sqrt(S_ip + 1e-7)``
+    (``g^T H^-1 g``, Eq. 6), divide it by the part's baseline ``e_i(0)`` (Sec. 3.2), and update the weights by an
+    exponentiated gradient step ``w_i <- w_i exp(robust_step_size * e_i)``, renormalised (Eq. 9).
+
+    :param robust_step_size: ``eta_alpha`` (1.0, the official code, LibMTL and TorchJD).
+    :param n_warmup_steps: calls with uniform weights during which the excess risks are averaged into the
+        baseline (0: the first call's excess risk is the baseline and is used unscaled, as the official code,
+        LibMTL and TorchJD; the paper's appendix C.1 collects 3 epochs).
+
+    Factor ``T``: the paper's and TorchJD's weights sum to 1 (the official code and LibMTL start from 1 per
+    part, lossport's ``b = 1`` at the start too). Follows TorchJD 0.18's ``ExcessMTLWeighting`` (tested equal).
+    Needs the per-part gradients (``T x P`` memory, plus the ``T x P`` accumulated squares in the state, copied
+    once per computed step so that a failed step leaves the state unchanged); ``gramian="params"`` only. The
+    accumulators restart (counted in ``info`` as ``excess_mtl/restarts``) if the set of shared parameters
+    changes. State per part name: a missing part keeps its accumulator and weight; the weights of the parts
+    present are a softmax over their log-weights."""
+
+    name = "excess_mtl"
+    kind: ClassVar[str] = "gramian"
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, **engine: Any) -> None:
+        super().__init__(**engine)
+        if self.mode != "params":
+            raise ValueError(
+                "ExcessMTL accumulates squared gradients per shared parameter across steps; in features mode the "
+                "coordinates are the examples of one batch, so use gramian='params'"
+            )
+        if not robust_step_size > 0:
+            raise ValueError(f"ExcessMTL: robust_step_size must be > 0, not {robust_step_size!r}")
+        self.robust_step_size = float(robust_step_size)
+        self.n_warmup_steps = _count("ExcessMTL: n_warmup_steps", n_warmup_steps, 0)
+        self._jac: Tensor | None = None
+        self._sq: dict[str, Tensor] = {}
+        self._steps: dict[str, int] = {}
+        self._warm: dict[str, float] = {}
+        self._initial: dict[str, float] = {}
+        self._logw: dict[str, float] = {}
+        self._width: int | None = None
+        self._restarts = 0
+
+    def compute_gramian(self, losses: Losses) -> Tensor:
+        J, _ = self.compute_jacobian(losses)
+        self._jac = J.detach()
+        J64 = self._jac.to(torch.float64)
+        return J64 @ J64.T
+
+    def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        J, self._jac = self._jac, None
+        assert J is not None, "ExcessMTL.weigh is called by balance() after compute_gramian"
+        return len(losses.names) * self.weigh_jacobian(J, losses.names)
+
+    def weigh_jacobian(self, J: Tensor, names: list[str]) -> Tensor:
+        """The weights (sum 1) after this step's update, from the Jacobian ``J`` (rows: ``names``); updates the
+        state."""
+        if self._width is not None and J.shape[1] != self._width:
+            self._sq, self._steps, self._warm, self._initial = {}, {}, {}, {}
+            self._restarts += 1
+        self._width = J.shape[1]
+        for i, k in enumerate(names):
+            sq_i = J[i].detach() ** 2
+            acc = self._sq[k].to(sq_i.device) + sq_i if k in self._sq else sq_i
+            self._sq[k] = acc
+            e = float((sq_i / torch.sqrt(acc + 1e-7)).sum())
+            n = self._steps.get(k, 0)
+            self._steps[k] = n + 1
+            if n < self.n_warmup_steps:
+                self._warm[k] = self._warm.get(k, 0.0) + e
+                continue
+            if k not in self._initial:
+                if self.n_warmup_steps > 0:
+                    self._initial[k] = self._warm[k] / self.n_warmup_steps
+                    e = e / (self._initial[k] + 1e-7)
+                else:
+                    self._initial[k] = e
+            else:
+                e = e / (self._initial[k] + 1e-7)
+            self._logw[k] = self._logw.get(k, 0.0) + self.robust_step_size * e
+        logw = torch.tensor([self._logw.get(k, 0.0) for k in names], dtype=torch.float64)
+        self.info["excess_mtl/restarts"] = float(self._restarts)
+        return torch.softmax(logw, dim=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "sq": {k: v.clone() for k, v in self._sq.items()},
+            "steps": dict(self._steps),
+            "warm": dict(self._warm),
+            "initial": dict(self._initial),
+            "logw": dict(self._logw),
+            "width": self._width,
+            "restarts": self._restarts,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._sq = {k: v.clone() for k, v in state["sq"].items()}
+        self._steps = {k: int(v) for k, v in state["steps"].items()}
+        self._warm = {k: float(v) for k, v in state["warm"].items()}
+        self._initial = {k: float(v) for k, v in state["initial"].items()}
+        self._logw = {k: float(v) for k, v in state["logw"].items()}
+        self._width = None if state["width"] is None else int(state["width"])
+        self._restarts = int(state["restarts"])
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", robust_step_size={self.robust_step_size})"
+
+
+__all__ = ["Krum", "TrimmedMean", "ExcessMTL", "krum", "trimmed_mean"]
