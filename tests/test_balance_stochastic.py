@@ -8,7 +8,8 @@ from torch import nn
 from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, MoDoWeighting, SDMGradWeighting, UPGradWeighting
 
 import lossport
-from lossport.balance import CRMOGM, MoDo, SDMGrad, UPGrad, resolve
+from lossport.balance import CRMOGM, MoCo, MoDo, SDMGrad, UPGrad, resolve
+from lossport.graph import shared_parameters
 
 NAMES = ["a", "b", "c"]
 SPEC = dict.fromkeys(NAMES, "mse")
@@ -201,6 +202,72 @@ def test_sdmgrad_and_modo_train_three_steps(name):
     net = Net()
     r = lossport.train(
         net, batch(7, n=48), SPEC, balance=name, epochs=1, batch_size=16, shuffle=False, progress=False, seed=0
+    )
+    assert len(r.history.batch_values("loss")) == 3
+    assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ MoCo
+def flat_grad(y, params):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(y, params, retain_graph=True)])
+
+
+def test_moco_follows_libmtls_update_over_three_steps():
+    net = Net()
+    beta, beta_sigma, gamma, gamma_sigma, rho = 0.5, 0.5, 0.8, 0.5, 0.1
+    bal = MoCo(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
+    obj = lossport.Objective(SPEC, weights={"a": 1.0, "b": 2.0, "c": 0.5}, balance=bal)
+    s = torch.tensor([1.0, 2.0, 0.5])
+    heads = list(net.heads.parameters())
+    Y, lam = None, torch.full((3,), 1 / 3, dtype=torch.float64)
+    for k in range(1, 4):
+        losses = obj(net, batch(k))
+        params = shared_parameters([losses.parts[n] for n in NAMES])
+        J = torch.stack([flat_grad(losses.parts[n], params) for n in NAMES])
+        vals = torch.tensor([losses.parts[n].item() for n in NAMES])
+        target = J / (J.norm(dim=1, keepdim=True) + 1e-8) * (vals * s)[:, None]
+        Y = torch.zeros_like(J) if Y is None else Y
+        Y = Y - beta / k**beta_sigma * (Y - target)
+        M = Y.double() @ Y.double().T + rho * torch.eye(3, dtype=torch.float64)
+        lam = torch.softmax(lam - gamma / k**gamma_sigma * (M @ lam), dim=0)
+        assert torch.allclose(flat_grad(losses.total, params), 3 * (lam.float() @ Y), rtol=1e-4, atol=1e-6)
+        plain = flat_grad(sum(s[i] * losses.parts[n] for i, n in enumerate(NAMES)), heads)
+        assert torch.allclose(flat_grad(losses.total, heads), plain, rtol=1e-5, atol=1e-7)
+        assert [bal.state_dict()["lambda"][n] for n in NAMES] == pytest.approx(lam.tolist(), rel=1e-6)
+    assert not torch.allclose(lam, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_moco_state_round_trip_every_k_and_errors():
+    net = Net()
+    bal = resolve("moco", every=2)
+    obj = lossport.Objective(SPEC, balance=bal)
+    first = obj(net, batch(0))
+    assert "moco/shared" in first.extra
+    assert "moco/shared" not in obj(net, batch(1)).extra  # the call between is the plain sum
+    obj(net, batch(2))
+    assert bal.state_dict()["k"] == 2 and len(bal.state_dict()["y"]["a"]) == sum(
+        p.numel() for p in net.trunk.parameters()
+    )
+    twin = resolve("moco", every=2)
+    twin.load_state_dict(bal.state_dict())
+    obj2 = lossport.Objective(SPEC, balance=twin)
+    for s in range(3, 7):
+        l1, l2 = obj(net, batch(s)), obj2(net, batch(s))
+        assert l1.weights == l2.weights
+        if "moco/shared" in l1.extra:
+            params = list(net.trunk.parameters())
+            assert torch.allclose(flat_grad(l1.total, params), flat_grad(l2.total, params))
+    with pytest.raises(ValueError, match="gramian='params'"):
+        MoCo(gramian="features", features="h")
+    with pytest.raises(ValueError, match="beta"):
+        MoCo(beta=0.0)
+
+
+def test_moco_trains_three_steps():
+    net = Net()
+    r = lossport.train(
+        net, batch(7, n=48), SPEC, balance="moco", epochs=1, batch_size=16, shuffle=False, progress=False, seed=0
     )
     assert len(r.history.batch_values("loss")) == 3
     assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)

@@ -48,9 +48,9 @@ from .robust import ExcessMTL, Krum, TrimmedMean  # noqa: E402
 __all__ += ["Krum", "TrimmedMean", "ExcessMTL"]
 
 from .priority import PCD  # noqa: E402
-from .stochastic import CRMOGM, MoDo, SDMGrad  # noqa: E402
+from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
 
-__all__ += ["PCD", "CRMOGM", "SDMGrad", "MoDo"]
+__all__ += ["PCD", "CRMOGM", "SDMGrad", "MoDo", "MoCo"]
 
 from .bilevel import LDCMTL  # noqa: E402
 from .group import GO4Align  # noqa: E402

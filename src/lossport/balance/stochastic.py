@@ -222,4 +222,115 @@ class MoDo(_CarriedSimplex):
         return super().__repr__()[:-1] + f", gamma={self.gamma}, rho={self.rho})"
 
 
-__all__ = ["CRMOGM", "SDMGrad", "MoDo"]
+@register("moco")
+class MoCo(_Surgery):
+    """MoCo (Fernando, Shen, Liu, Chaudhury, Murugesan, Chen, "Mitigating Gradient Bias in Multi-objective
+    Learning: A Provably Convergent Approach", ICLR 2023), in the form of LibMTL's implementation (from the
+    authors' code): track each part's gradient with a moving average and run MGDA-like weights on the tracked
+    gradients, which removes the bias that a single batch's stochastic gradients put into MGDA's weights.
+
+    At the ``k``-th computed step, with ``g_i`` part ``i``'s gradient on the shared parameters and ``L_i`` its
+    value (times its static weight):
+
+    * ``y_i <- y_i - beta_k (y_i - L_i g_i / (||g_i|| + 1e-8))`` (``y_i = 0`` at the start),
+    * ``lambda <- softmax(lambda - gamma_k (Y Y^T + rho I) lambda)`` (``lambda = 1/T`` at the start),
+    * the shared parameters move along ``d = T Y^T lambda``,
+
+    with ``beta_k = beta / k^beta_sigma`` and ``gamma_k = gamma / k^gamma_sigma``. Defaults: LibMTL's ``beta =
+    0.5``, ``beta_sigma = 0.5``, ``gamma = 0.1``, ``gamma_sigma = 0.5``, ``rho = 0``.
+
+    Factor ``T``: LibMTL's update is ``Y^T lambda`` (``lambda`` sums to 1). Applied through the zero-valued term
+    ``moco/shared`` (:mod:`lossport.balance.surgery`); heads receive their plain gradient (``b = 1``), as in
+    LibMTL. **State**: the tracked gradients ``Y``, ``T x P`` floats (``P`` the number of shared parameters: as
+    much memory as a second copy of the trunk per part, kept on the gradients' device and saved in the state
+    dict), ``lambda`` and the step count. The tracks restart (counted in ``info`` as ``moco/restarts``) if the
+    set of shared parameters changes. ``gramian="params"`` only: in ``features`` mode the coordinates are the
+    examples of one batch, and a moving average across batches of different examples means nothing.
+    ``every=K``: MoCo runs (and its state moves) on every ``K``-th call; the calls between are the plain sum.
+    A missing part keeps its track and its ``lambda``; the softmax runs over the parts present."""
+
+    name = "moco"
+    kind: ClassVar[str] = "gramian"
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        **engine: Any,
+    ) -> None:
+        super().__init__(**engine)
+        if self.mode != "params":
+            raise ValueError(
+                "MoCo tracks each part's gradient across steps; in features mode the coordinates are the examples "
+                "of one batch, so use gramian='params'"
+            )
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"MoCo: beta must be in (0, 1], not {beta!r}")
+        if not gamma > 0:
+            raise ValueError(f"MoCo: gamma must be > 0, not {gamma!r}")
+        if not (beta_sigma >= 0 and gamma_sigma >= 0 and rho >= 0):
+            raise ValueError(
+                f"MoCo: beta_sigma, gamma_sigma and rho must be >= 0, not {beta_sigma!r}, {gamma_sigma!r}, {rho!r}"
+            )
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
+        self._k = 0
+        self._y: dict[str, Tensor] = {}
+        self._lambda: dict[str, float] = {}
+        self._width: int | None = None
+        self._restarts = 0
+
+    def surgery(self, J: Tensor, xs: list[Tensor], losses: Losses, s: Tensor) -> tuple[Tensor, Tensor, dict]:
+        names = losses.names
+        T = len(names)
+        k = self._k + 1
+        state: dict[str, Any] = {"_k": k, "_width": J.shape[1]}
+        tracks = self._y
+        if self._width is not None and J.shape[1] != self._width:
+            tracks = {}
+            state["_restarts"] = self._restarts + 1
+        vals = torch.tensor([float(losses.parts[n].detach()) for n in names], dtype=J.dtype, device=J.device)
+        target = J / (J.norm(dim=1, keepdim=True) + 1e-8) * (vals * s)[:, None]
+        beta_k = self.beta / k**self.beta_sigma
+        Y = torch.stack([tracks[n].to(J) if n in tracks else torch.zeros_like(J[0]) for n in names])
+        Y = Y - beta_k * (Y - target)
+        lam = torch.tensor([self._lambda.get(n, 1.0 / T) for n in names], dtype=torch.float64, device=J.device)
+        YY = (Y.to(torch.float64) @ Y.to(torch.float64).T) + self.rho * torch.eye(
+            T, dtype=torch.float64, device=J.device
+        )
+        lam = torch.softmax(lam - self.gamma / k**self.gamma_sigma * (YY @ lam), dim=0)
+        state["_y"] = {**tracks, **{n: Y[i].detach().clone() for i, n in enumerate(names)}}
+        state["_lambda"] = {**self._lambda, **dict(zip(names, lam.tolist()))}
+        d = T * (lam.to(J.dtype) @ Y)
+        return torch.ones(T, dtype=J.dtype, device=J.device), d - s @ J, state
+
+    def balance(self, losses: Losses) -> Any:
+        out = super().balance(losses)
+        self.info["moco/restarts"] = float(self._restarts)
+        for k, v in self._lambda.items():
+            self.info[f"moco/lambda/{k}"] = v
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "k": self._k,
+            "y": {k: v.clone() for k, v in self._y.items()},
+            "lambda": dict(self._lambda),
+            "width": self._width,
+            "restarts": self._restarts,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._k = int(state["k"])
+        self._y = {k: v.clone() for k, v in state["y"].items()}
+        self._lambda = {k: float(v) for k, v in state["lambda"].items()}
+        self._width = None if state["width"] is None else int(state["width"])
+        self._restarts = int(state["restarts"])
+
+
+__all__ = ["CRMOGM", "SDMGrad", "MoDo", "MoCo"]
