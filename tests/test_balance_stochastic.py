@@ -118,6 +118,8 @@ def test_errors():
         CRMOGM(base="graddrop")
     with pytest.raises(TypeError, match="function of the Gramian"):
         CRMOGM(base="uw")
+    with pytest.raises(TypeError, match="function of the Gramian"):
+        CRMOGM(base="excess_mtl")
     with pytest.raises(ValueError, match="engine options"):
         CRMOGM(base=UPGrad(every=3))
     with pytest.raises(ValueError, match="alpha"):

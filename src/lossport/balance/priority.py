@@ -3,10 +3,11 @@
 Unlike every other balancer here, PCD is not symmetric in the parts: it follows the gradient of one *primary*
 part as closely as possible, subject to every *secondary* part getting at least a fraction ``tau`` of the
 first-order progress a step along its own normalised gradient would give. The rule is taken from TorchJD 0.18's
-``PCD`` / ``PCDWeighting`` documentation (which cites Varam et al., "Not All Objectives Are Born Equal:
-Priority-Constrained Descent for Hierarchical Multi-Objective Optimization", TMLR 2026, arXiv 2606.29521,
-reference code github.com/DaraVaram/priority-constrained-descent); the paper itself was not read here. The
-tests check the weights against TorchJD's.
+``PCD`` / ``PCDWeighting`` documentation, which cites "Not All Objectives Are Born Equal: Priority-Constrained
+Descent for Hierarchical Multi-Objective Optimization" (TMLR 2026, arXiv 2606.29521, reference code
+github.com/DaraVaram/priority-constrained-descent); the paper itself was not read here. The QP is solved by a
+different method than TorchJD's (a complementarity solver with an exact active-set enumeration as fallback,
+instead of Goldfarb-Idnani); the tests check the weights against TorchJD's.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ def _independent(A: Tensor, dependence_tol: float) -> tuple[Tensor, Tensor]:
 def _kkt_ok(Gs: Tensor, q: Tensor, mu: Tensor, atol: float, dependence_tol: float) -> bool:
     """``mu >= 0``, every slack ``q + Gs mu >= -tol`` and the constraints with ``mu_j > 0`` active
     (``slack_j <= tol``), with linearly independent active gradients: ``mu`` solves the dual, ``g_1 + sum_j
-    mu_j g_j`` the primal. ``tol`` is ``atol`` plus
-    100 times the rounding error of the slacks (``eps_64 |Gs| mu``: large multipliers on nearly dependent
-    gradients)."""
+    mu_j g_j`` the primal. ``tol`` is ``atol`` plus 100 times the rounding error of the slacks (``eps_64 |Gs|
+    mu``: large multipliers on nearly dependent gradients)."""
     if not bool(torch.isfinite(mu).all()) or float(mu.min()) < 0:
         return False
     slack = q + Gs @ mu
@@ -96,9 +96,9 @@ def pcd_direction(G: Tensor, taus: Tensor, tol: float = 1e-9, dependence_tol: fl
         return w
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SolverWarning)  # a failed solve is caught by the KKT check
-        mu: Tensor | None = box_qp(Gs, q[None], torch.zeros(1, T - 1, dtype=torch.float64, device=G.device))[0]
-    assert mu is not None
-    if not _kkt_ok(Gs, q, mu, atol, dependence_tol):
+        qp = box_qp(Gs, q[None], torch.zeros(1, T - 1, dtype=torch.float64, device=G.device))[0]
+    mu: Tensor | None = qp
+    if not _kkt_ok(Gs, q, qp, atol, dependence_tol):
         if T > _MAX_ENUMERATED:
             raise ValueError(
                 f"PCD: the dual solver failed on a singular or ill-conditioned Gramian of {T} parts and the exact "

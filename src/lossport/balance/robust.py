@@ -162,14 +162,15 @@ class TrimmedMean(_Surgery):
 
 @register("excess_mtl", "excessmtl")
 class ExcessMTL(GramianBalancer):
-    """ExcessMTL (He, Fu, Gu, "Robust Multi-Task Learning with Excess Risks", ICML 2024): weights moved towards
+    """ExcessMTL (He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024): weights moved towards
     the parts far from their own optimum, measured by an estimate of the *excess* risk rather than the loss (so
     label noise, which raises the loss but not the excess risk, does not attract weight).
 
     Per part ``i``, with ``J_i`` its gradient on the shared parameters: accumulate ``S_i += J_i^2`` (AdaGrad's
     diagonal Hessian estimate, Eq. 7), estimate the excess risk ``e_i = sum_p J_ip^2 / sqrt(S_ip + 1e-7)``
     (``g^T H^-1 g``, Eq. 6), divide it by the part's baseline ``e_i(0)`` (Sec. 3.2), and update the weights by an
-    exponentiated gradient step ``w_i <- w_i exp(robust_step_size * e_i)``, renormalised (Eq. 9).
+    exponentiated gradient step ``w_i <- w_i exp(robust_step_size * e_i)``, renormalised (Eq. 9; the equation
+    numbers are those TorchJD's documentation cites).
 
     :param robust_step_size: ``eta_alpha`` (1.0, the official code, LibMTL and TorchJD).
     :param n_warmup_steps: calls with uniform weights during which the excess risks are averaged into the

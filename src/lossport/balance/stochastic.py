@@ -36,7 +36,7 @@ from .surgery import _Surgery
 
 @register("cr_mogm", "crmogm")
 class CRMOGM(GramianBalancer):
-    """CR-MOGM (Zhou, Zhang, Jiang, Chen, Tsang, Kwok, "On the Convergence of Stochastic Multi-Objective
+    """CR-MOGM (Zhou et al., "On the Convergence of Stochastic Multi-Objective
     Gradient Manipulation and Beyond", NeurIPS 2022): smooth the weights of another gradient-level method with
     an exponential moving average, ``lambda_k = alpha lambda_{k-1} + (1 - alpha) lambda_hat_k``, where
     ``lambda_hat_k`` are the wrapped method's weights at step ``k`` and ``lambda_0 = lambda_hat_1`` (so the first
@@ -60,7 +60,11 @@ class CRMOGM(GramianBalancer):
     def __init__(self, base: str | GramianBalancer = "mgda", alpha: float = 0.9, **engine: Any) -> None:
         super().__init__(**engine)
         inner = resolve(base) if isinstance(base, str) else base
-        if not isinstance(inner, GramianBalancer) or isinstance(inner, _Surgery):
+        if (
+            not isinstance(inner, GramianBalancer)
+            or isinstance(inner, _Surgery)
+            or type(inner).compute_gramian is not GramianBalancer.compute_gramian  # ExcessMTL needs the gradients
+        ):
             raise TypeError(f"CRMOGM: base must be a method whose weights are a function of the Gramian, not {inner!r}")
         if inner.mode != "params" or inner.every != 1 or inner.params is not None:
             raise ValueError(
@@ -192,7 +196,7 @@ class SDMGrad(_CarriedSimplex):
 @register("modo")
 class MoDo(_CarriedSimplex):
     """MoDo (Chen, Fernando, Ying, Chen, "Three-Way Trade-Off in Multi-Objective Learning: Optimization,
-    Generalization and Conflict-Avoidance", JMLR 2024, Eq. 2.9a): one projected gradient step per training step
+    Generalization and Conflict-Avoidance", JMLR 2024): one projected gradient step per training step
     on the simplex weights, ``lambda <- proj_simplex(lambda - gamma (G lambda + rho lambda))``, starting from
     ``1/T``; the update is ``J^T lambda``.
 
@@ -224,7 +228,7 @@ class MoDo(_CarriedSimplex):
 
 @register("moco")
 class MoCo(_Surgery):
-    """MoCo (Fernando, Shen, Liu, Chaudhury, Murugesan, Chen, "Mitigating Gradient Bias in Multi-objective
+    """MoCo (Fernando et al., "Mitigating Gradient Bias in Multi-objective
     Learning: A Provably Convergent Approach", ICLR 2023), in the form of LibMTL's implementation (from the
     authors' code): track each part's gradient with a moving average and run MGDA-like weights on the tracked
     gradients, which removes the bias that a single batch's stochastic gradients put into MGDA's weights.
