@@ -259,6 +259,15 @@ def test_excess_mtl_balancer_uses_the_shared_jacobian_and_keeps_its_state():
         ExcessMTL(robust_step_size=0.0)
 
 
+def test_excess_mtl_every_k_moves_its_state_on_computed_calls_only():
+    net = Net()
+    bal = ExcessMTL(every=2)
+    obj = lossport.Objective(SPEC, balance=bal)
+    ws = [obj(net, batch(s)).weights for s in range(3)]
+    assert ws[0] == ws[1] != ws[2]
+    assert bal.state_dict()["steps"] == dict.fromkeys(NAMES, 2) and bal._jac is None
+
+
 def test_excess_mtl_trains_three_steps():
     net = Net()
     r = lossport.train(

@@ -214,8 +214,14 @@ class ExcessMTL(GramianBalancer):
         J64 = self._jac.to(torch.float64)
         return J64 @ J64.T
 
+    def balance(self, losses: Losses) -> dict[str, Tensor | float]:
+        try:
+            return super().balance(losses)
+        finally:
+            self._jac = None  # never keep a batch's Jacobian past its step (a failed call included)
+
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        J, self._jac = self._jac, None
+        J = self._jac
         assert J is not None, "ExcessMTL.weigh is called by balance() after compute_gramian"
         return len(losses.names) * self.weigh_jacobian(J, losses.names)
 
