@@ -47,7 +47,9 @@ class LDCMTL(LearnedBalancer):
     ``sum_i c_i dLt_i/dL_i grad L_i`` with ``c_i = sigma_i (1 + lambda (s_i - s_{i-1}))``; lossport returns
     ``b_i = T c_i dLt_i/dL_i`` (detached; factor ``T``: ``sigma`` sums to 1) and the extra term ``ldc_mtl/router``
     (value 0, gradient ``dF/dr``), so ``losses.total.backward()`` gives the router the authors' gradient and
-    :meth:`step` takes one Adam step on it.
+    :meth:`step` takes one Adam step on it. The net descends the penalty too (the authors' single-level form): a
+    part whose weighted loss lies below both neighbours gets ``c_i = sigma_i (1 - 2 lambda)``, negative for
+    ``lambda > 1/2`` (the authors use at most 0.1): the net is then pushed to raise that loss.
 
     :param lamb: the penalty ``lambda`` (the authors' ``--lamb``: 0.05 on NYUv2 and QM9, 0.1 Cityscapes, 0.01
         CelebA).
