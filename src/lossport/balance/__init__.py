@@ -47,3 +47,17 @@ __all__ = [
     "FAMO",
     "GradNorm",
 ]
+
+from .robust import ExcessMTL, Krum, TrimmedMean  # noqa: E402
+
+__all__ += ["Krum", "TrimmedMean", "ExcessMTL"]
+
+from .priority import PCD  # noqa: E402
+from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
+
+__all__ += ["PCD", "CRMOGM", "SDMGrad", "MoDo", "MoCo"]
+
+from .bilevel import LDCMTL  # noqa: E402
+from .group import GO4Align  # noqa: E402
+
+__all__ += ["GO4Align", "LDCMTL"]
