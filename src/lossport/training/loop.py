@@ -376,6 +376,7 @@ class _Run:
         end = self.stepper.finish(r, view.batch)
         if end is not None and end.kind == "skipped":
             stats.skipped += 1
+        self.stepper.check_parameters(r)
         seconds = time.perf_counter() - t_round
         st.train_seconds += seconds
         st.train_examples += stats.examples

@@ -5,7 +5,8 @@ to be finite *before* the balancer sees it and before any backward; the balancer
 gradient-level balancer reports a non-finite gradient as ``FloatingPointError``); one backward of the total
 (divided by ``accumulate``, scaled by the ``GradScaler`` under ``"16-mixed"``). Every ``accumulate`` batches:
 the gradients are unscaled, checked to be finite (one sum per parameter tensor), clipped, the optimizer steps,
-the parameters are checked to be finite, and the balancer's own update runs (``objective.step``).
+and the balancer's own update runs (``objective.step``). The parameters are checked whenever something is
+non-finite and at the end of every round (:meth:`Stepper.check_parameters`), not after every step.
 
 Any failed check is either a :class:`~lossport.NonFiniteLossError` (``on_nonfinite="raise"``) whose message
 says what was and what was not applied, or a skipped batch (``"skip"``) counted in the round's history.
@@ -109,6 +110,7 @@ class Stepper:
             raw_vals, extra_vals = floats(raw.parts), floats(raw.extra)
         bad = [k for k, v in {**raw_vals, **extra_vals}.items() if not math.isfinite(v)]
         if bad:
+            self.check_parameters(r, b)  # the cause may be weights an earlier step overflowed
             value = raw_vals.get(bad[0], extra_vals.get(bad[0]))
             raise _Skip(
                 f"part {bad[0]!r} is {value} in round {r}, batch {b} (0-based; non-finite parts: {bad}); no "
@@ -135,6 +137,7 @@ class Stepper:
         try:
             losses = balancer(raw)  # type: ignore[misc]
         except FloatingPointError as err:  # finite parts whose gradients are not (Gramian, surgery)
+            self.check_parameters(r, b)
             raise _Skip(
                 f"round {r}, batch {b}: every part is finite but the balancer {balancer!r} met a non-finite "
                 f"gradient ({err}); no step was taken. Check the losses' gradients (e.g. sqrt or log at 0), or "
@@ -157,6 +160,7 @@ class Stepper:
         else:
             grads = [p.grad for p in inner.parameters() if p.grad is not None]
             if grads and not all_finite(grads):
+                self.check_parameters(r, b)
                 bad = [n for n, p in inner.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
                 opt.zero_grad(set_to_none=True)
                 raise _Skip(_bad_gradient_message(bad, r, b))
@@ -168,7 +172,6 @@ class Stepper:
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        self._check_parameters(r, b)
         if self.batch_scheduler is not None:
             self.batch_scheduler.step()
         try:
@@ -179,17 +182,20 @@ class Stepper:
                 f"non-finite value ({err}) and was not applied"
             ) from err
 
-    def _check_parameters(self, r: int, b: int) -> None:
-        """After the optimizer step: every parameter finite, or an error in both modes (a net whose weights hold
-        NaN or inf cannot go on training, and the step cannot be undone: no copy of the weights is kept)."""
+    def check_parameters(self, r: int, b: int | None = None) -> None:
+        """Every parameter finite, or a :class:`~lossport.NonFiniteLossError` in both modes: a net whose weights
+        hold NaN or inf cannot go on training, and the optimizer step that made them so cannot be undone (no copy
+        of the weights is kept). Checked whenever a part, a gradient or the balancer is non-finite, and at the end
+        of every round (so that no such net is checkpointed or reported "completed"), not after every step."""
         params = [p.detach() for p in self.inner.parameters()]
         if not params or all_finite(params):
             return
         bad = [n for n, p in self.inner.named_parameters() if not p.detach().isfinite().all()]
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        where = f"round {r}, batch {b} (0-based)" if b is not None else f"the end of round {r}"
         raise NonFiniteLossError(
-            f"round {r}, batch {b} (0-based): the gradients were finite, but the optimizer step itself made {shown} "
-            "NaN or inf (an overflow: too large a step for the parameters' dtype). The net now holds these "
+            f"at {where}: the parameters {shown} are NaN or inf. An optimizer step made them so although its "
+            "gradients were finite (an overflow: too large a step for the parameters' dtype). The net holds these "
             "non-finite weights and lossport cannot restore the previous ones (it keeps no copy); a checkpoint "
             "(checkpoint=DIR) holds the weights of the last complete round. Lower the learning rate, clip the "
             "gradients (grad_clip=), or train in a wider dtype"
