@@ -148,3 +148,51 @@ def test_an_output_named_loss_gives_loss_slash_parts():
     assert [t.name for t in compile_spec("loss", ["loss", "logits"], structure="dict")] == ["loss/port"]
     names = [t.name for t in compile_spec({"loss": "mse", "y": "mae"}, ["loss", "y"], structure="dict")]
     assert names == ["loss/mse", "y"]
+
+
+def test_negative_weight_needs_scaled_and_all_zero_weights_are_refused() -> None:
+    """A negative weight maximises its loss: allowed only when asked for in the spec (Scaled(spec, -r))."""
+    import torch
+    from torch import nn
+
+    from lossport import LossSpecError, Objective, Scaled
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.lin(x)
+            return {"a": h[:, :1], "b": h[:, 1:]}
+
+    batch = {"x": torch.randn(4, 3), "a": torch.randn(4, 1), "b": torch.randn(4, 1)}
+    with pytest.raises(LossSpecError, match=r"negative weight \('b': -0.5\).*Scaled\(<its loss>, -0.5\)"):
+        Objective({"a": "mse", "b": "mse"}, weights={"a": 1.0, "b": -0.5})(Two(), batch)
+    asked = Objective({"a": "mse", "b": Scaled("mse", -0.5)})(Two(), batch)
+    assert asked.weights["b"] == -0.5
+    with pytest.raises(LossSpecError, match="every loss has weight 0"):
+        Objective({"a": "mse", "b": "mse"}, weights=[0, 0])(Two(), batch)
+    assert Objective({"a": "mse", "b": "mse"}, weights=[0, 1])(Two(), batch).weights["a"] == 0.0
+
+
+@pytest.mark.parametrize("key", ["a_weights", "weight_a", "a_sample_weight", "sample_weight", "A_W"])
+def test_a_misspelt_sample_weight_key_is_an_error_naming_the_right_one(key: str) -> None:
+    import torch
+    from torch import nn
+
+    from lossport import LossSpecError, Objective
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"a": self.lin(x)}
+
+    batch = {"x": torch.randn(4, 3), "a": torch.randn(4, 1), key: torch.rand(4)}
+    with pytest.raises(LossSpecError, match=f"batch key '{key}' looks like .*'a_weight'"):
+        Objective({"a": "mse"})(Net(), batch)
+    good = {"x": batch["x"], "a": batch["a"], "a_weight": torch.rand(4)}
+    Objective({"a": "mse"})(Net(), good)  # the right key is read, no error

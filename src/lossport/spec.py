@@ -546,7 +546,21 @@ def apply_weights(terms: Sequence[Term], weights: Any) -> list[Term]:
     if weights is None:
         return list(terms)
     given = _weights_by_name(losses, weights)
-    return [replace(t, weight=given[t.name]) if t.name in given else t for t in terms]
+    negative = {n: w for n, w in given.items() if w < 0}
+    if negative:
+        n, w = next(iter(negative.items()))
+        raise LossSpecError(
+            f"weights gives {_fmt(negative)} a negative weight ({n!r}: {w}), which would maximise that loss. If that "
+            f"is what you want (an adversarial or gradient-reversal term), say so in the spec: Scaled(<its loss>, "
+            f"{w}) for output {n.split('/')[0]!r}, and give it weight 1.0 here"
+        )
+    out = [replace(t, weight=given[t.name]) if t.name in given else t for t in terms]
+    if losses and all(t.static_weight == 0 for t in out if t.kind is not TermKind.REG):
+        raise LossSpecError(
+            f"every loss has weight 0 ({_fmt([t.name for t in losses])}), so training would change nothing (the parts "
+            "would only be reported). Give at least one loss a non-zero weight"
+        )
+    return out
 
 
 def _weights_by_name(losses: Sequence[Term], weights: Any) -> dict[str, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -89,6 +90,7 @@ def bind(spec: Any, weights: Any, targets: TargetsArg, net: nn.Module, batch: Ba
     terms = [replace(t, target=keys[t.output]) if t.needs_target and t.output is not None else t for t in terms]
     if isinstance(batch, Mapping) and not callable(targets):
         _check_clash(terms, inner, targets)
+        _check_weight_keys(batch, list(outputs), set(kwargs) | set(keys.values()))
     return Plan(
         terms=tuple(terms),
         structure=structure,
@@ -192,6 +194,27 @@ def fit_cross_entropy(t: Term, producer: Producer) -> Term:
         )
     layer.from_logits = False
     return replace(t, loss=layer, how=t.how + f", from the probabilities of {where}")
+
+
+def _check_weight_keys(batch: Mapping[str, Any], outputs: list[str], used: set[str]) -> None:
+    """A batch key that nothing reads but that looks like an output's sample weights (``a_weights``,
+    ``weight_a``, ``sample_weight``) is a misspelling of ``a_weight``: an error, since the weights would be ignored."""
+    for key in batch:
+        if key in used or key in {f"{o}_weight" for o in outputs}:
+            continue
+        k = str(key).lower()
+        for o in outputs:
+            ol = re.escape(o.lower())
+            if re.fullmatch(rf"(sample_?)?weights?_{ol}|{ol}[_-]?(sample_?)?(weights?|wts?|w)", k):
+                raise LossSpecError(
+                    f"batch key {key!r} looks like the sample weights of output {o!r}, but nothing reads it: "
+                    f"lossport reads them from {o + '_weight'!r}. Rename the key"
+                )
+        if k in ("sample_weight", "sample_weights", "weights") and outputs:
+            raise LossSpecError(
+                f"batch key {key!r} looks like sample weights, but nothing reads it: lossport reads the sample "
+                f"weights of output o from key 'o_weight' ({', '.join(repr(o + '_weight') for o in outputs)})"
+            )
 
 
 def _check_clash(terms: list[Term], inner: nn.Module, targets: TargetsArg) -> None:
