@@ -276,3 +276,17 @@ def test_excess_mtl_trains_three_steps():
     assert len(r.history.batch_values("loss")) == 3
     assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_excess_mtl_accumulators_take_the_dtype_asked_by_to_and_move_with_it():
+    net = Net()  # float32 parts
+    bal = ExcessMTL().to(torch.float64)  # asked before the first call: the accumulators are created float64
+    obj = lossport.Objective(SPEC, balance=bal)
+    obj(net, batch(0))
+    sq = bal.state_dict()["sq"]
+    assert set(sq) == set(NAMES) and all(v.dtype == torch.float64 for v in sq.values())
+    plain = ExcessMTL()
+    lossport.Objective(SPEC, balance=plain)(net, batch(0))
+    assert all(v.dtype == torch.float32 for v in plain.state_dict()["sq"].values())  # else the gradients' dtype
+    plain.to(torch.float64)
+    assert all(v.dtype == torch.float64 for v in plain._sq.values())  # declared state: to() casts it

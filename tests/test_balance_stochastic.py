@@ -274,3 +274,32 @@ def test_moco_trains_three_steps():
     assert len(r.history.batch_values("loss")) == 3
     assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_crmogm_to_moves_the_base_and_a_state_with_another_base_is_refused_before_loading():
+    net = Net()
+    bal = resolve("cr_mogm", base="mgda")
+    obj = lossport.Objective(SPEC, balance=bal)
+    obj(net, batch(0))
+    assert bal.to(torch.float64) is bal and bal.base._dtype == torch.float64
+    bal.follow(lossport.Losses(parts={k: torch.zeros((), device="meta") for k in NAMES}, weights={}))
+    assert bal.base._device == torch.device("meta")
+    bal.to("cpu")
+    other = resolve("cr_mogm", base="pcgrad")
+    lossport.Objective(SPEC, balance=other)(net, batch(1))
+    before = dict(bal.state_dict()["lambda"])
+    with pytest.raises(ValueError, match="state is PCGrad's; the run uses MGDA"):
+        bal.load_state_dict(other.state_dict())
+    assert bal.state_dict()["lambda"] == before  # nothing was loaded
+
+
+def test_moco_tracks_take_the_dtype_asked_by_to():
+    net = Net()  # float32 parts
+    bal = MoCo().to(torch.float64)
+    lossport.Objective(SPEC, balance=bal)(net, batch(0))
+    assert all(v.dtype == torch.float64 for v in bal.state_dict()["y"].values())
+    plain = MoCo()
+    lossport.Objective(SPEC, balance=plain)(net, batch(0))
+    assert all(v.dtype == torch.float32 for v in plain.state_dict()["y"].values())
+    plain.to(torch.float64)
+    assert all(v.dtype == torch.float64 for v in plain._y.values())

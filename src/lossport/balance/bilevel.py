@@ -15,8 +15,7 @@ plain sum (``O(1)`` in the number of parts).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -76,8 +75,10 @@ class LDCMTL(LearnedBalancer):
             raise ValueError(f"LDCMTL: normalization must be one of {_NORMALIZATIONS}, not {normalization!r}")
         self.lamb = float(lamb)
         self.normalization = normalization
-        self._initial: dict[str, float] = {}
-        self._min0: float | None = None
+        self._initial: dict[str, float]
+        self._min0: float | None
+        self.add_state("_initial", {})  # L_i(0) per part name
+        self.add_state("_min0", None)  # min_j L_j(0) over the first training batch
 
     def _normalized(self, vals: dict[str, float], names: list[str]) -> tuple[list[float], list[float]]:
         """``Lt_i`` and ``dLt_i/dL_i`` of the parts present."""
@@ -125,14 +126,6 @@ class LDCMTL(LearnedBalancer):
         for k, s in zip(names, sg):
             self.info[f"ldc_mtl/sigma/{k}"] = s
         return b, {"ldc_mtl/router": F - F.detach()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial": dict(self._initial), "min0": self._min0}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._initial = {k: float(v) for k, v in state["initial"].items()}
-        self._min0 = None if state["min0"] is None else float(state["min0"])
 
     def __repr__(self) -> str:
         return f"LDCMTL(lamb={self.lamb}, normalization={self.normalization!r}, lr={self.lr})"

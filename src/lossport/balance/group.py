@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..result_types import Losses
 from .base import Balancer, register
@@ -99,7 +99,8 @@ class GO4Align(Balancer):
         self.num_groups = num_groups
         self.robust_step_size = float(robust_step_size)
         self.eps = float(eps)
-        self._p: dict[str, float] = {}
+        self._p: dict[str, float]
+        self.add_state("_p", {})  # probability per part name (floats: host numbers)
 
     def _probabilities(self, vals: Mapping[str, float], names: list[str], known: list[str]) -> dict[str, float]:
         """``p`` after this step's exponentiated update of the parts ``names`` present. ``known``: every part of
@@ -138,12 +139,6 @@ class GO4Align(Balancer):
             self.info[f"go4align/indicator/{k}"] = ind
             self.info[f"go4align/p/{k}"] = p[k]
         return dict(zip(names, weights))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"p": dict(self._p)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._p = {k: float(v) for k, v in state["p"].items()}
 
     def __repr__(self) -> str:
         return f"GO4Align(num_groups={self.num_groups}, robust_step_size={self.robust_step_size})"

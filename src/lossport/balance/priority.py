@@ -174,8 +174,10 @@ class PCD(GramianBalancer):
         self.primary = primary
         self.tau = dict(tau) if isinstance(tau, Mapping) else float(tau)
         self.beta, self.eps = float(beta), float(eps)
-        self._ema: dict[str, float] = {}
-        self._steps: dict[str, int] = {}
+        self._ema: dict[str, float]
+        self._steps: dict[str, int]
+        self.add_state("_ema", {})  # moving average of ||g_i||^2, per part name
+        self.add_state("_steps", {})  # its step count, per part name
 
     def _tau(self, name: str) -> float:
         return float(self.tau.get(name, 0.02)) if isinstance(self.tau, dict) else self.tau
@@ -201,19 +203,11 @@ class PCD(GramianBalancer):
             self._ema[k], self._steps[k] = ema, n
             den = math.sqrt(ema / (1 - self.beta**n) + self.eps)
             scales.append(1 / den if den > 0 else 0.0)
-        taus = torch.tensor([self._tau(names[i]) for i in order[1:]], dtype=torch.float64)
-        wo = pcd(Go, taus, torch.tensor(scales, dtype=torch.float64))
+        taus = torch.tensor([self._tau(names[i]) for i in order[1:]], dtype=torch.float64, device=Go.device)
+        wo = pcd(Go, taus, torch.tensor(scales, dtype=torch.float64, device=Go.device))
         w = torch.empty_like(wo)
         w[order] = wo.to(w.device)
         return w
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ema": dict(self._ema), "steps": dict(self._steps)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._ema = {k: float(v) for k, v in state["ema"].items()}
-        self._steps = {k: int(v) for k, v in state["steps"].items()}
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", primary={self.primary!r}, tau={self.tau!r}, beta={self.beta})"

@@ -15,7 +15,6 @@ or corrupted, and seldom what one wants when every part matters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -199,14 +198,19 @@ class ExcessMTL(GramianBalancer):
             raise ValueError(f"ExcessMTL: robust_step_size must be > 0, not {robust_step_size!r}")
         self.robust_step_size = float(robust_step_size)
         self.n_warmup_steps = _count("ExcessMTL: n_warmup_steps", n_warmup_steps, 0)
-        self._jac: Tensor | None = None
-        self._sq: dict[str, Tensor] = {}
-        self._steps: dict[str, int] = {}
-        self._warm: dict[str, float] = {}
-        self._initial: dict[str, float] = {}
-        self._logw: dict[str, float] = {}
-        self._width: int | None = None
-        self._restarts = 0
+        self._jac: Tensor | None = None  # this batch's Jacobian, between compute_gramian and weigh only
+        self._sq: dict[str, Tensor]  # accumulated squared gradients, on the gradients' device
+        self._steps: dict[str, int]
+        self._warm: dict[str, float]
+        self._initial: dict[str, float]
+        self._logw: dict[str, float]
+        self._width: int | None
+        self._restarts: int
+        for name, value in (
+            ("_sq", {}), ("_steps", {}), ("_warm", {}), ("_initial", {}), ("_logw", {}), ("_width", None),
+            ("_restarts", 0),
+        ):
+            self.add_state(name, value)
 
     def compute_gramian(self, losses: Losses) -> Tensor:
         J, _ = self.compute_jacobian(losses)
@@ -232,9 +236,10 @@ class ExcessMTL(GramianBalancer):
             self._sq, self._steps, self._warm, self._initial = {}, {}, {}, {}
             self._restarts += 1
         self._width = J.shape[1]
+        dtype = self._dtype or J.dtype  # the accumulators' dtype: the one asked by to(), else the gradients'
         for i, k in enumerate(names):
-            sq_i = J[i].detach() ** 2
-            acc = self._sq[k].to(sq_i.device) + sq_i if k in self._sq else sq_i
+            sq_i = J[i].detach().to(dtype) ** 2
+            acc = self._sq[k].to(sq_i) + sq_i if k in self._sq else sq_i
             self._sq[k] = acc
             e = float((sq_i / torch.sqrt(acc + 1e-7)).sum())
             n = self._steps.get(k, 0)
@@ -251,31 +256,9 @@ class ExcessMTL(GramianBalancer):
             else:
                 e = e / (self._initial[k] + 1e-7)
             self._logw[k] = self._logw.get(k, 0.0) + self.robust_step_size * e
-        logw = torch.tensor([self._logw.get(k, 0.0) for k in names], dtype=torch.float64)
+        logw = torch.tensor([self._logw.get(k, 0.0) for k in names], dtype=torch.float64, device=J.device)
         self.info["excess_mtl/restarts"] = float(self._restarts)
         return torch.softmax(logw, dim=0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "sq": {k: v.clone() for k, v in self._sq.items()},
-            "steps": dict(self._steps),
-            "warm": dict(self._warm),
-            "initial": dict(self._initial),
-            "logw": dict(self._logw),
-            "width": self._width,
-            "restarts": self._restarts,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._sq = {k: v.clone() for k, v in state["sq"].items()}
-        self._steps = {k: int(v) for k, v in state["steps"].items()}
-        self._warm = {k: float(v) for k, v in state["warm"].items()}
-        self._initial = {k: float(v) for k, v in state["initial"].items()}
-        self._logw = {k: float(v) for k, v in state["logw"].items()}
-        self._width = None if state["width"] is None else int(state["width"])
-        self._restarts = int(state["restarts"])
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", robust_step_size={self.robust_step_size})"

@@ -22,7 +22,7 @@ seen before restarts every weight from uniform (TorchJD resets when the number o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ from ..solvers import project_simplex
 from .base import register, resolve
 from .gramian_base import GramianBalancer
 from .surgery import _Surgery
+
+C = TypeVar("C", bound="CRMOGM")
 
 
 @register("cr_mogm", "crmogm")
@@ -72,8 +74,10 @@ class CRMOGM(GramianBalancer):
                 f"{inner!r}; only the base's weigh is used"
             )
         self.base = inner
-        self.alpha = alpha
-        self._lambda: dict[str, float] = {}
+        self.alpha = alpha  # validated by the setter, then declared as state (a schedule may change it)
+        self._lambda: dict[str, float]
+        self.add_state("_alpha", self._alpha)
+        self.add_state("_lambda", {})  # the moving average, per part name
 
     @property
     def alpha(self) -> float:
@@ -92,21 +96,26 @@ class CRMOGM(GramianBalancer):
             lam = self.alpha * self._lambda[k] + (1 - self.alpha) * h if k in self._lambda else h
             self._lambda[k] = lam
             out.append(lam)
-        return torch.tensor(out, dtype=torch.float64)
+        return torch.tensor(out, dtype=torch.float64, device=G.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "lambda": dict(self._lambda),
-            "alpha": self.alpha,
-            "base": self.base.state_dict(),
-        }
+        """The declared state, with the wrapped method's own state under ``"base"``."""
+        return {**super().state_dict(), "base": self.base.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check_state(state)  # another method's state is refused as such, before anything is loaded
+        if "base" not in state:
+            raise ValueError(f"this CRMOGM state lacks ['base'] (it has {sorted(state)}): start the balancer afresh")
+        self.base.check_state(state["base"])
         super().load_state_dict(state)
-        self._lambda = {k: float(v) for k, v in state["lambda"].items()}
-        self.alpha = float(state["alpha"])
+        self.alpha = float(self._alpha)  # validated again
         self.base.load_state_dict(state["base"])
+
+    def to(self: C, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> C:
+        """Move this balancer's state and the wrapped method's (:meth:`Balancer.to`)."""
+        super().to(device, dtype)
+        self.base.to(device, dtype)
+        return self
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", base={self.base!r}, alpha={self.alpha})"
@@ -118,7 +127,8 @@ class _CarriedSimplex(GramianBalancer):
 
     def __init__(self, **engine: Any) -> None:
         super().__init__(**engine)
-        self._w: dict[str, float] = {}
+        self._w: dict[str, float]
+        self.add_state("_w", {})  # the carried simplex weights, per part name (host numbers)
 
     def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(new w, output weights)`` (both on the simplex) from ``G`` and the current ``w`` of the parts present."""
@@ -128,20 +138,13 @@ class _CarriedSimplex(GramianBalancer):
         names = losses.names
         T = len(names)
         if all(k in self._w for k in names) and (mass := sum(self._w[k] for k in names)) > 0:
-            w0 = torch.tensor([self._w[k] / mass for k in names], dtype=torch.float64)
+            w0 = torch.tensor([self._w[k] / mass for k in names], dtype=torch.float64, device=G.device)
         else:  # first call, or a part never seen before: restart from uniform (TorchJD resets on a new shape)
             self._w, mass = {}, 1.0
-            w0 = torch.full((T,), 1.0 / T, dtype=torch.float64)
-        new, out = self.update(G.detach().to(torch.float64).cpu(), w0)
+            w0 = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
+        new, out = self.update(G.detach().to(torch.float64), w0)
         self._w.update({k: mass * float(v) for k, v in zip(names, new.tolist())})
         return T * out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "w": dict(self._w)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._w = {k: float(v) for k, v in state["w"].items()}
 
 
 @register("sdmgrad")
@@ -179,7 +182,7 @@ class SDMGrad(_CarriedSimplex):
 
     def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         T = G.shape[0]
-        pref = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        pref = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
         scale = G.diagonal().clamp_min(0).sqrt().mean()
         A = G / (scale**2 + 1e-8)
         v: Tensor | None = None
@@ -281,11 +284,13 @@ class MoCo(_Surgery):
             )
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
-        self._k = 0
-        self._y: dict[str, Tensor] = {}
-        self._lambda: dict[str, float] = {}
-        self._width: int | None = None
-        self._restarts = 0
+        self._k: int  # computed steps so far
+        self._y: dict[str, Tensor]  # the tracked gradients, per part name, on the gradients' device
+        self._lambda: dict[str, float]
+        self._width: int | None
+        self._restarts: int
+        for name, value in (("_k", 0), ("_y", {}), ("_lambda", {}), ("_width", None), ("_restarts", 0)):
+            self.add_state(name, value)
 
     def surgery(self, J: Tensor, xs: list[Tensor], losses: Losses, s: Tensor) -> tuple[Tensor, Tensor, dict]:
         names = losses.names
@@ -306,7 +311,8 @@ class MoCo(_Surgery):
             T, dtype=torch.float64, device=J.device
         )
         lam = torch.softmax(lam - self.gamma / k**self.gamma_sigma * (YY @ lam), dim=0)
-        state["_y"] = {**tracks, **{n: Y[i].detach().clone() for i, n in enumerate(names)}}
+        keep = self._dtype or Y.dtype  # the tracks' dtype: the one asked by to(), else the gradients'
+        state["_y"] = {**tracks, **{n: Y[i].detach().to(keep, copy=True) for i, n in enumerate(names)}}
         state["_lambda"] = {**self._lambda, **dict(zip(names, lam.tolist()))}
         d = T * (lam.to(J.dtype) @ Y)
         return torch.ones(T, dtype=J.dtype, device=J.device), d - s @ J, state
@@ -317,24 +323,6 @@ class MoCo(_Surgery):
         for k, v in self._lambda.items():
             self.info[f"moco/lambda/{k}"] = v
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "k": self._k,
-            "y": {k: v.clone() for k, v in self._y.items()},
-            "lambda": dict(self._lambda),
-            "width": self._width,
-            "restarts": self._restarts,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._k = int(state["k"])
-        self._y = {k: v.clone() for k, v in state["y"].items()}
-        self._lambda = {k: float(v) for k, v in state["lambda"].items()}
-        self._width = None if state["width"] is None else int(state["width"])
-        self._restarts = int(state["restarts"])
 
 
 __all__ = ["CRMOGM", "SDMGrad", "MoDo", "MoCo"]
