@@ -530,7 +530,27 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
     assert r.history["loss"] == r_full.history["loss"]
 
 
-@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm", "rlw", "pcgrad", "nash_mtl", "graddrop", "db_mtl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "uw",
+        "famo",
+        "gradnorm",
+        "rlw",
+        "pcgrad",
+        "nash_mtl",
+        "graddrop",
+        "db_mtl",
+        "excess_mtl",
+        "pcd",
+        "cr_mogm",
+        "sdmgrad",
+        "modo",
+        "moco",
+        "go4align",
+        "ldc_mtl",
+    ],
+)
 def test_resume_restores_balancer_state_and_randomness(tmp_path: Path, name: str) -> None:
     """Balancers with learned parameters and their own optimizer (uw, famo, gradnorm), random weights or
     random orders (rlw, pcgrad) and warm-started solvers (nash_mtl): 2 rounds + resume for 2 more gives the
