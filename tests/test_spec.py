@@ -125,6 +125,46 @@ def test_random_specs_compile_or_raise_loss_spec_error(case):
     assert obj.describe().count("\n") >= 1
 
 
+FITTING = {  # losses that fit each output kind (a scalar output is itself a loss: "auto" only)
+    "linear": ["auto", "mse", "mae", "huber", MSE()],
+    "softmax": ["auto", "ce", CrossEntropy("index", from_logits=False)],
+    "sigmoid": ["auto", "bce", "mse", CrossEntropy("binary", from_logits=False)],
+    "scalar": ["auto"],
+}
+
+
+@st.composite
+def valid_cases(draw):
+    """Specs that must compile: every output gets a loss that fits its kind (possibly Scaled by r > 0, possibly
+    two of them), weights by name with positive values or none."""
+    kinds = draw(st.lists(st.sampled_from(OUTPUT_KINDS), min_size=1, max_size=3))
+    net = RandomNet(kinds, "dict")
+    spec = {}
+    for name, kind in zip(net.names(), kinds):
+        leaves = draw(st.lists(st.sampled_from(FITTING[kind]), min_size=1, max_size=1 if kind == "scalar" else 2))
+        r = draw(st.one_of(st.none(), st.floats(0.1, 3)))
+        leaves = [Scaled(x, r) if r is not None else x for x in leaves]
+        spec[name] = leaves[0] if len(leaves) == 1 else leaves
+    weighted = draw(st.booleans())
+    return net, spec, weighted
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_cases())
+def test_well_formed_random_specs_always_compile(case):
+    net, spec, weighted = case
+    obj = Objective(spec)
+    losses = obj(net, batch_for(net))  # must not raise
+    if weighted:
+        w = {k: 0.5 + i for i, k in enumerate(losses.parts)}
+        losses = Objective(spec, weights=w)(net, batch_for(net))
+        assert {k: float(v) for k, v in losses.weights.items()} == pytest.approx(
+            {k: w[k] * float(obj(net, batch_for(net)).weights[k]) for k in w}
+        )
+    assert all(math.isfinite(float(v.detach())) for v in losses.parts.values())
+    assert len(losses.parts) == sum(1 if not isinstance(v, list) else len(v) for v in spec.values())
+
+
 # ------------------------------------------------------------------------------------ terms are immutable
 
 
