@@ -142,8 +142,8 @@ def two_rank_runs():
     return dict(out)
 
 
-# SDMGrad's 20-step projected-gradient inner loop (lr 10) on the simplex amplifies the float32 rounding of the parts (the
-# global values are summed in another order on two ranks) to about 1e-4 in its weights; parameters still agree to 1e-5
+# SDMGrad's 20-step projected-gradient inner loop (lr 10) on the simplex amplifies the float32 rounding of the
+# parts (summed in another order on two ranks) to about 1e-4 in its weights; parameters still agree to 1e-5
 WEIGHT_RTOL = {"sdmgrad": 2e-4}
 
 
