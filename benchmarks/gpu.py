@@ -28,7 +28,7 @@ of the CPU table in BENCHMARKS.md); TorchJD ``autogram.Engine(trunk, batch_dim=N
 ``UPGradWeighting``. On CUDA also the peak extra device memory of one step (``torch.cuda.max_memory_allocated``
 over the memory allocated before it). TorchJD columns are left out when ``torchjd`` is not importable.
 
-Usage (from the repository root; lossport importable, e.g. ``PYTHONPATH=src``)::
+Usage (from the repository root; where ``lossport`` is not installed, the checkout's ``src/`` is used)::
 
     python benchmarks/gpu.py                     # device: cuda if available, else cpu
     python benchmarks/gpu.py --device cpu --quick
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import math
 import statistics
 import sys
@@ -46,15 +47,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
-from gramian import HAVE_TORCHJD, Model, balanced_step, sum_step  # benchmarks/gramian.py
 from torch import Tensor, nn
 
-import lossport
-from lossport.balance import UPGrad, available, kind_of, resolve
-from lossport.callbacks import Callback, TrainState
+if importlib.util.find_spec("lossport") is None:  # a bare machine with this checkout: use its src/
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
+
+from gramian import HAVE_TORCHJD, Model, balanced_step, sum_step  # noqa: E402 - benchmarks/gramian.py
+
+import lossport  # noqa: E402
+from lossport.balance import UPGrad, available, kind_of, resolve  # noqa: E402
+from lossport.callbacks import Callback, TrainState  # noqa: E402
 
 if HAVE_TORCHJD:
     from torchjd.aggregation import UPGrad as TJ_UPGrad
@@ -377,7 +383,10 @@ def describe(device: torch.device) -> str:
         tj = metadata.version("torchjd")
     except metadata.PackageNotFoundError:
         tj = "not installed"
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{device.type}, {torch.get_num_threads()} CPU thread(s)"
     return f"device {device} ({where}), torch {torch.__version__}, torchjd {tj}, lossport {lossport.__file__}"
 
 
