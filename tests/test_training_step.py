@@ -60,3 +60,18 @@ def test_float16_net_overflowing_under_adam_is_not_a_false_promise() -> None:
         assert ("keeps the weights" in msg) == finite, msg
     else:
         assert all(bool(p.isfinite().all()) for p in net.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_all_finite_finds_nan_and_inf_in_every_dtype_and_leaves_values_unchanged(dtype, fused: bool) -> None:
+    from lossport.training.step import all_finite
+
+    ts = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype), torch.randn(2, 2, dtype=torch.float64)]
+    before = [t.clone() for t in ts]
+    assert all_finite(ts, fused=fused)
+    assert all(torch.equal(a, b) for a, b in zip(ts, before))
+    for bad in (math.nan, math.inf, -math.inf):
+        ts[1][3] = bad
+        assert not all_finite(ts, fused=fused)
+        ts[1][3] = 0.0

@@ -72,6 +72,7 @@ class Stepper:
         self.batch_scheduler, self.monitor = batch_scheduler, monitor
         self.pending = 0
         self.last_batch: Any = None
+        self.params = list(self.inner.parameters())  # walked once: parameters() recurses through the modules
 
     def run(self, batch: Any, r: int, b: int) -> StepOutcome:
         """Step on one batch (round ``r``, 0-based batch ``b``)."""
@@ -158,14 +159,14 @@ class Stepper:
         if scaler is not None:
             scaler.unscale_(opt)  # the GradScaler skips a step with non-finite gradients itself
         else:
-            grads = [p.grad for p in inner.parameters() if p.grad is not None]
-            if grads and not all_finite(grads):
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads and not all_finite(grads, fused=True):
                 self.check_parameters(r, b)
                 bad = [n for n, p in inner.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
                 opt.zero_grad(set_to_none=True)
                 raise _Skip(_bad_gradient_message(bad, r, b))
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(inner.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -187,7 +188,7 @@ class Stepper:
         hold NaN or inf cannot go on training, and the optimizer step that made them so cannot be undone (no copy
         of the weights is kept). Checked whenever a part, a gradient or the balancer is non-finite, and at the end
         of every round (so that no such net is checkpointed or reported "completed"), not after every step."""
-        params = [p.detach() for p in self.inner.parameters()]
+        params = [p.detach() for p in self.params]
         if not params or all_finite(params):
             return
         bad = [n for n, p in self.inner.named_parameters() if not p.detach().isfinite().all()]
@@ -202,16 +203,30 @@ class Stepper:
         )
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every tensor is finite: the sum of each (a NaN or inf makes it non-finite), stacked and read once
-    per device and dtype; only a non-finite sum (which finite entries can also give, by overflow) is checked
-    element by element."""
+def all_finite(tensors: Sequence[Tensor], *, fused: bool = False) -> bool:
+    """Whether every tensor is finite. ``fused=True`` (gradients): per device and dtype, one pass of torch's own
+    AMP check (the one ``GradScaler`` uses), which multiplies the tensors by 1 in place (values unchanged, version
+    counters bumped: not for tensors an autograd graph may hold). Otherwise, or where that kernel does not exist
+    for a dtype, the sum of each tensor (a NaN or inf makes it non-finite), read once, and only a non-finite sum
+    (which finite entries can also give, by overflow) checked element by element."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in tensors:
-        groups.setdefault((g.device, g.dtype), []).append(g.sum())
-    if all(math.isfinite(torch.stack(v).sum().item()) for v in groups.values()):
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    return all(_group_finite(group, fused) for group in groups.values())
+
+
+def _group_finite(group: list[Tensor], fused: bool) -> bool:
+    if fused:
+        dev = group[0].device
+        found = torch.zeros(1, device=dev)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=dev))
+            return found.item() == 0
+        except (RuntimeError, NotImplementedError):  # no such kernel for this device and dtype
+            pass
+    if math.isfinite(torch.stack([g.sum() for g in group]).sum().item()):
         return True
-    return all(bool(g.isfinite().all()) for g in tensors)
+    return all(bool(g.isfinite().all()) for g in group)
 
 
 def _bad_gradient_message(names: list[str], r: int, b: int) -> str:
