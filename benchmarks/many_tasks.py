@@ -22,9 +22,9 @@ with the reason printed; ``--budget`` caps the whole run (rounds are cut short, 
 Peak memory: growth of the process's peak resident set (``VmHWM`` in ``/proc/self/status``, reset by writing 5
 to ``/proc/self/clear_refs``) during one step over the resident set before it; measured in a fresh child process
 per T, with glibc's mmap and trim thresholds pinned at 64 KiB (``mallopt``) from the start so that every tensor of
-64 KiB or more is its own mapping, returned to the OS when freed. Each variant's second step is measured (its first
-step, untimed, loads one-off modules and state). (tracemalloc does not see torch's tensor memory; ``ru_maxrss`` cannot be
-reset, hence ``VmHWM``.) Linux only; elsewhere memory is "n/a".
+64 KiB or more is its own mapping, returned to the OS when freed. Each variant's second step is measured (its
+first step, untimed, loads one-off modules and state). (tracemalloc does not see torch's tensor memory;
+``ru_maxrss`` cannot be reset, hence ``VmHWM``.) Linux only; elsewhere memory is "n/a".
 
     .venv/bin/python benchmarks/many_tasks.py --plot docs/scaling.png     # ~10 min on the 2-core machine
     .venv/bin/python benchmarks/many_tasks.py --quick                     # T = 8, 32, 128; ~1 min
@@ -329,32 +329,77 @@ def print_summary(results: dict[int, dict[str, float]], clock: Clock) -> None:
         print(f"{k}: {why}")
 
 
+COLORS = {"sum": "black", "uw": "tab:olive", "famo": "tab:cyan", "upgrad": "tab:red", "mgda": "tab:blue"}
+COLORS["nash_mtl"] = "tab:green"
+
+
 def plot(results: dict[int, dict[str, float]], path: str) -> None:
+    """Log-log median time vs ``T``: colour by method, solid ``params``, dashed ``features``, dotted the
+    weighting alone (on the ``features`` Gramian), thin grey lines of slope 1, 2 and 3 for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    names = list(dict.fromkeys(k for T in sorted(results) for k in results[T]))
-    for k in names:
-        pts = [(T, results[T][k] * 1e3) for T in sorted(results) if k in results[T]]
-        if not pts:
-            continue
-        style = ":" if k.startswith("w:") else ("--" if k.endswith("features") else "-")
-        label = "weighting " + k[2:] if k.startswith("w:") else k
-        width = 2.5 if k == "sum" else 1.3
-        ax.plot(*zip(*pts), style, marker="o", ms=3, lw=width, label=label, color="black" if k == "sum" else None)
+    fig, ax = plt.subplots(figsize=(9, 6))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("number of tasks T")
+    Ts = sorted(results)
+    names = list(dict.fromkeys(k for T in Ts for k in results[T]))
+    for k in names:
+        if k.startswith("w:") and not k.endswith("features"):
+            continue
+        pts = [(T, results[T][k] * 1e3) for T in Ts if k in results[T]]
+        method = k.removeprefix("w:").split()[0]
+        style = ":" if k.startswith("w:") else ("--" if k.endswith("features") else "-")
+        label = f"{method} weighting alone" if k.startswith("w:") else k
+        ax.plot(*zip(*pts), style, marker="o", ms=3, lw=2.5 if k == "sum" else 1.4, label=label, color=COLORS[method])
+    ax.autoscale_view()
+    ylim = ax.get_ylim()
+    if "sum" in results[Ts[0]] and len(Ts) > 1:
+        y0 = results[Ts[0]]["sum"] * 1e3
+        for p in (1, 2, 3):
+            ax.plot([Ts[0], Ts[-1]], [y0, y0 * (Ts[-1] / Ts[0]) ** p], color="0.6", lw=0.7)
+            end = min(Ts[-1], Ts[0] * (ylim[1] / y0) ** (1 / p))
+            ax.annotate(f"T^{p}", (end, y0 * (end / Ts[0]) ** p), fontsize=7, color="0.4")
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("number of tasks T (one linear head and one MSE loss each)")
     ax.set_ylabel("median ms per step (weighting: per call)")
-    ax.set_title("lossport: one step vs number of tasks (MLP trunk 657k params, batch 64, 1 CPU thread)")
+    ax.set_title(
+        "one step vs T: MLP trunk 657k params, batch 64, 1 CPU thread\n"
+        "solid: gramian='params', dashed: gramian='features', dotted: weighting alone",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"\nplot written to {path}")
+
+
+def print_goals(results: dict[int, dict[str, float]], w64: dict[str, float]) -> None:
+    """Issue 16's goals against this run's figures."""
+    print("\nIssue 16 goals")
+    for m, got in ((64, w64), (128, results.get(128, {}))):
+        goal = 5.0 if m == 64 else 20.0
+        for mode in ("params", "features"):
+            t = got.get(f"w:upgrad {mode}")
+            if t is not None:
+                verdict = "met" if t * 1e3 <= goal else "NOT met"
+                print(
+                    f"  UPGrad weighting alone, m = {m}, {mode} Gramian: {t * 1e3:.1f} ms (goal <= {goal:g}): {verdict}"
+                )
+    r128 = results.get(128, {})
+    for k in ("upgrad features", "mgda features", "nash_mtl features"):
+        if k in r128 and "sum" in r128:
+            q = r128[k] / r128["sum"]
+            print(f"  {k} step at T = 128: {q:.2f} x sum (goal <= 2): {'met' if q <= 2 else 'NOT met'}")
+    if 1024 in results:
+        done = [k for k in results[1024] if not k.startswith("w:")]
+        print(f"  T = 1024 finished: {', '.join(done)}")
+        left = [k for k in VARIANTS if k not in results[1024]]
+        if left:
+            print(f"  T = 1024 not run: {', '.join(left)} (see the skip reasons above)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -380,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     clock = Clock(args.budget, args.max_step)
     print(f"torch {torch.__version__}, 1 thread, batch 64, trunk 256-512-512-512 (656,896 shared params)")
     results: dict[int, dict[str, float]] = {}
+    w64: dict[str, float] = {}
     for T in tasks:
         if clock.left() < 0:
             print(f"budget of {args.budget:g} s spent: T >= {T} not run")
@@ -392,7 +438,17 @@ def main(argv: list[str] | None = None) -> None:
         mem = {} if args.no_memory else memory_in_child(T, list(steps))
         results[T] = {**steps, **weights}
         print_table(T, steps, weights, mem)
+        if T == 32 and max_t >= 64:  # the UPGrad weighting goal at m = 64 (issue 16)
+            w64 = {
+                k: v
+                for k, v in time_weightings(64, 2 if args.quick else 10, Clock(60, 20), ["params", "features"]).items()
+                if k.startswith("w:upgrad")
+            }
+            print(
+                "\nUPGrad weighting alone at m = 64: " + ", ".join(f"{k[9:]} {v * 1e3:.1f} ms" for k, v in w64.items())
+            )
     print_summary(results, clock)
+    print_goals(results, w64)
     print(f"\nwall time {time.perf_counter() - clock.start:.0f} s")
     if args.plot:
         plot(results, args.plot)
