@@ -11,12 +11,12 @@ name that operator. This helper
    each kept box suppresses the later ones whose IoU with it exceeds the threshold.
 
 ``torchvision.ops.boxes._assert_has_ops`` (its check that ``_C.so`` loaded) is replaced by a check
-that ``torchvision::nms`` exists. Everything else is the real torchvision code; ``roi_align`` already falls back to torchvision's own
-pure-Python ``_roi_align`` when the extension is missing (run here eagerly, without its lazy
-``torch.compile``). Because a broken torchvision in
-site-packages would break every ``import transformers`` or ``import torchmetrics`` of other tests,
-the Makefile installs torchvision outside site-packages, in ``<venv>/torchvision-cpu`` (``pip install
---no-deps --target``); ``load()`` adds that folder to ``sys.path`` only once the operators exist.
+that ``torchvision::nms`` exists. Everything else is the real torchvision code; ``roi_align`` already
+falls back to torchvision's own pure-Python ``_roi_align`` when the extension is missing (run here
+eagerly, without its lazy ``torch.compile``). Because a broken torchvision in site-packages would break
+every ``import transformers`` or ``import torchmetrics`` of other tests, the Makefile installs
+torchvision outside site-packages, in ``<venv>/torchvision-cpu`` (``pip install --no-deps --target``);
+``load()`` adds that folder to ``sys.path`` and defines the operators before it imports torchvision.
 """
 
 from __future__ import annotations
