@@ -120,3 +120,27 @@ def test_subclassed_model_with_targets_named():
     result = lossport.train(net, batch, {"label": "ce", "value": "mse"}, targets={"label": "label", "value": "value"},
                             balance="uw", epochs=3, batch_size=4, progress=False, seed=0)
     assert result.history["value"][-1] < result.history["value"][0]
+
+
+def test_inspect_attributes_parameters_to_keras_layers():
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((6,), name="x")
+    block = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()], name="block")
+    h = block(keras.layers.Dense(8, activation="relu", name="trunk")(inp))
+    outs = {"cls": keras.layers.Dense(3, name="cls")(h), "reg": keras.layers.Dense(1, name="reg")(h),
+            "aux": keras.layers.Dense(2, name="unused")(h)}
+    model = keras.Model(inp, outs)
+    batch = _dict_batch()
+    report = lossport.inspect(model, batch, {"cls": "ce", "reg": "mse"}, batches=1, batch_size=8)
+    names = {m.name: m for m in report.modules}
+    assert set(names) == {"trunk", "block/dense", "block/batch_normalization", "cls", "reg", "unused"}
+    assert names["trunk"].kind == "Dense" and names["trunk"].params == 6 * 8 + 8
+    assert names["block/batch_normalization"].trainable == 8  # gamma and beta; the moving statistics are frozen
+    assert names["unused"].status == "not reached"
+    assert any("'unused'" in a and "never trains" in a for a in report.advice)
+    assert report.reach["cls"] == ["block/batch_normalization", "block/dense", "cls", "trunk"]
+    # the pull on a layer is the norm of the part's gradient on that layer's variables
+    losses = lossport.Objective({"cls": "ce", "reg": "mse"})(model, batch)
+    trunk = [v.value for v in model.get_layer("trunk").trainable_weights]
+    g = torch.autograd.grad(losses.parts["reg"], trunk)
+    assert report.pull["reg"]["trunk"] == pytest.approx(float(torch.cat([x.reshape(-1) for x in g]).norm()), rel=1e-5)

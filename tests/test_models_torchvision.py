@@ -160,3 +160,26 @@ def test_faster_rcnn_trains_with_a_balancer(balance):
     moved = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("roi_heads.box_predictor") for k in moved)
     assert any(k.startswith("rpn.head") for k in moved)
+
+
+def test_inspect_faster_rcnn_groups_its_modules():
+    from lossport.inspection import MAX_ROWS
+
+    net = _detector().train()
+    loader = DataLoader([_detection_batch()], batch_size=None)
+    report = lossport.inspect(net, loader, "auto", batches=1)
+    n_modules = len([m for m in net.modules() if any(True for _ in m.parameters(recurse=False))])
+    assert n_modules > 100 and len(report.modules) <= MAX_ROWS
+    assert sum(m.members for m in report.modules) == n_modules
+    names = [m.name for m in report.modules]
+    assert "rpn.head.cls_logits" in names and "roi_heads.box_predictor.cls_score" in names
+    # the heads are each reached by their own parts only; the backbone by all four
+    assert report.reach["loss_objectness"].count("rpn.head.cls_logits") == 1
+    assert "rpn.head.cls_logits" not in report.reach["loss_classifier"]
+    assert all(report.module(m).status == "reached" for m in names)
+    assert "backbone.body.0.0" in report.shared
+    text = str(report)
+    assert f"{n_modules} modules grouped to depth" in text
+    section = text.split("Reach and pull")[1].split("Conflict")[0].splitlines()
+    assert len(section) <= MAX_ROWS + 5  # one block: the parts' columns are numbered to fit 100 characters
+    assert max(len(line) for line in text.splitlines()) <= 100
