@@ -196,14 +196,14 @@ class Report:
                 lines += ["", "Cosine per shared module (pairs of parts)"]
                 pairs = [(i, j) for i in range(len(P)) for j in range(i + 1, len(P))]
                 heads = [f"{P[i]}~{P[j]}" for i, j in pairs]
-                labels = [(_short(m, 24),) for m in self.shared]
+                shared_labels = [(_short(m, 24),) for m in self.shared]
                 cells = [[_num(self.cos[m][i][j], cos=True) for i, j in pairs] for m in self.shared]
-                if len(_blocks(["module"], labels, heads, cells, width, False)) > 1:
+                if len(_blocks(["module"], shared_labels, heads, cells, width, False)) > 1:
                     short = [f"[{i + 1}]~[{j + 1}]" for i, j in pairs]  # parts numbered as above
-                    if len(_blocks(["module"], labels, short, cells, width, False)) == 1:
+                    if len(_blocks(["module"], shared_labels, short, cells, width, False)) == 1:
                         heads = short
                         lines += _wrap("parts: " + ", ".join(f"[{i + 1}] {p}" for i, p in enumerate(P)), width, "  ")
-                lines += _grid(["module"], labels, heads, cells, width)
+                lines += _grid(["module"], shared_labels, heads, cells, width)
         if self.advice:
             lines += ["", "Advice"]
             for a in self.advice:
