@@ -183,3 +183,25 @@ def test_inspect_faster_rcnn_groups_its_modules():
     section = text.split("Reach and pull")[1].split("Conflict")[0].splitlines()
     assert len(section) <= MAX_ROWS + 5  # one block: the parts' columns are numbered to fit 100 characters
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_features_gramian_on_the_fpn_levels():
+    """gramian="features" on Faster R-CNN's backbone, which returns a dict of FPN levels: G is the Gramian of
+    the parts' gradients with respect to all levels together."""
+    net, batch = _detector().train(), _detection_batch()
+    upgrad = lossport.balance.UPGrad(gramian="features", features=net.backbone)
+    objective = lossport.Objective("auto", balance=upgrad)
+    objective(net, batch)  # bind (and attach the balancer)
+    levels: list[torch.Tensor] = []
+    hook = net.backbone.register_forward_hook(lambda m, a, out: levels.extend(out.values()))
+    losses = objective.evaluate(net, batch)
+    hook.remove()
+    assert len(levels) >= 2
+    G = upgrad.compute_gramian(losses)
+    rows = []
+    for k in losses.names:
+        gs = torch.autograd.grad(losses.parts[k], levels, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(z.numel()) if g is None else g.reshape(-1) for z, g in zip(levels, gs)]))
+    J = torch.stack(rows).double()
+    torch.testing.assert_close(G, J @ J.T, rtol=1e-6, atol=1e-12)
+
