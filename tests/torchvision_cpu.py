@@ -26,6 +26,7 @@ import os
 import sys
 from types import ModuleType
 
+import numpy as np
 import torch
 
 SIDE_DIR = os.environ.get("LOSSPORT_TORCHVISION_DIR", os.path.join(sys.prefix, "torchvision-cpu"))
@@ -38,21 +39,22 @@ def _greedy_nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) 
     if dets.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=dets.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    boxes = dets[order].to(torch.float64)
+    boxes = dets[order].detach().to(torch.float64).cpu()
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    over = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).tolist()
-    suppressed = [False] * len(over)
+    rows = []
+    for start in range(0, len(boxes), 1024):  # the IoU > threshold matrix, 1024 rows at a time
+        b = boxes[start : start + 1024]
+        lt = torch.maximum(b[:, None, :2], boxes[None, :, :2])
+        rb = torch.minimum(b[:, None, 2:], boxes[None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=2)
+        rows.append((inter / (area[start : start + 1024, None] + area[None, :] - inter) > iou_threshold).numpy())
+    over = np.concatenate(rows)
+    suppressed = np.zeros(len(boxes), dtype=bool)
     keep: list[int] = []
-    for i, row in enumerate(over):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        for j in range(i + 1, len(row)):
-            if row[j]:
-                suppressed[j] = True
+    for i in range(len(boxes)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= over[i]  # boxes before i are kept or already suppressed: no change to them
     return order[torch.tensor(keep, dtype=torch.long, device=dets.device)]
 
 
