@@ -538,3 +538,16 @@ def test_group_pull_is_the_norm_over_its_modules():
         assert grouped.pull[p]["blocks.1"] == pytest.approx(expected, rel=1e-9)
     assert grouped.trunk_cos[0][1] == pytest.approx(each.trunk_cos[0][1], rel=1e-9)
     assert "grouped to depth 2" in str(grouped)
+
+
+def test_advice_names_modules_reached_with_a_zero_gradient():
+    class Gated(SeedNet):
+        def forward(self, x):
+            out = super().forward(x)
+            out["y1"] = out["y1"] + 0.0 * self.F(torch.tanh(self.A(x)))[:, :1]  # F on y1's graph, gradient 0
+            return out
+
+    r = inspect(Gated(), seed_data(), SPEC, batch_size=16)
+    assert "F" in r.reach["y1"] and r.pull["y1"]["F"] == 0.0
+    assert any(a.startswith("'y1' reaches 'F' but the gradient there is exactly 0") for a in r.advice)
+    assert not any("'y2' reach" in a for a in r.advice)

@@ -337,6 +337,19 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 f"{what} {calls} never called in the forward of the measured batches: it never trains (and makes "
                 "DistributedDataParallel need find_unused_parameters=True)."
             )
+    zero_by: dict[tuple[str, ...], list[str]] = {}  # modules a part reaches with a zero gradient -> the parts
+    for p in r.measured:
+        zero = tuple(m for m, v in r.pull.get(p, {}).items() if v == 0)
+        if zero and len(zero) < len(r.pull.get(p, {})):
+            zero_by.setdefault(zero, []).append(p)
+    for zero, ps in zero_by.items():
+        who = " and ".join(f"'{p}'" for p in ps)
+        names = ", ".join(f"'{m}'" for m in zero[:4]) + (f" and {len(zero) - 4} more" if len(zero) > 4 else "")
+        out.append(
+            f"{who} {'reach' if len(ps) > 1 else 'reaches'} {names} but the gradient there is exactly 0 in every "
+            "measured batch: the path is switched off on these examples (ReLUs off, a feature level no example "
+            "uses, a zero gate), so those parameters learn nothing from it here."
+        )
     meas = [p for p in r.measured if p in r.trunk_norm]
     if len(r.measured) >= 2 and not r.shared:
         out.append(
