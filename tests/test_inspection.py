@@ -471,3 +471,83 @@ def test_monitor_moves_a_sample_past_steps_with_one_part():
     got = [mon.observe(obj(net, b)) for b in first_batches(data, 3, 16)]
     assert [g is not None for g in got] == [False, True, False]
     assert set(mon.end_round()) == {"gradnorm/y1", "gradnorm/y2", "cos/y1/y2", "gradratio/y1/y2"}
+
+
+# -- group_by ---------------------------------------------------------------------------------------------------
+class Nested(nn.Module):
+    """Two blocks of two layers and a head: qualified names ``blocks.0.a``, ``blocks.0.b``, ... ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}) for _ in range(2))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = torch.tanh(blk["b"](torch.tanh(blk["a"](x))))
+        out = self.head(x)
+        return {"y1": out[:, :1], "y2": out[:, 1:]}
+
+
+def test_group_modules_forms():
+    from lossport.inspection import group_modules, parametrised_modules
+
+    mods = parametrised_modules(Nested())
+    assert [m[0] for m in mods] == ["blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "head"]
+    rows, note = group_modules(mods, None)
+    assert [r.name for r in rows] == [m[0] for m in mods] and note == ""
+    rows, note = group_modules(mods, "auto")  # 5 modules <= MAX_ROWS: one row each
+    assert len(rows) == 5 and note == ""
+    rows, note = group_modules(mods, 2)
+    assert [(r.name, r.members, r.kind) for r in rows] == [
+        ("blocks.0", ["blocks.0.a", "blocks.0.b"], "2x Linear"),
+        ("blocks.1", ["blocks.1.a", "blocks.1.b"], "2x Linear"),
+        ("head", ["head"], "Linear"),
+    ]
+    assert "5 modules grouped to depth 2 into 3 rows" in note
+    rows, _ = group_modules(mods, ["blocks", "blocks.1"])  # the longest prefix wins
+    assert [r.name for r in rows] == ["blocks", "blocks.1", "head"]
+    assert rows[0].members == ["blocks.0.a", "blocks.0.b"]
+    rows, _ = group_modules(mods, lambda n: n.split(".")[-1])
+    assert [r.name for r in rows] == ["a", "b", "head"]
+    for bad in ("depth", 0, True, 1.5):
+        with pytest.raises(ValueError, match="group_by"):
+            group_modules(mods, bad)
+
+
+def test_auto_grouping_keeps_at_most_max_rows():
+    from lossport.inspection import MAX_ROWS, group_modules, parametrised_modules
+
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)) for _ in range(30)])  # 60 modules
+    rows, note = group_modules(parametrised_modules(net), "auto")
+    assert len(rows) == 30 <= MAX_ROWS and all(r.members == [f"{r.name}.0", f"{r.name}.1"] for r in rows)
+    assert "group_by='auto'" in note
+
+
+def test_group_pull_is_the_norm_over_its_modules():
+    net = Nested()
+    data = {"x": torch.randn(8, 4), "y1": torch.randn(8, 1), "y2": torch.randn(8, 1)}
+    spec = {"y1": "mse", "y2": "mse"}
+    each = inspect(net, data, spec, batches=1, batch_size=8, group_by=None)
+    grouped = inspect(net, data, spec, batches=1, batch_size=8, group_by=2)
+    assert [m.name for m in grouped.modules] == ["blocks.0", "blocks.1", "head"]
+    assert grouped.module("blocks.0").members == 2 and grouped.module("blocks.0").params == 40
+    for p in ("y1", "y2"):
+        expected = math.hypot(each.pull[p]["blocks.1.a"], each.pull[p]["blocks.1.b"])
+        assert grouped.pull[p]["blocks.1"] == pytest.approx(expected, rel=1e-9)
+    assert grouped.trunk_cos[0][1] == pytest.approx(each.trunk_cos[0][1], rel=1e-9)
+    assert "grouped to depth 2" in str(grouped)
+
+
+def test_advice_names_modules_reached_with_a_zero_gradient():
+    class Gated(SeedNet):
+        def forward(self, x):
+            out = super().forward(x)
+            out["y1"] = out["y1"] + 0.0 * self.F(torch.tanh(self.A(x)))[:, :1]  # F on y1's graph, gradient 0
+            return out
+
+    r = inspect(Gated(), seed_data(), SPEC, batch_size=16)
+    assert "F" in r.reach["y1"] and r.pull["y1"]["F"] == 0.0
+    assert any(a.startswith("'y1' reaches 'F' but the gradient there is exactly 0") for a in r.advice)
+    assert not any("'y2' reach" in a for a in r.advice)

@@ -17,10 +17,12 @@ Modes (any method works in any mode):
 * ``gramian="features"``: ``G`` of the gradients with respect to a shared representation ``z`` (MGDA-UB,
   Sener & Koltun 2018, section 3.3): backward passes through the heads only, not the trunk. ``features`` is
   either the name of a net output (``losses.outputs[name]``; the net returns ``z`` as one of its outputs) or the
-  ``nn.Module`` whose forward output is ``z``: a forward hook, placed when the balancer is built, records that
-  module's outputs during each gradient-enabled forward (all of them if it runs several times, e.g. on several
+  ``nn.Module`` whose forward output is ``z`` (a tensor, a dict or list of tensors such as an FPN's levels, whose
+  gradients are concatenated, or a tuple's first tensor): a forward hook, placed when the balancer is built, records
+  that module's outputs during each gradient-enabled forward (all of them if it runs several times, e.g. on several
   inputs: ``G`` is then that of the concatenated gradients), and :meth:`balance` consumes and drops the records,
-  so no graph is kept alive between steps. :meth:`close` removes the hook.
+  so no graph is kept alive between steps. :meth:`close` removes the hook. When the module did not run, the error
+  lists the net's modules (two levels down) that did.
 * ``every=K``: recompute ``G`` and the weights on calls ``0, K, 2K, ...`` and reuse the last weights in
   between (also recomputed whenever the set of parts present changes). ``every=10`` with ``features`` costs
   about one sum-backward per step.
@@ -107,6 +109,8 @@ class GramianBalancer(Balancer):
         self._records: list[Tensor] = []
         self._hook: Any = None
         self._net_hook: Any = None
+        self._ran: list[str] = []  # the net's modules (two levels down) that ran in the last forward
+        self._ran_hooks: list[Any] = []
         if isinstance(features, nn.Module):
             me = weakref.ref(self)
 
@@ -114,11 +118,7 @@ class GramianBalancer(Balancer):
                 obj = me()
                 if obj is None or not torch.is_grad_enabled():
                     return
-                z = out if isinstance(out, Tensor) else None
-                if z is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-                    z = out[0]
-                if z is not None and z.requires_grad:
-                    obj._records.append(z)
+                obj._records.extend(z for z in _representations(out) if z.requires_grad)
 
             self._hook = features.register_forward_hook(hook)
 
@@ -140,14 +140,27 @@ class GramianBalancer(Balancer):
             )
         if self._net_hook is not None:
             self._net_hook.remove()
+        for h in self._ran_hooks:
+            h.remove()
         me = weakref.ref(self)
 
         def reset(module: nn.Module, args: tuple) -> None:
             obj = me()
             if obj is not None and torch.is_grad_enabled():
-                obj._records = []
+                obj._records, obj._ran = [], []
+
+        def ran(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple, out: Any) -> None:
+                obj = me()
+                if obj is not None and torch.is_grad_enabled() and name not in obj._ran:
+                    obj._ran.append(name)
+
+            return hook
 
         self._net_hook = net.register_forward_pre_hook(reset)
+        self._ran_hooks = [
+            m.register_forward_hook(ran(name)) for name, m in net.named_modules() if name and name.count(".") <= 1
+        ]
 
     # ------------------------------------------------------------------------------------------------
     def shared(self, losses: Losses) -> list[Tensor]:
@@ -176,9 +189,11 @@ class GramianBalancer(Balancer):
             return [z]
         recs, self._records = self._records, []
         if not recs:
+            ran = f" (modules that ran: {', '.join(self._ran[:12])}{', ...' if len(self._ran) > 12 else ''})"
             raise ValueError(
                 f"features module {type(self.features).__name__} did not run (with gradients enabled) in the "
-                "forward of this batch; give the module the net calls, or an output name"
+                f"forward of this batch{ran if self._ran else ''}, or returned no tensor attached to the graph; "
+                "give the module the net calls, or an output name"
             )
         return recs
 
@@ -269,16 +284,31 @@ class GramianBalancer(Balancer):
 
     def close(self) -> None:
         """Remove the forward hooks placed for a ``features`` module."""
-        for h in (self._hook, self._net_hook):
+        for h in (self._hook, self._net_hook, *self._ran_hooks):
             if h is not None:
                 h.remove()
         self._hook = self._net_hook = None
-        self._records = []
+        self._ran_hooks, self._records = [], []
 
     def __repr__(self) -> str:
         extra = f", features={self.features!r}" if self.mode == "features" else ""
         every = f", every={self.every}" if self.every != 1 else ""
         return f"{type(self).__name__}(gramian={self.mode!r}{extra}{every})"
+
+
+def _representations(out: Any) -> list[Tensor]:
+    """The tensors a ``features`` module returned: a tensor; every tensor value of a dict (an FPN's levels: the
+    Gramian is then over their concatenation) or of a list; the first element of a tuple whose first element
+    is a tensor (an RNN's ``(output, state)``)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [v for v in out.values() if isinstance(v, Tensor)]
+    if isinstance(out, list):
+        return [v for v in out if isinstance(v, Tensor)]
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        return [out[0]]
+    return []
 
 
 def diagnostics(G: Tensor, names: list[str]) -> dict[str, float]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,8 @@ def _forward_parameters(cls: Any) -> tuple[list[str], list[str], bool]:
 def net_inputs(inner: nn.Module, batch: Batch, skip: Collection[str] = ()) -> tuple[tuple, dict]:
     """Positional and keyword inputs of ``inner`` from ``batch``; ``skip``: keys a ``**kwargs`` forward must not
     get (targets and sample weights), unless they are named parameters of forward."""
+    if isinstance(batch, Mapping) and _is_keras_model(inner):
+        return (_keras_inputs(inner, batch, skip),), {}
     if isinstance(batch, Mapping):
         names, required, var_kw = forward_parameters(inner)
         missing = [n for n in required if n not in batch]
@@ -99,6 +102,29 @@ def net_inputs(inner: nn.Module, batch: Batch, skip: Collection[str] = ()) -> tu
         f"a batch must be a dict {{name: tensor}} or a pair (x, y), not a {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
+
+
+def _is_keras_model(net: nn.Module) -> bool:
+    keras = sys.modules.get("keras")
+    model = getattr(keras, "Model", None)
+    return isinstance(model, type) and isinstance(net, model)
+
+
+def _keras_inputs(net: nn.Module, batch: Mapping[str, Any], skip: Collection[str]) -> Any:
+    """A Keras 3 model's one positional ``inputs`` from a dict batch (``Model.forward(*args, **kwargs)`` hides them):
+    a functional model's inputs by their ``keras.Input`` names, a subclassed model's every key not in ``skip`` (the
+    targets; at binding only those of ``targets=``); a lone input as the tensor itself, several as a dict."""
+    declared = getattr(net, "inputs", None)
+    names = [t.name for t in declared] if isinstance(declared, (list, tuple)) and declared else None
+    if names is None:
+        names = [k for k in batch if k not in skip]
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise LossSpecError(
+            f"the Keras model's input {missing[0]!r} is not in the batch (keys {sorted(batch)}); name the batch keys "
+            f"after the model's inputs {tuple(names)} (keras.Input(name=...))"
+        )
+    return batch[names[0]] if len(names) == 1 else {n: batch[n] for n in names}
 
 
 def check_targets_arg(targets: Any) -> TargetsArg:
