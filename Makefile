@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,plot]'
+	# torchvision outside site-packages: PyPI's x86_64 wheel is a CUDA build whose ops don't load beside the CPU
+	# torch, and a broken torchvision there breaks `import transformers`; tests/torchvision_cpu.py loads it.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/torchvision-cpu torchvision==0.28.0
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -340,3 +340,11 @@ def test_famo_skips_an_update_from_nonfinite_losses():
     f(losses_of(torch.tensor([2.0, 0.5])))
     f.step(lambda: losses_of(torch.tensor([float("inf"), 0.4])))
     assert f.values == {"a": 0.0, "b": 0.0} and f.info["skipped_nonfinite_step"] == 1.0
+
+
+def test_famo_nan_after_the_step_is_a_counted_skip_not_a_floor_error():
+    """A NaN part in FAMO's second look used to raise its floor ValueError, escaping raise and skip alike."""
+    f = FAMO()
+    f(losses_of(torch.tensor([2.0, 0.5])))
+    f.step(lambda: losses_of(torch.tensor([float("nan"), 0.4])))
+    assert f.values == {"a": 0.0, "b": 0.0} and f.info["skipped_nonfinite_step"] == 1.0

@@ -7,7 +7,7 @@ from torch import nn
 from torchjd import scalarization as S
 
 import lossport
-from lossport.balance import DWA, GLS, RLW, SI, STCH, CoV, Normalize, resolve
+from lossport.balance import DWA, GLS, RLW, SI, STCH, Balancer, CoV, Normalize, available, resolve
 
 
 def L(**parts: float) -> lossport.Losses:
@@ -253,7 +253,8 @@ def test_missing_part_keeps_its_state(name):
 
 def test_all_constructible_by_name():
     for n in NAMES:
-        assert resolve(n) is not None
+        b = resolve(n)
+        assert isinstance(b, Balancer) and b.kind == "loss" and n in available(), n
 
 
 # -- end to end ----------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class DictNet(nn.Module):
 
 @pytest.mark.parametrize("name", ALL)
 def test_train_with_each_method(name):
-    from lossport.train import train
+    from lossport.training import train
 
     torch.manual_seed(0)
     x = torch.randn(64, 4)

@@ -41,7 +41,7 @@ def test_static_accepts_a_missing_part():
 def test_by_name():
     assert isinstance(resolve("ew"), EqualWeights)
     assert isinstance(resolve("static", weights={"a": 2.0}), Static)
-    assert EqualWeights().state_dict() == {}
+    assert EqualWeights().state_dict() == {"balancer": "ew", "version": 1}  # no state beyond the header
 
 
 def test_end_to_end_static_and_ew():

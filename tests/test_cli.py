@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,21 @@ def test_toy_subcommand(tmp_path, capsys):
 
     assert main(["toy", "--methods", "ew,mgda", "--steps", "30", "--out", str(tmp_path / "toy.png")]) == 0
     assert "mgda" in capsys.readouterr().out and (tmp_path / "toy.png").exists()
+
+
+def test_cli_inspect_on_the_demo_net(tmp_path, capsys):
+    import matplotlib
+
+    from lossport.cli import main
+
+    matplotlib.use("Agg")
+    fig, js = tmp_path / "f.png", tmp_path / "r.json"
+    assert main(["inspect", "--batches", "2", "--batch-size", "32", "--figure", str(fig), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "Reach and pull" in out and max(len(line) for line in out.splitlines()) <= 100
+    assert fig.stat().st_size > 0
+    d = json.loads(js.read_text())
+    assert d["parts"] == ["left", "right", "ink"]
+    assert d["reach"]["ink"] == ["trunk.0", "trunk.2", "trunk.5", "ink"]
+    assert d["shared"] == ["trunk.0", "trunk.2", "trunk.5"]
+

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 import lossport
-from lossport.data import MultiDigitsNet, _digits, _source_split, multidigits, multiregression
+from lossport.data import MultiDigitsNet, _digits, _source_split, multidigits, multilabel, multiregression
 
 
 def test_source_images_never_shared_between_splits():
@@ -47,3 +48,53 @@ def test_multiregression_scales_and_determinism():
     assert d["linear"].std() > 30 * d["smooth"].std() > 30 * d["count"].std()
     assert torch.equal(d["linear"], multiregression("train")["linear"])
     assert not torch.equal(d["x"], multiregression("train", seed=2)["x"])
+
+
+def test_multilabel_shapes_kinds_and_determinism():
+    d = multilabel(200, labels=16, features=12, seed=3)
+    assert set(d) == {"x", *(f"task{t}" for t in range(16))}
+    assert d["x"].shape == (200, 12) and d["x"].dtype == torch.float32
+    assert d["task15"].shape == (200, 1) and d["task15"].dtype == torch.float32
+    ys = torch.cat([d[f"task{t}"] for t in range(16)], 1)
+    assert set(ys.unique().tolist()) == {0.0, 1.0}
+    assert 0.3 < float(ys.mean()) < 0.7  # about half positives
+    assert torch.equal(d["task3"], multilabel(200, labels=16, features=12, seed=3)["task3"])
+    assert not torch.equal(d["x"], multilabel(200, labels=16, features=12, seed=4)["x"])
+    r = multilabel(50, labels=1024, kind="regression")
+    assert len(r) == 1025 and r["task1023"].shape == (50, 1)
+
+
+def test_multilabel_targets_share_a_low_rank_structure():
+    d = multilabel(2000, labels=32, rank=4, kind="regression", seed=1)
+    Y = torch.cat([d[f"task{t}"] for t in range(32)], 1).double()
+    ev = torch.linalg.eigvalsh(torch.cov(Y.T)).flip(0)
+    assert float(ev[:4].sum() / ev.sum()) > 0.95  # 4 latent features carry the targets (noise 0.1)
+    # binary labels of correlated scores are correlated too: some pair well away from independence
+    b = multilabel(2000, labels=8, rank=2, seed=1)
+    B = torch.cat([b[f"task{t}"] for t in range(8)], 1).double()
+    assert float((torch.corrcoef(B.T) - torch.eye(8)).abs().max()) > 0.3
+
+
+def test_multilabel_rejects_bad_arguments_naming_them():
+    for kwargs, word in (({"labels": 0}, "labels"), ({"n": 0}, "n"), ({"rank": 1.5}, "rank"), ({"kind": "x"}, "kind")):
+        with pytest.raises(ValueError, match=word):
+            multilabel(**kwargs)
+
+
+def test_multilabel_trains_with_one_loss_per_task():
+    d = multilabel(64, labels=5, features=6, seed=0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Linear(6, 8)
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(5)])
+
+        def forward(self, x):
+            h = torch.relu(self.trunk(x))
+            return {f"task{t}": torch.sigmoid(head(h)) for t, head in enumerate(self.heads)}
+
+    net = Net()
+    losses = lossport.Objective()(net, d)
+    assert sorted(losses.parts) == sorted(f"task{t}" for t in range(5))
+    assert all(bool(torch.isfinite(v)) for v in losses.parts.values())

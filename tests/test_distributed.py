@@ -84,7 +84,25 @@ def test_global_losses_give_the_one_process_gradient_with_uneven_labels():
 
 # ------------------------------------------------------------------------------ lossport.train under torchrun
 
-METHODS = [None, "uw", "famo", "mgda", "upgrad", "nash_mtl", "graddrop", "db_mtl"]
+METHODS = [
+    None,
+    "uw",
+    "famo",
+    "gradnorm",
+    "mgda",
+    "upgrad",
+    "nash_mtl",
+    "graddrop",
+    "db_mtl",
+    "excess_mtl",
+    "pcd",
+    "cr_mogm",
+    "sdmgrad",
+    "modo",
+    "moco",
+    "go4align",
+    "ldc_mtl",
+]
 
 
 def train_data():
@@ -124,9 +142,15 @@ def two_rank_runs():
     return dict(out)
 
 
+# SDMGrad's 20-step projected-gradient inner loop (lr 10) on the simplex amplifies the float32 rounding of the
+# parts (summed in another order on two ranks) to about 1e-4 in its weights; parameters still agree to 1e-5
+WEIGHT_RTOL = {"sdmgrad": 2e-4}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_train_like_one_process(method, two_rank_runs):
     params1, weights1, losses1 = run_train(method, 16)
+    rtol = WEIGHT_RTOL.get(str(method), 1e-5)
     for r in (0, 1):
         params, weights, losses = two_rank_runs[r][str(method)]
         for p, p1 in zip(params, params1):
@@ -134,7 +158,7 @@ def test_two_ranks_train_like_one_process(method, two_rank_runs):
         for w, w1 in zip(weights, weights1):
             assert w.keys() == w1.keys()
             for k in w1:
-                assert w[k] == pytest.approx(w1[k], rel=1e-5, abs=1e-6)
+                assert w[k] == pytest.approx(w1[k], rel=rtol, abs=1e-6)
         assert losses == pytest.approx(losses1, rel=1e-5)
     for p0, p1 in zip(two_rank_runs[0][str(method)][0], two_rank_runs[1][str(method)][0]):
         assert torch.equal(p0, p1)  # replicas bit-identical
@@ -142,7 +166,11 @@ def test_two_ranks_train_like_one_process(method, two_rank_runs):
 
 def dying_worker(r, port, ckpt, q):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(r),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(r),
         LOSSPORT_DIST_TIMEOUT="30",
     )
     torch.set_num_threads(1)

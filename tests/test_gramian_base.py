@@ -217,3 +217,50 @@ def test_misconfiguration_raises_with_a_fix():
     parts = {"a": a(x).sum(), "b": b(x).sum()}
     with pytest.raises(ValueError, match="share nothing"):
         Recorder().balance(Losses(parts=parts, weights={"a": 1.0, "b": 1.0}))
+
+
+def test_features_module_that_did_not_run_names_the_modules_that_did():
+    net = Net()
+    net.spare = nn.Linear(6, 6)  # a submodule the forward never calls
+    bal = Recorder(gramian="features", features=net.spare)
+    bal.attach(net)
+    ran = r"did not run .*\(modules that ran: trunk\.0, trunk\.1, trunk\.2, trunk\.3, trunk, heads\.0"
+    with pytest.raises(ValueError, match=ran) as err:
+        bal.balance(losses_of(net))
+    assert "spare" not in str(err.value).split("modules that ran")[1]
+    bal.close()
+    assert not bal._ran_hooks
+
+
+def test_features_module_returning_a_dict_of_tensors_is_concatenated():
+    class Levels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"p1": self.a(x), "p2": self.b(x)}
+
+    class FPNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.levels = Levels()
+            self.heads = nn.ModuleList([nn.Linear(5, 1) for _ in range(2)])
+
+        def forward(self, x):
+            z = self.levels(x)
+            h = torch.tanh(torch.cat([z["p1"], z["p2"]], dim=1))
+            return {"y0": self.heads[0](h).squeeze(1), "y1": self.heads[1](h).squeeze(1), **z}
+
+    net = FPNNet()
+    bal = Recorder(gramian="features", features=net.levels)
+    bal.attach(net)
+    losses = losses_of(net, T=2)
+    zs = [losses.outputs["p1"], losses.outputs["p2"]]
+    J = torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.parts[k], zs, retain_graph=True)])
+         for k in losses.names]
+    ).double()
+    bal.balance(losses)
+    torch.testing.assert_close(bal.seen[0], J @ J.T)

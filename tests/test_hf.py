@@ -76,12 +76,14 @@ def test_model_computing_its_own_loss(tmp_path) -> None:
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(**CONFIG, num_labels=3))
     data = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"], "labels": r["topic"]} for r in rows()]
+    objective = lossport.Objective("loss")
     trainer = LossportTrainer(
-        model=model, args=args(tmp_path), train_dataset=data, eval_dataset=data, objective=lossport.Objective("loss")
+        model=model, args=args(tmp_path), train_dataset=data, eval_dataset=data, objective=objective
     )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-    assert len(logged) == 2 and all("weight/loss" in h for h in logged)
+    part = objective.part_names[0]  # the model's own loss output
+    assert len(logged) == 2 and all(f"weight/{part}" in h and h[part] == pytest.approx(h["loss"]) for h in logged)
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss"])  # present and a number
     model.eval()

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lossport import Objective
-from lossport.inspection import Monitor, figures_from_gramian, inspect, monitor, take_batches
+from lossport.inspection import Monitor, figures_from_gramian, inspect, monitor
 from lossport.report import IMBALANCE
+from lossport.training.data import first_batches
 
 
 class SeedNet(nn.Module):
@@ -49,7 +50,7 @@ def explicit(net, data, spec, modules, batch_size=16, batches=4):
     """Per batch, per part, the flattened gradient on each module's own parameters (None when missing)."""
     obj = Objective(spec)
     out = []
-    for batch in take_batches(data, batches, batch_size):
+    for batch in first_batches(data, batches, batch_size):
         losses = obj(net, batch)
         row = {}
         for k, v in losses.parts.items():
@@ -233,12 +234,9 @@ def test_dict_net_three_parts_auto_losses():
     assert d["cos"]["size"][0][1] is None
 
 
-def test_tuple_batches_and_dataloader():
+def test_tuple_batches():
     net = SeedNet()
     data = seed_data(32)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data["x"], data["y1"], data["y2"]), batch_size=8, shuffle=False
-    )
 
     class TupleSeed(SeedNet):
         def forward(self, x):
@@ -246,8 +244,8 @@ def test_tuple_batches_and_dataloader():
             return o["y1"], o["y2"]
 
     tnet = TupleSeed()
-    batches = [(x, (y1, y2)) for x, y1, y2 in loader]
-    r = inspect(tnet, batches, ["mse", "ce"], batches=3)
+    examples = [(x, (y1, y2)) for x, y1, y2 in zip(data["x"], data["y1"], data["y2"])]  # a list is a dataset
+    r = inspect(tnet, examples, ["mse", "ce"], batches=3, batch_size=8)
     assert r.batches == 3 and r.reach["out0"] == ["A", "B", "C"] and r.reach["out1"] == ["A", "B", "D"]
     r2 = inspect(net, (data["x"], {"y1": data["y1"], "y2": data["y2"]}), SPEC, batch_size=8, batches=2)
     assert r2.batches == 2 and r2.counts["y1"] == 16
@@ -381,10 +379,10 @@ def test_bad_arguments_raise():
         inspect(net, data, SPEC, batches=0)
     with pytest.raises(ValueError, match="weights"):
         inspect(net, data, Objective(SPEC), weights=[1, 2])
-    with pytest.raises(TypeError, match="data must be"):
+    with pytest.raises(TypeError, match="data is a int"):
         inspect(net, 3, SPEC)
-    with pytest.raises(ValueError, match="different numbers of examples"):
-        take_batches({"x": torch.zeros(4, 1), "y": torch.zeros(3)}, 2, 2)
+    with pytest.raises(ValueError, match="same first dimension"):
+        first_batches({"x": torch.zeros(4, 1), "y": torch.zeros(3)}, 2, 2)
     with pytest.raises(ValueError, match="unknown balancer"):
         inspect(net, data, SPEC, balance="nope")
 
@@ -420,7 +418,7 @@ def test_monitor_samples_every_k_and_averages_per_round():
     obj = Objective(SPEC)
     mon = Monitor(every=3)
     got = []
-    for b in take_batches(data, 4, 16):
+    for b in first_batches(data, 4, 16):
         losses = obj(net, b)
         got.append(mon.observe(losses))
     assert [g is not None for g in got] == [True, False, False, True]
@@ -440,7 +438,7 @@ def test_monitor_reuses_a_gramian_balancers_figures():
     obj = Objective(SPEC, balance=resolve("upgrad"))
     mon = Monitor(every=100)
     seen = []
-    for b in take_batches(data, 3, 16):
+    for b in first_batches(data, 3, 16):
         losses = obj(net, b)
         seen.append(mon.observe(losses, obj.balancer))
         direct = monitor(losses)
@@ -470,28 +468,86 @@ def test_monitor_moves_a_sample_past_steps_with_one_part():
     data["y2"][:16] = -100  # the first batch has only y1
     obj = Objective(SPEC)
     mon = Monitor(every=10)
-    got = [mon.observe(obj(net, b)) for b in take_batches(data, 3, 16)]
+    got = [mon.observe(obj(net, b)) for b in first_batches(data, 3, 16)]
     assert [g is not None for g in got] == [False, True, False]
     assert set(mon.end_round()) == {"gradnorm/y1", "gradnorm/y2", "cos/y1/y2", "gradratio/y1/y2"}
 
 
-def test_cli_inspect_on_the_demo_net(tmp_path, capsys):
-    import argparse
+# -- group_by ---------------------------------------------------------------------------------------------------
+class Nested(nn.Module):
+    """Two blocks of two layers and a head: qualified names ``blocks.0.a``, ``blocks.0.b``, ... ``head``."""
 
-    import matplotlib
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}) for _ in range(2))
+        self.head = nn.Linear(4, 2)
 
-    from lossport.inspection import add_inspect_arguments, cli_inspect
+    def forward(self, x):
+        for blk in self.blocks:
+            x = torch.tanh(blk["b"](torch.tanh(blk["a"](x))))
+        out = self.head(x)
+        return {"y1": out[:, :1], "y2": out[:, 1:]}
 
-    matplotlib.use("Agg")
-    p = argparse.ArgumentParser()
-    add_inspect_arguments(p)
-    fig, js = tmp_path / "f.png", tmp_path / "r.json"
-    args = p.parse_args(["--batches", "2", "--batch-size", "32", "--figure", str(fig), "--json", str(js)])
-    assert cli_inspect(args) == 0
-    out = capsys.readouterr().out
-    assert "Reach and pull" in out and max(len(line) for line in out.splitlines()) <= 100
-    assert fig.stat().st_size > 0
-    d = json.loads(js.read_text())
-    assert d["parts"] == ["left", "right", "ink"]
-    assert d["reach"]["ink"] == ["trunk.0", "trunk.2", "trunk.5", "ink"]
-    assert d["shared"] == ["trunk.0", "trunk.2", "trunk.5"]
+
+def test_group_modules_forms():
+    from lossport.inspection import group_modules, parametrised_modules
+
+    mods = parametrised_modules(Nested())
+    assert [m[0] for m in mods] == ["blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "head"]
+    rows, note = group_modules(mods, None)
+    assert [r.name for r in rows] == [m[0] for m in mods] and note == ""
+    rows, note = group_modules(mods, "auto")  # 5 modules <= MAX_ROWS: one row each
+    assert len(rows) == 5 and note == ""
+    rows, note = group_modules(mods, 2)
+    assert [(r.name, r.members, r.kind) for r in rows] == [
+        ("blocks.0", ["blocks.0.a", "blocks.0.b"], "2x Linear"),
+        ("blocks.1", ["blocks.1.a", "blocks.1.b"], "2x Linear"),
+        ("head", ["head"], "Linear"),
+    ]
+    assert "5 modules grouped to depth 2 into 3 rows" in note
+    rows, _ = group_modules(mods, ["blocks", "blocks.1"])  # the longest prefix wins
+    assert [r.name for r in rows] == ["blocks", "blocks.1", "head"]
+    assert rows[0].members == ["blocks.0.a", "blocks.0.b"]
+    rows, _ = group_modules(mods, lambda n: n.split(".")[-1])
+    assert [r.name for r in rows] == ["a", "b", "head"]
+    for bad in ("depth", 0, True, 1.5):
+        with pytest.raises(ValueError, match="group_by"):
+            group_modules(mods, bad)
+
+
+def test_auto_grouping_keeps_at_most_max_rows():
+    from lossport.inspection import MAX_ROWS, group_modules, parametrised_modules
+
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)) for _ in range(30)])  # 60 modules
+    rows, note = group_modules(parametrised_modules(net), "auto")
+    assert len(rows) == 30 <= MAX_ROWS and all(r.members == [f"{r.name}.0", f"{r.name}.1"] for r in rows)
+    assert "group_by='auto'" in note
+
+
+def test_group_pull_is_the_norm_over_its_modules():
+    net = Nested()
+    data = {"x": torch.randn(8, 4), "y1": torch.randn(8, 1), "y2": torch.randn(8, 1)}
+    spec = {"y1": "mse", "y2": "mse"}
+    each = inspect(net, data, spec, batches=1, batch_size=8, group_by=None)
+    grouped = inspect(net, data, spec, batches=1, batch_size=8, group_by=2)
+    assert [m.name for m in grouped.modules] == ["blocks.0", "blocks.1", "head"]
+    assert grouped.module("blocks.0").members == 2 and grouped.module("blocks.0").params == 40
+    for p in ("y1", "y2"):
+        expected = math.hypot(each.pull[p]["blocks.1.a"], each.pull[p]["blocks.1.b"])
+        assert grouped.pull[p]["blocks.1"] == pytest.approx(expected, rel=1e-9)
+    assert grouped.trunk_cos[0][1] == pytest.approx(each.trunk_cos[0][1], rel=1e-9)
+    assert "grouped to depth 2" in str(grouped)
+
+
+def test_advice_names_modules_reached_with_a_zero_gradient():
+    class Gated(SeedNet):
+        def forward(self, x):
+            out = super().forward(x)
+            out["y1"] = out["y1"] + 0.0 * self.F(torch.tanh(self.A(x)))[:, :1]  # F on y1's graph, gradient 0
+            return out
+
+    r = inspect(Gated(), seed_data(), SPEC, batch_size=16)
+    assert "F" in r.reach["y1"] and r.pull["y1"]["F"] == 0.0
+    assert any(a.startswith("'y1' reaches 'F' but the gradient there is exactly 0") for a in r.advice)
+    assert not any("'y2' reach" in a for a in r.advice)

@@ -138,10 +138,11 @@ def test_auto_uses_scalar_outputs_as_losses_and_nothing_else():
     net = HF()
     x, labels = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
     losses = Objective()(net, {"x": x, "labels": labels})
-    assert losses.names == ["loss"]
+    # an output named "loss" gives the part "loss/port": the key "loss" is the total's (result_types.TOTAL_KEY)
+    assert losses.names == ["loss/port"]
     assert torch.allclose(losses.total, F.cross_entropy(net.lin(x), labels))
     # by name: the same
-    assert Objective("loss")(net, {"x": x, "labels": labels}).names == ["loss"]
+    assert Objective("loss")(net, {"x": x, "labels": labels}).names == ["loss/port"]
 
 
 # ----------------------------------------------------------------------------------------- forms
@@ -386,3 +387,21 @@ def test_explicit_logit_cross_entropy_on_probabilities_is_an_error():
     bce = Objective({"flag": "bce"})(net, b)
     ref = F.binary_cross_entropy_with_logits(net.flag[0](h), b["flag"])
     assert torch.allclose(bce.total, ref, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- facade
+
+
+def test_package_is_not_shadowed_and_evaluate_is_public():
+    import importlib
+
+    pkg = importlib.import_module("lossport.objective")
+    assert isinstance(lossport.Objective, type) and pkg.Objective is lossport.Objective
+    net, b = DictNet(), dict_batch()
+    obj = Objective({"digit": "ce", "size": "mse"}, balance="uw")
+    plain = obj.evaluate(net, b)  # static weights, no balancer
+    assert plain.weights == {"digit": 1.0, "size": 1.0}
+    assert torch.allclose(plain.total, plain.parts["digit"] + plain.parts["size"])
+    balanced = obj(net, b)
+    assert set(balanced.extra) and torch.allclose(balanced.parts["digit"], plain.parts["digit"])
+    assert not hasattr(obj, "_evaluate")  # one public way

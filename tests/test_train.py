@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from lossport import CustomLoss, NonFiniteLossError, Objective
 from lossport.balance import Balancer
 from lossport.callbacks import Callback, TrainState
-from lossport.metrics import Callable
-from lossport.train import evaluate, higher_is_better, load_checkpoint, train
+from lossport.metrics import Callable, higher_is_better
+from lossport.training import evaluate, load_checkpoint, train
 
 torch.set_num_threads(1)
 
@@ -128,8 +128,8 @@ def test_bad_data_and_arguments_raise_clear_errors() -> None:
         train(TwoHead(), loader, LOSS, validation=0.2, progress=False)
     with pytest.raises(ValueError, match="fraction"):
         train(TwoHead(), d, LOSS, validation=1.5, progress=False)
-    with pytest.raises(ValueError, match="16-mixed"):
-        train(TwoHead(), d, LOSS, precision="16-mixed", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        train(TwoHead(), d, LOSS, precision="fp8", device="cpu", progress=False)
     with pytest.raises(ValueError, match="resume=True needs checkpoint"):
         train(TwoHead(), d, LOSS, resume=True, progress=False)
     with pytest.raises(ValueError, match="on_nonfinite"):
@@ -476,6 +476,21 @@ def test_grad_clip_scheduler_and_bf16() -> None:
     assert all(math.isfinite(v) for v in res.history["loss"])
 
 
+def test_float16_mixed_precision_on_cpu_matches_float32() -> None:
+    """'16-mixed' runs on CPU (float16 autocast and a GradScaler, whose first steps may be skipped while it
+    calibrates); the balancer sees unscaled parts, so its weights match the float32 run's to float16 accuracy
+    (a scaled loss would multiply UW's gradient on its log-variances by the scale, 65536)."""
+    d = make_data(32)
+    rows = []
+    for prec in ("32", "16-mixed"):
+        res = train(TwoHead(seed=3), d, LOSS, epochs=2, batch_size=8, balance="uw", optimizer=sgd(0.05),
+                    precision=prec, device="cpu", progress=False, seed=0)  # fmt: skip
+        rows.append(res.history.rounds[-1])
+    for k in ("weight/a", "weight/b"):
+        assert rows[1][k] == pytest.approx(rows[0][k], rel=2e-2)
+    assert rows[1]["a"] == pytest.approx(rows[0]["a"], rel=0.05) and math.isfinite(rows[1]["loss"])
+
+
 # --------------------------------------------------------------------------------- progress and logs
 def test_progress_lines_and_silence(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     d = make_data()
@@ -515,7 +530,27 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
     assert r.history["loss"] == r_full.history["loss"]
 
 
-@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm", "rlw", "pcgrad", "nash_mtl", "graddrop", "db_mtl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "uw",
+        "famo",
+        "gradnorm",
+        "rlw",
+        "pcgrad",
+        "nash_mtl",
+        "graddrop",
+        "db_mtl",
+        "excess_mtl",
+        "pcd",
+        "cr_mogm",
+        "sdmgrad",
+        "modo",
+        "moco",
+        "go4align",
+        "ldc_mtl",
+    ],
+)
 def test_resume_restores_balancer_state_and_randomness(tmp_path: Path, name: str) -> None:
     """Balancers with learned parameters and their own optimizer (uw, famo, gradnorm), random weights or
     random orders (rlw, pcgrad) and warm-started solvers (nash_mtl): 2 rounds + resume for 2 more gives the
@@ -539,7 +574,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from lossport.callbacks import Callback
-from lossport.train import train
+from lossport.training import train
 
 torch.set_num_threads(1)
 ckpt, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -673,7 +708,7 @@ def test_a_non_finite_gradient_with_finite_losses_is_caught_before_the_step(bala
 
 
 def test_gradient_check_is_exact_when_sums_overflow():
-    from lossport.train import _all_finite
+    from lossport.training.step import all_finite as _all_finite
 
     big = torch.full((4,), 3e38)  # finite entries whose sum overflows float32
     assert _all_finite([big, torch.ones(2)])

@@ -18,7 +18,9 @@ no module, ``torch.sigmoid`` in the graph    binary cross-entropy from the proba
 anything else                                mean squared error
 ==========================================  =====================================================================
 
-``objective.describe()`` prints what was chosen for each output.
+``objective.describe()`` prints what was chosen for each output. A ``torch.nn`` cross-entropy given explicitly
+(``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss``, ``F.cross_entropy``, ...) is fitted to its output's producer
+the same way (:func:`fit_torch_loss`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance
+from .errors import LossSpecError
+from .losses import MSE, Contrastive, CrossEntropy, LossLayer, PairDistance, TorchLoss, module_name
 
 
 @dataclass
@@ -91,12 +94,19 @@ def producer_of(out: Tensor, seen: dict[int, tuple[str, nn.Module, Tensor]]) -> 
     fn = out.grad_fn
     fname = type(fn).__name__ if fn is not None else ""
     if fname.startswith("SoftmaxBackward"):
-        return Producer(None, "fn_softmax", int(getattr(fn, "_saved_dim", 1)) % max(out.dim(), 1))
+        return Producer(None, "fn_softmax", _saved_dim(fn) % max(out.dim(), 1))
     if fname.startswith("LogSoftmaxBackward"):
-        return Producer(None, "fn_logsoftmax", int(getattr(fn, "_saved_dim", 1)) % max(out.dim(), 1))
+        return Producer(None, "fn_logsoftmax", _saved_dim(fn) % max(out.dim(), 1))
     if fname.startswith("SigmoidBackward"):
         return Producer(None, "fn_sigmoid")
     return Producer(rec[0] if rec else None, "other")
+
+
+def _saved_dim(fn: object) -> int:
+    """The dim a functional softmax saved for backward; autograd exposes it as an unsigned 64-bit integer, so
+    ``dim=-1`` reads 2**64 - 1 (which modulo 3 would wrongly give dim 0 for a 3-d output)."""
+    d = int(getattr(fn, "_saved_dim", 1))
+    return d - 2**64 if d >= 2**63 else d
 
 
 def choose(producer: Producer) -> tuple[LossLayer | None, bool, str]:
@@ -132,6 +142,51 @@ def choose(producer: Producer) -> tuple[LossLayer | None, bool, str]:
             "auto: torch.sigmoid -> binary CE from probabilities (use nn.Sigmoid for the stable form)",
         )
     return MSE(), False, "auto: MSE" + (f" ({where})" if producer.module_name else "")
+
+
+_MAKES = {"softmax": "index", "fn_softmax": "index", "sigmoid": "binary", "fn_sigmoid": "binary"}
+
+
+def fit_torch_loss(output: str, loss: TorchLoss, producer: Producer) -> tuple[TorchLoss, bool, str]:
+    """Fit a torch loss to the output it is given: (loss, use the producer's input?, how, for describe()).
+
+    ``nn.CrossEntropyLoss`` and ``nn.BCEWithLogitsLoss`` expect logits. On an ``nn.Softmax``/``nn.Sigmoid``
+    output they get the logits that entered it (classes on the softmax's dim), as the ``"ce"``/``"bce"``
+    aliases do; on a functional ``torch.softmax``/``torch.sigmoid`` output, ``log p`` / ``logit p`` (the same
+    loss of the probabilities, clamped). A softmax output under BCE-with-logits, a sigmoid output under
+    cross-entropy, and probabilities under a loss of log-probabilities (``nn.NLLLoss``, ``nn.KLDivLoss``) are
+    errors. Other losses and producers are left as they are.
+    """
+    expects, makes = loss.expects, _MAKES.get(producer.kind)
+    if expects is None or makes is None:
+        return loss, False, ""
+    where = producer.module_name or "torch." + producer.kind[3:]
+    if makes != expects:
+        raise LossSpecError(_mismatch(output, loss, where, makes, expects))
+    class_dim = producer.dim if makes == "index" else None
+    if producer.kind in ("softmax", "sigmoid"):
+        return loss.adapted(class_dim=class_dim), True, f", from the logits entering {where!r}"
+    prepare = "log" if makes == "index" else "logit"
+    how = f", from the {prepare} of the probabilities of {where}"
+    return loss.adapted(class_dim=class_dim, prepare=prepare), False, how
+
+
+def _mismatch(output: str, loss: TorchLoss, where: str, makes: str, expects: str) -> str:
+    act = "softmax" if makes == "index" else "sigmoid"
+    wants = {
+        "index": "class scores (logits) for a softmax",
+        "binary": "logits for a sigmoid",
+        "log": "log-probabilities",
+    }[expects]
+    if expects == "log":
+        fix = "end the net with nn.LogSoftmax, or use nn.CrossEntropyLoss() (lossport then takes the logits)"
+    else:
+        fix = "use nn.BCELoss() (it takes probabilities)" + (" or 'bce'" if act == "sigmoid" else "")
+        fix += ", or an output with the activation the loss expects"
+    return (
+        f"output {output!r} holds {act} probabilities (produced by {where!r}) but its loss "
+        f"{module_name(loss.inner)} expects {wants}; {fix}"
+    )
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .data import MultiDigitsNet, multidigits
-    from .train import train
+    from .training import train
 
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
@@ -92,14 +92,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- inspect
 def add_inspect(sub: Any) -> None:
-    from .inspection import add_inspect_arguments, cli_inspect
-
     p = sub.add_parser(
         "inspect",
         help="which loss reaches which layer, how hard each pulls and whether they conflict (demo net)",
     )
-    add_inspect_arguments(p)
-    p.set_defaults(func=cli_inspect)
+    _inspect_arguments(p)
+    p.set_defaults(func=_cli_inspect)
+
+
+def _inspect_arguments(parser: Any) -> None:
+    """The options of ``lossport inspect`` (on the demo net :class:`lossport.data.MultiDigitsNet`)."""
+    parser.add_argument("--batches", type=int, default=4, help="batches measured (default 4)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    parser.add_argument("--balance", default=None, help="a balancer name whose weights to report")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the net's initialisation (default 0)")
+    parser.add_argument(
+        "--figure",
+        default="lossport-inspect.png",
+        help="where to save the figure ('' for none; default %(default)s)",
+    )
+    parser.add_argument("--json", default=None, help="also write report.as_dict() to this file")
+
+
+def _cli_inspect(args: Any) -> int:
+    """``lossport inspect``: the report of the demo net (multidigits, MultiDigitsNet, automatic losses) at
+    initialisation: prints the table, saves the figure (and the JSON)."""
+    import json
+
+    import torch
+
+    from .data import MultiDigitsNet, multidigits
+    from .inspection import inspect
+
+    torch.manual_seed(args.seed)
+    net = MultiDigitsNet()
+    data = multidigits("train", size=args.batches * args.batch_size)
+    report = inspect(
+        net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance
+    )
+    print(report.table())
+    if args.figure:
+        report.plot().savefig(args.figure, dpi=120, bbox_inches="tight")
+        print(f"\nfigure saved to {args.figure}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+        print(f"report saved to {args.json}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- compare
@@ -109,7 +148,7 @@ def add_compare(sub: Any) -> None:
         help="rank balancing methods on the built-in data against single-task baselines (Delta-m%%)",
     )
     p.add_argument("--data", default="multidigits", choices=["multidigits"], help="built-in data set")
-    p.add_argument("--methods", default="ew,uw,dwa,famo,mgda,pcgrad,cagrad,nash_mtl,upgrad")
+    p.add_argument("--methods", default=_default_methods(3, 5), help="comma-separated balancer names")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--size", type=int, default=2000, help="training examples (default 2000)")
@@ -124,14 +163,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .compare import compare
+    from .comparison import compare
     from .data import MultiDigitsNet, multidigits
 
     torch.set_num_threads(max(1, args.threads))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from .balance import available
+    from .balance import aliases, available
 
-    unknown = [m for m in methods if m not in available() and m not in ("ew", "sum")]
+    unknown = [m for m in methods if m.lower().replace("-", "_") not in aliases()]
     if unknown:
         print(f"unknown methods {unknown}; available: {', '.join(available())}", file=sys.stderr)
         return 2
@@ -161,10 +200,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_methods(n_loss: int, n_gradient: int, loss_kinds: tuple[str, ...] = ("learned", "loss")) -> str:
+    """The plain sum, then the first loss-level (of ``loss_kinds``) and gradient-level methods of the balancers'
+    own preference order (:func:`lossport.balance.suggest`)."""
+    from .balance import suggest
+
+    names = [*suggest(["static"])[:1], *suggest(loss_kinds)[:n_loss], *suggest(["gramian"])[:n_gradient]]
+    return ",".join(names)
+
+
 # ----------------------------------------------------------------------------------------------------- toy
 def add_toy(sub: Any) -> None:
     p = sub.add_parser("toy", help="trajectories of balancers on the two-task toy problem (CAGrad/Nash-MTL/FAMO)")
-    p.add_argument("--methods", default="ew,mgda,pcgrad,cagrad,nash_mtl,famo")
+    p.add_argument("--methods", default=_default_methods(2, 4, ("learned",)), help="comma-separated balancer names")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--out", type=Path, default=Path("lossport-toy.png"))
@@ -174,7 +222,7 @@ def add_toy(sub: Any) -> None:
 def cmd_toy(args: argparse.Namespace) -> int:
     from . import toy
 
-    methods = [None if m.strip() in ("ew", "sum") else m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     trajs = toy.run_all(methods, steps=args.steps, lr=args.lr)
     for name, ts in trajs.items():
         ends = ", ".join(f"({float(t.end[0]):.2f}, {float(t.end[1]):.2f})" for t in ts)

@@ -156,15 +156,6 @@ def shard(global_batch: Tensor, rank_: int, world: int) -> Tensor:
     return torch.tensor_split(global_batch, world)[rank_]
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """``obj`` from rank ``src`` on every rank (a no-op on one process)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 __all__ = [
     "is_distributed",
     "rank",
@@ -172,7 +163,6 @@ __all__ = [
     "global_losses",
     "all_reduce_gramian",
     "all_reduce_jacobian",
-    "broadcast_object",
     "setup",
     "shard",
 ]

@@ -8,4 +8,10 @@ class LossSpecError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A part of the loss was NaN or infinite; raised before any optimizer step touched the weights."""
+    """A part of the loss, a gradient, or a parameter after an optimizer step was NaN or infinite. The message
+    says what was applied: for parts and gradients no step was taken; for parameters the step was."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, does not belong to this run, or its directory is in use; the message names
+    the file and what is wrong."""

@@ -678,7 +678,7 @@ def jacobian(parts: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool
         for p, g in zip(params, grads)
     ]
     if not cols:
-        return torch.zeros((T, 0))
+        return torch.zeros((T, 0), dtype=parts[0].dtype if parts else None, device=parts[0].device if parts else None)
     return torch.cat(cols, dim=1)
 
 

@@ -6,7 +6,9 @@ History keys, per round (``history["digit"]`` is the list over rounds, NaN where
 ==========================  ========================================================================
 ``round``                   1, 2, ...
 ``loss``                    training total (the backpropagated ``sum_i w_i L_i + extra``), mean over the
-                            round's batches weighted by batch size (Keras, Wolfram)
+                            round's batches weighted by batch size (Keras, Wolfram). Always the total: no
+                            part is named ``loss`` (an output named ``loss`` gives parts ``loss/<loss>``;
+                            ``lossport.result_types.TOTAL_KEY`` and ``part_key``)
 ``<part>``                  unweighted loss part, averaged over the round's labelled examples of that part;
                             absent (NaN) in a round where no batch had a labelled example
 ``weight/<part>``           the applied weight ``s_i b_i``, mean over the batches where the part was present
@@ -30,7 +32,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,22 +39,8 @@ from typing import Any
 
 from torch import nn
 
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .atomic import atomic_write_text
+from .result_types import TOTAL_KEY, part_key
 
 
 class History:
@@ -166,6 +153,7 @@ class Result:
     history: History
     best_round: int | None = None
     best_key: str | None = None
+    best_reason: str | None = None
     stopped_because: str = "completed"
     examples_per_second: float = math.nan
     seconds: float = 0.0
@@ -183,11 +171,11 @@ class Result:
         last = self.history.last
         best = self.history.rounds[self.best_round - 1] if self.best_round else None
         rows = [["part", "weight", "train", "val"] + (["val (best)"] if best else [])]
-        for p in ["loss", *self.part_names]:
+        for p in [TOTAL_KEY, *(part_key(q) for q in self.part_names)]:
             w = last.get(f"weight/{p}", math.nan)
             row = [
-                p if p != "loss" else "total",
-                "" if p == "loss" else f"{w:.4g}",
+                p if p != TOTAL_KEY else "total",
+                "" if p == TOTAL_KEY else f"{w:.4g}",
                 _fmt(last.get(p)),
                 _fmt(last.get(f"val_{p}")),
             ]
@@ -217,7 +205,7 @@ class Result:
             from matplotlib.figure import Figure
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("Result.plot needs matplotlib: pip install 'lossport[plot]'") from e
-        names = ["loss", *(self.part_names if parts is None else list(parts))]
+        names = [TOTAL_KEY, *(part_key(p) for p in (self.part_names if parts is None else list(parts)))]
         keys = self.history.rounds[-1].keys() if self.history.rounds else ()
         monitor_groups = [g for g in ("cos", "gradnorm", "norm") if any(k.startswith(f"monitor/{g}") for k in keys)]
         n = len(names) + len(monitor_groups)
@@ -238,7 +226,7 @@ class Result:
                 ax.set_yscale("log")
             if self.best_round:
                 ax.axvline(self.best_round, color="grey", lw=0.8, ls=":")
-            ax.set_title("total" if name == "loss" else name)
+            ax.set_title("total" if name == TOTAL_KEY else name)
             ax.set_xlabel("round")
             if i == 0:
                 ax.legend()
@@ -260,7 +248,7 @@ class Result:
 
     def __repr__(self) -> str:
         last = self.history.rounds[-1] if self.history.rounds else {}
-        shown = {k: round(last[k], 6) for k in ("loss", "val_loss") if k in last}
+        shown = {k: round(last[k], 6) for k in (TOTAL_KEY, f"val_{TOTAL_KEY}") if k in last}
         return (
             f"Result({self.rounds} rounds, stopped_because={self.stopped_because!r}, "
             f"best_round={self.best_round}, last={shown})"
@@ -273,4 +261,4 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-__all__ = ["History", "Result", "atomic_write_text"]
+__all__ = ["History", "Result"]

@@ -40,10 +40,12 @@ per round.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -53,79 +55,141 @@ from .graph import reached_parameters, shared_parameters
 from .objective import Objective, unwrap
 from .report import ModuleInfo, Report, advise
 from .result_types import Losses
+from .training.data import first_batches
 
 ROOT = "(root)"
+MAX_ROWS = 40
+"""The default grouping (``group_by="auto"``) shows at most this many module rows."""
+GroupBy = Union[None, str, int, Sequence[str], Callable[[str], str]]  # noqa: UP007 (a runtime alias)
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-def take_batches(data: Any, batches: int, batch_size: int) -> list[Any]:
-    """The first ``batches`` batches of ``data``: a dict of tensors (cut in consecutive slices of
-    ``batch_size`` rows), a pair ``(x, y)`` of tensors (likewise), or an iterable of batches (a
-    DataLoader)."""
-    if int(batches) < 1:
-        raise ValueError(f"batches must be a positive integer, not {batches!r}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    if isinstance(data, Mapping):
-        tensors = {k: v for k, v in data.items() if isinstance(v, Tensor) and v.dim() > 0}
-        if not tensors:
-            raise ValueError(
-                "data is a dict without tensors; give a dict {name: tensor} with examples on dim 0"
-            )
-        sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
-        n = min(sizes.values())
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"the tensors of data have different numbers of examples: {sizes}")
-        out: list[Any] = []
-        for s in range(0, n, batch_size):
-            if len(out) == batches:
-                break
-            out.append({k: (v[s : s + batch_size] if k in tensors else v) for k, v in data.items()})
-        return out
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        n = int(x.shape[0])
-        pairs: list[Any] = []
-        for s in range(0, n, batch_size):
-            if len(pairs) == batches:
-                break
-            ys = y[s : s + batch_size] if isinstance(y, Tensor) else _slice(y, s, batch_size)
-            pairs.append((x[s : s + batch_size], ys))
-        return pairs
-    if isinstance(data, Iterable):
-        out = list(itertools.islice(iter(data), batches))
-        if not out:
-            raise ValueError("data gave no batch")
-        return out
-    raise TypeError(
-        f"data must be a dict of tensors, a pair (x, y) or an iterable of batches (a DataLoader), not "
-        f"{type(data).__name__}"
-    )
-
-
-def _slice(y: Any, s: int, n: int) -> Any:
-    if isinstance(y, Mapping):
-        return {k: _slice(v, s, n) for k, v in y.items()}
-    if isinstance(y, (tuple, list)):
-        return type(y)(_slice(v, s, n) for v in y)
-    return y if y is None else y[s : s + n]
-
-
-# -- modules ------------------------------------------------------------------------------------------------
 def parametrised_modules(net: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
     """``(name, module, own parameters)`` of every module that owns parameters directly, in registration
-    order; a parameter shared by several modules belongs to the first."""
+    order; a parameter shared by several modules belongs to the first.
+
+    A Keras 3 model (torch backend) keeps every variable in one ``ParameterDict`` (``_torch_params``, keys the
+    variables' paths): its parameters are attributed to the Keras layers that own them, named by their path
+    (``block/dense``), the layer object as module."""
+    keras_owner = _keras_layers(net)
     seen: set[int] = set()
-    out = []
+    out: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]] = []
+    by_layer: dict[str, int] = {}
     for name, mod in net.named_modules():
         own = []
         for pname, p in mod.named_parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                own.append((f"{name}.{pname}" if name else pname, p))
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            qn = f"{name}.{pname}" if name else pname
+            if id(p) in keras_owner:
+                lname, layer = keras_owner[id(p)]
+                if lname not in by_layer:
+                    by_layer[lname] = len(out)
+                    out.append((lname, layer, []))
+                out[by_layer[lname]][2].append((qn, p))
+            else:
+                own.append((qn, p))
         if own:
             out.append((name or ROOT, mod, own))
     return out
+
+
+def _keras_layers(net: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """``id(parameter) -> (layer path, layer)`` for the variables of a Keras 3 model's layers (torch backend)."""
+    keras = sys.modules.get("keras")
+    layer_cls = getattr(keras, "Layer", None)
+    if not isinstance(layer_cls, type) or not isinstance(net, layer_cls):
+        return {}
+    layers = getattr(net, "_flatten_layers", None)
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for layer in layers(include_self=True, recursive=True) if callable(layers) else [net]:
+        for v in getattr(layer, "_trainable_variables", []) + getattr(layer, "_non_trainable_variables", []):
+            value = getattr(v, "value", None)
+            if isinstance(value, Tensor):
+                found.setdefault(id(value), (str(v.path).rsplit("/", 1)[0], layer))
+    return found
+
+
+@dataclass
+class Row:
+    """A row of the report: a parametrised module, or a group of them (``group_by``)."""
+
+    name: str
+    kind: str
+    members: list[str]
+    own: list[tuple[str, nn.Parameter]]
+
+
+def group_modules(
+    mods: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]], group_by: GroupBy = "auto"
+) -> tuple[list[Row], str]:
+    """The report's rows from the parametrised modules, and a sentence saying how they were grouped.
+
+    ``group_by``: ``None`` (a row per module); an int ``d`` (modules grouped by the first ``d`` components of
+    their qualified name, ``.`` or ``/`` separated: ``d=2`` puts ``backbone.body.0.conv`` in ``backbone.body``);
+    a list of name prefixes (a module goes to the longest prefix it is under, others stay alone); a function
+    ``module name -> row name``; ``"auto"`` (default): a row per module up to :data:`MAX_ROWS` modules, else the
+    deepest ``d`` that gives at most :data:`MAX_ROWS` rows (depth 1 if none does)."""
+    if isinstance(group_by, bool) or not (
+        group_by is None or isinstance(group_by, (str, int, Sequence)) or callable(group_by)
+    ):
+        raise ValueError(f"group_by must be None, 'auto', a depth, a list of prefixes or a function, not {group_by!r}")
+    names = [m[0] for m in mods]
+    how = ""
+    if isinstance(group_by, str):
+        if group_by != "auto":
+            raise ValueError(
+                f"group_by={group_by!r}: the string form is 'auto'; give a list for one prefix, e.g. [{group_by!r}]"
+            )
+        if len(mods) <= MAX_ROWS:
+            group_by = None
+        else:
+            fits = [d for d in range(1, _depth(names) + 1) if len(set(_keys(names, d))) <= MAX_ROWS]
+            depth = max(fits, default=1)
+            group_by = depth
+            how = " by default (group_by='auto')"
+    if group_by is None:
+        return [Row(n, type(m).__name__, [n], list(own)) for n, m, own in mods], ""
+    keys = _keys(names, group_by)
+    rows: dict[str, Row] = {}
+    kinds: dict[str, list[str]] = {}
+    for (n, m, own), k in zip(mods, keys):
+        row = rows.setdefault(k, Row(k, "", [], []))
+        row.members.append(n)
+        row.own.extend(own)
+        kinds.setdefault(k, []).append(type(m).__name__)
+    for k, row in rows.items():
+        ts = sorted(set(kinds[k]))
+        row.kind = ts[0] if len(row.members) == 1 else (f"{len(row.members)}x {ts[0]}" if len(ts) == 1 else
+                                                         f"{len(row.members)} modules")
+    what = f"to depth {group_by}" if isinstance(group_by, int) else "by the prefixes given" if not callable(
+        group_by) else f"by {getattr(group_by, '__name__', 'the function given')}"
+    note = f"{len(mods)} modules grouped {what}{how} into {len(rows)} rows; group_by=None shows each"
+    return list(rows.values()), note
+
+
+_SEP = re.compile(r"[./]")
+
+
+def _depth(names: list[str]) -> int:
+    return max((len(_SEP.split(n)) for n in names if n != ROOT), default=1)
+
+
+def _keys(names: list[str], group_by: Any) -> list[str]:
+    if isinstance(group_by, int):
+        if group_by < 1:
+            raise ValueError(f"group_by depth must be at least 1, not {group_by}")
+        return [n if n == ROOT else _prefix(n, group_by) for n in names]
+    if callable(group_by):
+        return [str(group_by(n)) for n in names]
+    prefixes = sorted((str(p) for p in group_by), key=len, reverse=True)
+    return [next((p for p in prefixes if n == p or (n.startswith(p) and n[len(p)] in "./")), n) for n in names]
+
+
+def _prefix(name: str, depth: int) -> str:
+    seps = [m.start() for m in _SEP.finditer(name)]
+    return name if len(seps) < depth else name[: seps[depth - 1]]
 
 
 # -- inspect ------------------------------------------------------------------------------------------------
@@ -152,6 +216,7 @@ def inspect(
     batches: int = 4,
     batch_size: int = 64,
     balance: Any = None,
+    group_by: GroupBy = "auto",
 ) -> Report:
     """Measure on ``batches`` batches of ``data`` which parameters each loss part reaches, how hard it pulls
     on every module, and how the parts' gradients agree on the shared trunk (see the module docstring).
@@ -165,6 +230,10 @@ def inspect(
         batch_size: rows per batch when ``data`` is a dict or a pair of tensors.
         balance: a balancer or its name: its weights on these batches are reported (and used by the advice);
             a balancer instance keeps the state these calls give it.
+        group_by: rows of the report (:func:`group_modules`): ``"auto"`` (a row per module up to
+            :data:`MAX_ROWS`, else modules grouped by name to the deepest level that fits), ``None`` (every
+            module), a depth, a list of name prefixes or a function ``module name -> row name``. A group's pull
+            is the norm of the part's gradient on all the group's parameters together.
 
     Returns:
         a :class:`lossport.report.Report`; ``print(report)`` shows the table.
@@ -182,25 +251,28 @@ def inspect(
         balancer = objective.balancer
     inner = unwrap(net)
     mods = parametrised_modules(inner)
+    rows, grouping = group_modules(mods, group_by)
+    row_of = {m: r.name for r in rows for m in r.members}
     owner: dict[int, str] = {}
     pname: dict[int, str] = {}
-    for mname, _, own in mods:
-        for qn, p in own:
-            owner[id(p)] = mname
+    for r in rows:
+        for qn, p in r.own:
+            owner[id(p)] = r.name
             pname[id(p)] = qn
     called: set[str] = set()
+    unobserved = {row_of[mname] for mname, mod, _ in mods if _keras_layers(mod)}  # Keras calls bypass the hooks
     handles = []
     for mname, mod, _ in mods:
-        handles.append(mod.register_forward_hook(lambda *_a, _n=mname: called.add(_n)))  # type: ignore[misc]
-    batch_list = take_batches(data, batches, batch_size)
+        handles.append(mod.register_forward_hook(lambda *_a, _n=row_of[mname]: called.add(_n)))  # type: ignore[misc]
+    batch_list = first_batches(data, batches, batch_size)
     acc = _Accumulator()
     try:
         for batch in batch_list:
             with eager_compiled():
-                losses = objective._evaluate(net, batch)
+                losses = objective.evaluate(net, batch)
             if balancer is not None and len(losses.parts) > 0:
                 losses = balancer(losses)
-            acc.add(losses, owner, pname, mods)
+            acc.add(losses, owner, pname, rows)
     finally:
         for h in handles:
             h.remove()
@@ -209,7 +281,8 @@ def inspect(
     part_names = [p for p in objective.part_names if p in acc.seen_parts] + [
         p for p in acc.seen_parts if p not in objective.part_names
     ]
-    report = acc.report(part_names, mods, called, len(batch_list), _name_of(balance, balancer))
+    report = acc.report(part_names, rows, called - unobserved, unobserved, len(batch_list), _name_of(balance, balancer))
+    report.grouping = grouping
     report.advice = advise(report, available())
     return report
 
@@ -233,12 +306,12 @@ class _Accumulator:
         self.weight_sum: dict[str, float] = {}
         self.present: dict[str, int] = {}
 
-    def add(self, losses: Losses, owner: dict[int, str], pname: dict[int, str], mods: list) -> None:
+    def add(self, losses: Losses, owner: dict[int, str], pname: dict[int, str], units: list[Row]) -> None:
         names = losses.names
         for p in list(names) + list(losses.missing):
             if p not in self.seen_parts:
                 self.seen_parts.append(p)
-        params_by_id: dict[int, Tensor] = {id(p): p for _, _, own in mods for _, p in own}
+        params_by_id: dict[int, Tensor] = {id(p): p for u in units for _, p in u.own}
         reached: dict[str, list[Tensor]] = {}
         for k in names:
             leaves = [t for t in reached_parameters(losses.parts[k]) if id(t) in owner]
@@ -288,25 +361,33 @@ class _Accumulator:
         self.batches.append({"names": list(names), "gram": gram, "reach": reach_mod})
 
     def report(
-        self, parts: list[str], mods: list, called: set[str], n_batches: int, balance: str | None
+        self,
+        parts: list[str],
+        rows: list[Row],
+        called: set[str],
+        unobserved: set[str],
+        n_batches: int,
+        balance: str | None,
     ) -> Report:
         reach_count: dict[str, int] = {}
         for p in parts:
             for m in self.reach.get(p, ()):
                 reach_count[m] = reach_count.get(m, 0) + 1
         infos = []
-        for mname, mod, own in mods:
-            trainable = sum(p.numel() for _, p in own if p.requires_grad)
-            if reach_count.get(mname):
+        for r in rows:
+            trainable = sum(p.numel() for _, p in r.own if p.requires_grad)
+            if reach_count.get(r.name):
                 status = "reached"
             elif trainable == 0:
                 status = "frozen"
-            elif mname in called:
+            elif r.name in called:
                 status = "no loss"
+            elif r.name in unobserved:
+                status = "not reached"
             else:
                 status = "not called"
             infos.append(
-                ModuleInfo(mname, type(mod).__name__, sum(p.numel() for _, p in own), trainable, status)
+                ModuleInfo(r.name, r.kind, sum(p.numel() for _, p in r.own), trainable, status, len(r.members))
             )
         order = [m.name for m in infos]
         shared = [m for m in order if reach_count.get(m, 0) >= 2]
@@ -438,13 +519,12 @@ class Monitor:
     def observe(self, losses: Losses, balancer: Any = None) -> dict[str, float] | None:
         """Call once per step, before ``backward()``. Counts the step; on sampled steps (and whenever a
         Gramian balancer has just computed ``G``) records the figures and returns them."""
-        from .balance.gramian_base import GramianBalancer
-
         step = self.steps
         self.steps += 1
         names = losses.names
         figs: dict[str, float] | None = None
-        if isinstance(balancer, GramianBalancer) and balancer.mode == "params" and balancer.params is None:
+        gramian = getattr(balancer, "kind", None) in ("gramian", "surgery")  # the Gramian engine's balancers
+        if gramian and balancer.mode == "params" and balancer.params is None:
             info = balancer.info
             if info is not self._last_info and all(f"norm/{k}" in info for k in names) and len(names) >= 2:
                 self._last_info = info
@@ -469,18 +549,19 @@ class Monitor:
                     self._n[k] = self._n.get(k, 0) + 1
         return figs
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling schedule (saved in training checkpoints; the round's sums restart at each round)."""
+        return {"steps": self.steps, "due": self._due}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps, self._due = int(state["steps"]), bool(state["due"])
+
     def end_round(self) -> dict[str, float]:
         """Means of the figures sampled since the last call (each over the samples where it was defined),
         and start a new round."""
         out = {k: self._sums[k] / self._n[k] for k in self._sums}
         self._sums, self._n, self.samples = {}, {}, 0
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "every": self.every}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state["steps"])
 
 
 def _from_balancer_info(info: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
@@ -493,52 +574,14 @@ def _from_balancer_info(info: Mapping[str, float], names: Sequence[str]) -> dict
     return out
 
 
-# -- command line -------------------------------------------------------------------------------------------
-def add_inspect_arguments(parser: Any) -> None:
-    """The options of ``lossport inspect`` (on the demo net :class:`lossport.data.MultiDigitsNet`)."""
-    parser.add_argument("--batches", type=int, default=4, help="batches measured (default 4)")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
-    parser.add_argument("--balance", default=None, help="a balancer name whose weights to report")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the net's initialisation (default 0)")
-    parser.add_argument(
-        "--figure",
-        default="lossport-inspect.png",
-        help="where to save the figure ('' for none; default %(default)s)",
-    )
-    parser.add_argument("--json", default=None, help="also write report.as_dict() to this file")
-
-
-def cli_inspect(args: Any) -> int:
-    """``lossport inspect``: the report of the demo net (multidigits, MultiDigitsNet, automatic losses) at
-    initialisation: prints the table, saves the figure (and the JSON)."""
-    import json
-
-    from .data import MultiDigitsNet, multidigits
-
-    torch.manual_seed(args.seed)
-    net = MultiDigitsNet()
-    data = multidigits("train", size=args.batches * args.batch_size)
-    report = inspect(
-        net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance
-    )
-    print(report.table())
-    if args.figure:
-        report.plot().savefig(args.figure, dpi=120, bbox_inches="tight")
-        print(f"\nfigure saved to {args.figure}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.as_dict(), f, indent=1)
-        print(f"report saved to {args.json}")
-    return 0
-
-
 __all__ = [
+    "MAX_ROWS",
+    "GroupBy",
+    "Row",
+    "group_modules",
     "inspect",
-    "take_batches",
     "parametrised_modules",
     "monitor",
     "figures_from_gramian",
     "Monitor",
-    "cli_inspect",
-    "add_inspect_arguments",
 ]

@@ -284,6 +284,20 @@ def guess_higher_is_better(name: str) -> bool:
     return any(h in last for h in _HIGHER)
 
 
+def higher_is_better(key: str, metrics: MetricSet | None = None) -> bool:
+    """The one direction rule for history keys (early stopping, the best net, comparisons): a metric's own
+    ``higher_is_better`` when ``metrics`` holds it; else ``output/metric`` keys by :func:`guess_higher_is_better`;
+    losses, parts, weights, balancer figures and everything else are minimised. A ``val_`` prefix is ignored."""
+    base = key[4:] if key.startswith("val_") else key
+    if metrics is not None:
+        d = metrics.directions()
+        if base in d:
+            return d[base]
+    if "/" in base and not base.startswith(("weight/", "balancer/", "monitor/")):
+        return guess_higher_is_better(base)
+    return False
+
+
 def resolve(spec: Any) -> Metric:
     """A :class:`Metric` from a name (``"accuracy"``, ``"acc"``, ``"f1"``, ``"mae"``, ``"rmse"``), an
     instance, or a callable ``fn(output, target)``."""
@@ -385,4 +399,5 @@ __all__ = [
     "metric_set",
     "MetricSet",
     "guess_higher_is_better",
+    "higher_is_better",
 ]

@@ -30,10 +30,6 @@ CONFLICT = -0.1
 WIDTH = 100
 """Width of the terminal table."""
 
-_LOSS_SCALE = ("normalize", "uw", "famo", "dwa", "gradnorm")
-_GRADIENT = ("upgrad", "mgda", "pcgrad", "cagrad", "nash_mtl")
-
-
 @dataclass
 class ModuleInfo:
     """One module that owns parameters directly."""
@@ -43,7 +39,10 @@ class ModuleInfo:
     params: int
     trainable: int
     status: str
-    """``reached`` (by some part), ``frozen``, ``no loss`` (called, reached by no part) or ``not called``."""
+    """``reached`` (by some part), ``frozen``, ``no loss`` (called, reached by no part), ``not called``, or
+    ``not reached`` (reached by no part, and its calls cannot be seen: a Keras layer)."""
+    members: int = 1
+    """Modules in this row (``group_by`` groups several; ``name`` is then their common prefix)."""
 
 
 @dataclass
@@ -66,6 +65,8 @@ class Report:
     batches: int
     balance: str | None = None
     advice: list[str] = field(default_factory=list)
+    grouping: str = ""
+    """How modules were grouped into rows (empty: a row per module)."""
 
     # -- derived figures -------------------------------------------------------------------------------
     @property
@@ -130,6 +131,7 @@ class Report:
                 "missing": self.missing,
                 "counts": self.counts,
                 "advice": self.advice,
+                "grouping": self.grouping,
             }
         )
 
@@ -140,9 +142,11 @@ class Report:
         bal = f", balance={self.balance}" if self.balance else ""
         lines = [
             f"lossport.inspect: {len(P)} parts on {self.batches} batches{bal}; "
-            f"shared trunk: {len(self.shared)} modules, {_count(n_shared)} parameters",
-            "",
+            f"shared trunk: {len(self.shared)} {'rows' if self.grouping else 'modules'}, {_count(n_shared)} parameters",
         ]
+        if self.grouping:
+            lines += _wrap(f"({self.grouping})", width, indent=" ")
+        lines.append("")
         rows = [["part", "value", "weight", "|g| trunk", "labelled", "missing"]]
         for p in P:
             rows.append(
@@ -165,8 +169,15 @@ class Report:
             [_num(self.pull[p][m.name]) if m.name in self.pull.get(p, {}) else "." for p in P]
             for m in self.modules
         ]
+        heads = list(P)
+        if len(_blocks(["module", "type", "params", "status"], labels, heads, cells, width, True)) > 1:
+            heads = [f"[{i + 1}]" for i in range(len(P))]  # numbered columns keep one block of rows
+            if len(_blocks(["module", "type", "params", "status"], labels, heads, cells, width, True)) == 1:
+                lines += _wrap("parts: " + ", ".join(f"{h} {p}" for h, p in zip(heads, P)), width, indent="  ")
+            else:
+                heads = list(P)
         lines += _grid(
-            ["module", "type", "params", "status"], labels, P, cells, width, mark=self._shared_marks()
+            ["module", "type", "params", "status"], labels, heads, cells, width, mark=self._shared_marks()
         )
         if len(self.measured) >= 2 and self.shared:
             lines += ["", "Conflict on the shared trunk: mean cosine of the parts' gradients"]
@@ -185,13 +196,14 @@ class Report:
                 lines += ["", "Cosine per shared module (pairs of parts)"]
                 pairs = [(i, j) for i in range(len(P)) for j in range(i + 1, len(P))]
                 heads = [f"{P[i]}~{P[j]}" for i, j in pairs]
-                lines += _grid(
-                    ["module"],
-                    [(_short(m, 24),) for m in self.shared],
-                    heads,
-                    [[_num(self.cos[m][i][j], cos=True) for i, j in pairs] for m in self.shared],
-                    width,
-                )
+                shared_labels = [(_short(m, 24),) for m in self.shared]
+                cells = [[_num(self.cos[m][i][j], cos=True) for i, j in pairs] for m in self.shared]
+                if len(_blocks(["module"], shared_labels, heads, cells, width, False)) > 1:
+                    short = [f"[{i + 1}]~[{j + 1}]" for i, j in pairs]  # parts numbered as above
+                    if len(_blocks(["module"], shared_labels, short, cells, width, False)) == 1:
+                        heads = short
+                        lines += _wrap("parts: " + ", ".join(f"[{i + 1}] {p}" for i, p in enumerate(P)), width, "  ")
+                lines += _grid(["module"], shared_labels, heads, cells, width)
         if self.advice:
             lines += ["", "Advice"]
             for a in self.advice:
@@ -278,10 +290,11 @@ class Report:
 def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
     """Plain sentences derived from the figures of ``r``; each holds only when its condition does and cites
     the figure behind it. ``available``: the registered balancer names (the suggestions name only those)."""
+    from .balance import suggest
+
     out: list[str] = []
-    avail = set(available)
-    scale_names = [n for n in _LOSS_SCALE if n in avail]
-    grad_names = [n for n in _GRADIENT if n in avail]
+    scale_names = suggest(("loss", "learned"), among=available)
+    grad_names = suggest(("gramian",), among=available)
     for p in r.parts:
         k = r.missing.get(p, 0)
         if k == r.batches:
@@ -304,18 +317,39 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 "check that its output does not come from frozen or detached layers only."
             )
     for m in r.modules:
-        if m.status == "no loss":
+        params = f" ({_count(m.trainable)} trainable parameters)"
+        if m.members > 1:
+            what, runs, calls = f"the {m.members} modules under '{m.name}'{params}", "run", "are"
+        else:
+            what, runs, calls = f"module '{m.name}'{params}", "runs", "is"
+        if m.status == "not reached":
             out.append(
-                f"module '{m.name}' ({_count(m.trainable)} trainable parameters) runs in the forward but "
-                "no part's gradient reaches it: its output feeds no loss (or is detached), so it never "
-                "trains; give that output a loss or freeze / remove the module."
+                f"{what}: no part's gradient reaches it, so it never trains; give the output it feeds a loss, "
+                "or freeze / remove it."
+            )
+        elif m.status == "no loss":
+            out.append(
+                f"{what} {runs} in the forward but no part's gradient reaches it: its output feeds no loss (or is "
+                "detached), so it never trains; give that output a loss or freeze / remove the module."
             )
         elif m.status == "not called":
             out.append(
-                f"module '{m.name}' ({_count(m.trainable)} trainable parameters) is never called in the "
-                "forward of the measured batches: it never trains (and makes DistributedDataParallel need "
-                "find_unused_parameters=True)."
+                f"{what} {calls} never called in the forward of the measured batches: it never trains (and makes "
+                "DistributedDataParallel need find_unused_parameters=True)."
             )
+    zero_by: dict[tuple[str, ...], list[str]] = {}  # modules a part reaches with a zero gradient -> the parts
+    for p in r.measured:
+        zero = tuple(m for m, v in r.pull.get(p, {}).items() if v == 0)
+        if zero and len(zero) < len(r.pull.get(p, {})):
+            zero_by.setdefault(zero, []).append(p)
+    for zero, ps in zero_by.items():
+        who = " and ".join(f"'{p}'" for p in ps)
+        names = ", ".join(f"'{m}'" for m in zero[:4]) + (f" and {len(zero) - 4} more" if len(zero) > 4 else "")
+        out.append(
+            f"{who} {'reach' if len(ps) > 1 else 'reaches'} {names} but the gradient there is exactly 0 in every "
+            "measured batch: the path is switched off on these examples (ReLUs off, a feature level no example "
+            "uses, a zero gate), so those parameters learn nothing from it here."
+        )
     meas = [p for p in r.measured if p in r.trunk_norm]
     if len(r.measured) >= 2 and not r.shared:
         out.append(
@@ -366,7 +400,7 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 f"a gradient method ({', '.join(repr(n) for n in grad_names[:3])}) removes the conflicting "
                 "component instead of letting the larger gradient win"
                 if grad_names
-                else "a gradient method (UPGrad, MGDA, PCGrad) removes the conflicting component"
+                else "a gradient-level balancer removes the conflicting component"
             )
             out.append(
                 f"'{a}' and '{b}' conflict on the shared trunk (mean cosine {c:.2f}){more}: a step that "
@@ -446,18 +480,8 @@ def _grid(
     nl = len(label_heads)
     right = [h == "params" for h in label_heads]
     lw = [max([len(label_heads[k])] + [len(lab[k]) for lab in labels]) for k in range(nl)]
-    left = sum(lw) + 2 * nl + (2 if mark else 0)
     cw = [max([len(heads[j])] + [len(r[j]) for r in cells]) for j in range(len(heads))]
-    blocks: list[list[int]] = []
-    cur: list[int] = []
-    used = left
-    for j in range(len(heads)):
-        if cur and used + cw[j] + 2 > width:
-            blocks.append(cur)
-            cur, used = [], left
-        cur.append(j)
-        used += cw[j] + 2
-    blocks.append(cur)
+    blocks = _blocks(label_heads, labels, heads, cells, width, bool(mark))
     out: list[str] = []
     for bi, block in enumerate(blocks):
         if bi:
@@ -470,6 +494,32 @@ def _grid(
     if mark:
         out.append("* shared: reached by two parts or more")
     return out
+
+
+def _blocks(
+    label_heads: list[str],
+    labels: Sequence[Sequence[str]],
+    heads: Sequence[str],
+    cells: list[list[str]],
+    width: int,
+    mark: bool,
+) -> list[list[int]]:
+    """The value columns of :func:`_grid` split into blocks whose rows fit ``width``."""
+    nl = len(label_heads)
+    lw = [max([len(label_heads[k])] + [len(lab[k]) for lab in labels]) for k in range(nl)]
+    left = sum(lw) + 2 * nl + (2 if mark else 0)
+    cw = [max([len(heads[j])] + [len(r[j]) for r in cells]) for j in range(len(heads))]
+    blocks: list[list[int]] = []
+    cur: list[int] = []
+    used = left
+    for j in range(len(heads)):
+        if cur and used + cw[j] + 2 > width:
+            blocks.append(cur)
+            cur, used = [], left
+        cur.append(j)
+        used += cw[j] + 2
+    blocks.append(cur)
+    return blocks
 
 
 def _row(

@@ -9,7 +9,14 @@ Conventions (shared by the objective, every balancer and the trainer):
 * ``extra`` holds terms added to the total that are not task parts: L1/L2 regularization parts and terms a
   balancer adds (the ``log sigma`` term of uncertainty weighting, for example). Their values are final.
 * ``total = sum_i weights[i] * parts[i] + sum(extra)``: the scalar to backpropagate.
-* ``missing`` lists the parts with no labelled example in the batch; they are not in ``parts``.
+* ``missing`` lists the parts with no labelled example in the batch (or whose output the net did not return in
+  this mode, e.g. auxiliary heads that exist only in training); they are not in ``parts``.
+
+**The total's key.** In every flat record (``Losses.as_dict()``, history rows, tables) the key
+:data:`TOTAL_KEY` (``"loss"``, Keras's) is the weighted total and nothing else. No part or extra term may be
+named ``loss``: the objective names the parts of an output called ``loss`` (a Hugging Face model's)
+``loss/<loss>``, e.g. ``loss/port`` (:func:`lossport.spec.compile_spec`), and :class:`Losses` refuses a part named
+``loss``. Use :func:`part_key` when writing a part into a record keyed like the history.
 """
 
 from __future__ import annotations
@@ -20,6 +27,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+TOTAL_KEY = "loss"
+"""The key of the weighted total in every flat record (``as_dict``, history rows, tables)."""
+
+
+def part_key(name: str) -> str:
+    """The record key of part (or extra term) ``name``: the name itself, which is never :data:`TOTAL_KEY`.
+
+    Raises ``ValueError`` for a part named ``"loss"`` (it would overwrite or be read as the total); objectives
+    never produce one (an output named ``loss`` gives parts ``loss/<loss>``)."""
+    if name == TOTAL_KEY:
+        raise ValueError(
+            f"a part may not be named {TOTAL_KEY!r}: that key is the weighted total in every record; name it "
+            f"'{TOTAL_KEY}/<something>' (lossport.Objective names the part of an output 'loss' 'loss/port')"
+        )
+    return name
 
 
 def weighted_total(
@@ -61,6 +84,10 @@ class Losses:
     """Per-example loss values of each part (NaN where unlabelled), detached."""
     _total: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        for name in [*self.parts, *self.extra]:
+            part_key(name)
+
     @property
     def total(self) -> Tensor:
         """The scalar to backpropagate: weighted parts plus the extra terms."""
@@ -87,12 +114,13 @@ class Losses:
         return replace(self, weights={k: weights[k] for k in self.parts}, extra=new_extra, _total=None)
 
     def as_dict(self) -> dict[str, float]:
-        """Floats: ``loss`` (the total), every part, every extra term, and ``weight/<part>``."""
-        out: dict[str, float] = {"loss": float(self.total.detach())}
+        """Floats: ``loss`` (:data:`TOTAL_KEY`, the weighted total), every part (unweighted), every extra term,
+        and ``weight/<part>``."""
+        out: dict[str, float] = {TOTAL_KEY: float(self.total.detach())}
         for k, v in self.parts.items():
-            out[k] = float(v.detach())
+            out[part_key(k)] = float(v.detach())
         for k, v in self.extra.items():
-            out[k] = float(v.detach())
+            out[part_key(k)] = float(v.detach())
         for k, w in self.weights.items():
             out[f"weight/{k}"] = float(w.detach()) if isinstance(w, Tensor) else float(w)
         return out

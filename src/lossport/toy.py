@@ -18,6 +18,7 @@ norm of the min-norm convex combination of the two gradients (0 exactly at Paret
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,14 +91,13 @@ def run(
     x = torch.tensor([float(start[0]), float(start[1])], dtype=torch.float64, requires_grad=True)
     name = balancer if isinstance(balancer, str) else type(balancer).__name__ if balancer is not None else "sum"
     if isinstance(balancer, str):
-        from .balance.gramian_base import GramianBalancer
-        from .balance.learned import FAMO
-
-        cls = type(resolve(balancer))
+        made = resolve(balancer)
+        assert made is not None  # a name always gives a balancer
+        cls = type(made)
         kw = dict(balancer_kwargs)
-        if issubclass(cls, GramianBalancer):
+        if cls.kind in ("gramian", "surgery"):
             kw.setdefault("params", [x])
-        if issubclass(cls, FAMO):
+        if "floor" in inspect.signature(cls).parameters:  # a loss lower bound l* (FAMO)
             kw.setdefault("floor", {"f1": -21.0 * scale, "f2": -21.0})
         balancer = resolve(balancer, **kw)
     opt = torch.optim.Adam([x], lr=lr)

@@ -13,45 +13,108 @@ spec (``weights=`` times ``Scaled``), so the applied weight is ``w_i = s_i * b_i
 methods that produce normalised weights scale them to ``sum_i b_i = T`` (the number of parts present in the
 batch). Each method's docstring states the factor that maps its weights to its paper's convention.
 
-State: everything a balancer carries between steps (EMA statistics, loss histories, learned parameters and
-the state of their own optimizer, solver warm starts, random generators) goes into ``state_dict()`` as plain
-tensors, numbers and lists, and comes back unchanged through ``load_state_dict()``.
+State, declared once (in the spirit of torchmetrics' ``add_state``): a balancer declares each attribute it
+carries between steps with ``self.add_state(name, initial value)`` (EMA statistics, loss histories, solver warm
+starts, random generators). From the declarations follow
+
+* ``state_dict()``: ``{"balancer": <registered name or class name>, "version": <state format>, <name without
+  leading underscore>: <copy of the value>, ...}``; tensors are copied, a ``torch.Generator`` is saved as its
+  state;
+* ``load_state_dict(state)``: refuses, with a ``ValueError`` naming both methods, a state written by another
+  balancer (FAMO's state into Uncertainty), by another version of the state format, or without the header;
+  tensors are placed on the balancer's device;
+* ``to(device, dtype)``: moves every tensor of the state (casting the floating ones to ``dtype``). At each call
+  the balancer also follows the parts: state tensors move, lazily, to the device of the parts they are
+  weighing. Every tensor a balancer creates takes the device (and floating dtype) of its inputs. Random
+  generators are host (CPU) generators: the draws they make decide orders and weights on the host, so a seed
+  gives the same run on every device and their state loads anywhere.
 
 Learned parameters (uncertainty weighting's log-variances, GradNorm's weights, ...) are trained by the
 balancer's own optimizer, with the balancer's own learning rate and no weight decay, stepped in ``step()``;
-they are never handed to the net's optimizer.
+they are never handed to the net's optimizer. Their state is written by hand
+(:class:`~lossport.balance.learned.LearnedBalancer`), on top of the declared one.
+
+Kinds: each registered class has a ``kind`` from :data:`KINDS`: ``"static"`` (fixed weights), ``"loss"`` (from
+loss values and their history), ``"learned"`` (parameters trained by the balancer), ``"gramian"`` (a function of
+the Gramian of the parts' gradients), ``"surgery"`` (edits the gradients themselves). Code outside
+``lossport.balance`` selects methods by kind (:func:`suggest`), never by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..result_types import Losses
 
+KINDS = ("static", "loss", "learned", "gramian", "surgery")
+"""The closed set of balancer kinds (see the module docstring)."""
+
+PREFERENCE = ("normalize", "uw", "famo", "dwa", "gradnorm", "upgrad", "mgda", "pcgrad", "cagrad", "nash_mtl")
+"""The methods suggested first, in this order, when advice names methods of a kind (:func:`suggest`)."""
+
 _REGISTRY: dict[str, type[Balancer]] = {}
+_CANONICAL: dict[type[Balancer], str] = {}
+
+B = TypeVar("B", bound="Balancer")
 
 
-def register(*names: str) -> Callable[[type[Balancer]], type[Balancer]]:
-    """Class decorator: make a balancer available as ``balance="name"`` under each of ``names``."""
+def register(*names: str) -> Callable[[type[B]], type[B]]:
+    """Class decorator: make a balancer available as ``balance="name"`` under each of ``names``; the first is
+    its canonical name (listed by :func:`available`, written in its state). The class needs a ``kind`` from
+    :data:`KINDS`."""
 
-    def deco(cls: type[Balancer]) -> type[Balancer]:
+    def deco(cls: type[B]) -> type[B]:
+        if getattr(cls, "kind", None) not in KINDS:
+            raise TypeError(
+                f"{cls.__name__} has kind {getattr(cls, 'kind', None)!r}; give the class kind = one of {KINDS}"
+            )
         for n in names:
             key = n.lower()
             if key in _REGISTRY and _REGISTRY[key] is not cls:
                 raise RuntimeError(f"balancer name {n!r} registered twice")
             _REGISTRY[key] = cls
+        if names:
+            _CANONICAL.setdefault(cls, names[0].lower())
         return cls
 
     return deco
 
 
 def available() -> list[str]:
-    """The names accepted by :func:`resolve`."""
+    """Each registered method once, by its canonical name (:func:`resolve` also accepts the aliases)."""
+    return sorted(set(_CANONICAL.values()))
+
+
+def aliases() -> list[str]:
+    """Every name :func:`resolve` accepts (canonical names and aliases)."""
     return sorted(_REGISTRY)
+
+
+def kind_of(name: str) -> str:
+    """The kind of the registered method ``name`` (a canonical name or an alias)."""
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown balancer {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[key].kind
+
+
+def suggest(kinds: Iterable[str], among: Iterable[str] | None = None) -> list[str]:
+    """Canonical names of the registered methods of the given ``kinds``: those of :data:`PREFERENCE` first, in
+    its order, then the others alphabetically. With ``among``, only the names it holds."""
+    wanted = set(kinds)
+    bad = wanted - set(KINDS)
+    if bad:
+        raise ValueError(f"unknown balancer kinds {sorted(bad)}; the kinds are {KINDS}")
+    names = [n for n in available() if _REGISTRY[n].kind in wanted]
+    if among is not None:
+        allowed = set(among)
+        names = [n for n in names if n in allowed]
+    first = [n for n in PREFERENCE if n in names]
+    return first + [n for n in names if n not in first]
 
 
 def resolve(spec: str | Balancer | None, **kwargs: Any) -> Balancer | None:
@@ -69,15 +132,25 @@ def resolve(spec: str | Balancer | None, **kwargs: Any) -> Balancer | None:
 
 
 class Balancer:
-    """Base class of every balancing method (see the module docstring for the protocol)."""
+    """Base class of every balancing method (see the module docstring for the protocol and the state)."""
 
     name: ClassVar[str] = "balancer"
+    kind: ClassVar[str]
+    """One of :data:`KINDS`; required of registered classes."""
+    version: ClassVar[int] = 1
+    """Version of the state format; bump it when the meaning or the keys of the state change."""
     needs_recompute: ClassVar[bool] = False
     """True when :meth:`step` needs the ``recompute`` closure (FAMO's extra no-grad forward)."""
+
+    _device: torch.device | None = None
+    """The device the state lives on (``None`` until the first call or :meth:`to`)."""
+    _dtype: torch.dtype | None = None
+    """The floating dtype asked for by :meth:`to` (``None``: the parts'), also for state created later."""
 
     def __init__(self) -> None:
         self.info: dict[str, float] = {}
         """Diagnostics of the last call (norms, cosines, solver residuals), reported in the history."""
+        self._state_names: list[str] = []
 
     # -- the one method a subclass must write ---------------------------------------------------------
     def balance(
@@ -93,6 +166,7 @@ class Balancer:
     # -- protocol ----------------------------------------------------------------------------------------
     def __call__(self, losses: Losses) -> Losses:
         """``losses`` with the applied weights ``s_i * b_i`` and the recomputed total."""
+        self.follow(losses)
         out = self.balance(losses)
         if isinstance(out, tuple):
             b, extra = out
@@ -120,15 +194,130 @@ class Balancer:
     def end_round(self, round_means: Mapping[str, float]) -> None:
         """Called at the end of each round (epoch) with the mean unweighted value of each part."""
 
+    # -- state -------------------------------------------------------------------------------------------
+    def add_state(self, name: str, default: Any) -> None:
+        """Declare the attribute ``name`` as state and set it to ``default``: it goes into :meth:`state_dict`
+        (under ``name`` without its leading underscores), comes back through :meth:`load_state_dict`, and its
+        tensors follow :meth:`to` and the parts' device. Values: numbers, strings, ``None``, tensors, a
+        ``torch.Generator``, and lists and dicts of these."""
+        names = self.__dict__.setdefault("_state_names", [])
+        key = name.lstrip("_")
+        if key in ("balancer", "version") or key in {n.lstrip("_") for n in names}:
+            raise ValueError(f"{type(self).__name__}: state {name!r} declared twice or under a reserved key")
+        names.append(name)
+        setattr(self, name, default)
+
+    def state_name(self) -> str:
+        """The method's name in its state: the canonical registered name, or the class name."""
+        return _CANONICAL.get(type(self), type(self).__name__)
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this balancer is; plain tensors and numbers."""
-        return {}
+        """Everything needed to continue exactly where this balancer is, under a header naming the method and
+        the state format's version."""
+        out: dict[str, Any] = {"balancer": self.state_name(), "version": self.version}
+        for n in self.__dict__.get("_state_names", ()):
+            out[n.lstrip("_")] = _export(getattr(self, n))
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` gave."""
+        """Restore what :meth:`state_dict` gave; refuses another method's state (see :meth:`check_state`)."""
+        self.check_state(state)
+        names = self.__dict__.get("_state_names", ())
+        missing = [n.lstrip("_") for n in names if n.lstrip("_") not in state]
+        if missing:
+            raise ValueError(
+                f"this {type(self).__name__} state lacks {missing} (it has {sorted(state)}); it was not written "
+                "by state_dict() of this balancer: start it afresh"
+            )
+        for n in names:
+            setattr(self, n, _import(getattr(self, n), state[n.lstrip("_")], self._device))
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` unless ``state`` is this method's state, in this state format's version."""
+        mine = type(self).__name__
+        if not isinstance(state, Mapping) or "balancer" not in state:
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"this balancer state ({keys}) does not say which balancer wrote it (no 'balancer' entry); the "
+                f"run uses {mine}: start the balancer afresh"
+            )
+        theirs = state["balancer"]
+        if theirs != self.state_name():
+            known = _REGISTRY.get(str(theirs).lower())
+            how = f"balance={theirs!r}" if known is not None else f"a {theirs} balancer"
+            raise ValueError(
+                f"this checkpoint's balancer state is {known.__name__ if known else theirs}'s; the run uses "
+                f"{mine}: resume with {how} or start afresh"
+            )
+        if state.get("version") != self.version:
+            raise ValueError(
+                f"this checkpoint's {mine} state has format version {state.get('version')!r}; this lossport "
+                f"reads version {self.version}: start the balancer afresh"
+            )
+
+    def to(self: B, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> B:
+        """Move every tensor of the state to ``device`` and cast its floating tensors to ``dtype`` (either may
+        be omitted; ``to(torch.float64)`` casts only); state created later (learned parameters at the first
+        call) takes that ``dtype`` too. Returns the balancer."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        dev = None if device is None else torch.device(device)
+        for n in self.__dict__.get("_state_names", ()):
+            setattr(self, n, _move(getattr(self, n), dev, dtype))
+        if dev is not None:
+            self._device = dev
+        if dtype is not None:
+            self._dtype = dtype
+        return self
+
+    def follow(self, losses: Losses) -> None:
+        """Move the state to the device of the parts being weighed, if it is elsewhere (called by
+        :meth:`__call__`)."""
+        ref = next(iter(losses.parts.values()), None)
+        if ref is not None and ref.device != self._device:
+            self.to(ref.device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _export(v: Any) -> Any:
+    """A copy of a state value for :meth:`Balancer.state_dict` (a generator as its state)."""
+    if isinstance(v, torch.Generator):
+        return v.get_state()
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, dict):
+        return {k: _export(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_export(x) for x in v)
+    return v
+
+
+def _import(current: Any, saved: Any, device: torch.device | None) -> Any:
+    """The value of a state attribute after loading ``saved``: a generator takes the saved state; tensors are
+    copied onto ``device`` (where the balancer's state lives) when it is known."""
+    if isinstance(current, torch.Generator):
+        current.set_state(saved.to("cpu"))
+        return current
+    if isinstance(saved, Tensor):
+        return saved.detach().clone() if device is None else saved.detach().to(device, copy=True)
+    if isinstance(saved, Mapping):
+        return {k: _import(None, x, device) for k, x in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        return type(saved)(_import(None, x, device) for x in saved)
+    return saved
+
+
+def _move(v: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
+    """``v`` with its tensors on ``device`` and its floating tensors in ``dtype`` (generators stay: host RNGs)."""
+    if isinstance(v, Tensor):
+        return v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+    if isinstance(v, dict):
+        return {k: _move(x, device, dtype) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_move(x, device, dtype) for x in v)
+    return v
 
 
 def _mul(static: Tensor | float, b: Tensor | float) -> Tensor | float:

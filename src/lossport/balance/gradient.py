@@ -10,7 +10,6 @@ GradDrop and DB-MTL, whose updates are not weighted sums of the current gradient
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,6 +24,20 @@ from .gramian_base import GramianBalancer, normalized
 def _frobenius_normalized(G: Tensor) -> Tensor:
     n = float(torch.linalg.matrix_norm(G))
     return G / n if n > 0 else G
+
+
+def _orders(T: int, generator: torch.Generator) -> list[list[int]]:
+    """For each part ``i`` a random order of the others (PCGrad, GradVac), drawn on the host from the seeded
+    host generator: the order is a Python list, and a seed gives the same orders on every device."""
+    return [[j for j in torch.randperm(T, generator=generator, device="cpu").tolist() if j != i] for i in range(T)]
+
+
+def _warm_start(warm: list[float] | None, G: Tensor) -> Tensor | None:
+    """The previous solution as a start for the Newton solver, on ``G``'s device (``None`` if the parts
+    changed in number)."""
+    if not warm or len(warm) != G.shape[0]:
+        return None
+    return torch.tensor(warm, dtype=torch.float64, device=G.device)
 
 
 @register("mgda")
@@ -71,21 +84,11 @@ class PCGrad(GramianBalancer):
 
     def __init__(self, seed: int = 0, **engine: Any) -> None:
         super().__init__(**engine)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator: torch.Generator
+        self.add_state("generator", torch.Generator().manual_seed(seed))
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        T = G.shape[0]
-        order = [
-            [j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)
-        ]
-        return W.pcgrad(G, order)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.generator.set_state(state["rng"])
+        return W.pcgrad(G, _orders(G.shape[0], self.generator))
 
 
 @register("cagrad")
@@ -183,28 +186,17 @@ class NashMTL(GramianBalancer):
         if not max_norm >= 0:
             raise ValueError(f"NashMTL: max_norm must be >= 0 (0 disables the clipping), not {max_norm!r}")
         self.max_norm = float(max_norm)
-        self._warm: list[float] | None = None
+        self._warm: list[float] | None
+        self.add_state("_warm", None)
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        x0 = (
-            torch.tensor(self._warm, dtype=torch.float64)
-            if self._warm and len(self._warm) == G.shape[0]
-            else None
-        )
-        a = W.nash_mtl(_frobenius_normalized(G), x0=x0)
+        a = W.nash_mtl(_frobenius_normalized(G), x0=_warm_start(self._warm, G))
         self._warm = a.tolist()
         if self.max_norm > 0:
             norm = float((a @ G.to(torch.float64) @ a).clamp_min(0).sqrt())
             if norm > self.max_norm:
                 a = a * (self.max_norm / norm)
         return a
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "warm": self._warm}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._warm = state["warm"]
 
 
 @register("fairgrad")
@@ -219,24 +211,13 @@ class FairGrad(GramianBalancer):
         if alpha <= 0:
             raise ValueError("FairGrad: alpha must be > 0")
         self.alpha = float(alpha)
-        self._warm: list[float] | None = None
+        self._warm: list[float] | None
+        self.add_state("_warm", None)
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        x0 = (
-            torch.tensor(self._warm, dtype=torch.float64)
-            if self._warm and len(self._warm) == G.shape[0]
-            else None
-        )
-        w = W.fairgrad(_frobenius_normalized(G), self.alpha, x0=x0)
+        w = W.fairgrad(_frobenius_normalized(G), self.alpha, x0=_warm_start(self._warm, G))
         self._warm = w.tolist()
         return w
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "warm": self._warm}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._warm = state["warm"]
 
 
 @register("config")
@@ -261,32 +242,22 @@ class GradVac(GramianBalancer):
     def __init__(self, beta: float = 0.5, seed: int = 0, **engine: Any) -> None:
         super().__init__(**engine)
         self.beta = float(beta)
-        self.generator = torch.Generator().manual_seed(seed)
-        self._targets: dict[str, float] = {}
+        self.generator: torch.Generator
+        self._targets: dict[str, float]
+        self.add_state("generator", torch.Generator().manual_seed(seed))
+        self.add_state("_targets", {})
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         names = losses.names
-        T = len(names)
         tgt = torch.tensor(
-            [[self._targets.get(f"{a}|{b}", 0.0) for b in names] for a in names], dtype=torch.float64
+            [[self._targets.get(f"{a}|{b}", 0.0) for b in names] for a in names], dtype=torch.float64, device=G.device
         )
-        order = [
-            [j for j in torch.randperm(T, generator=self.generator).tolist() if j != i] for i in range(T)
-        ]
-        w, new = W.gradvac(G, order, tgt, self.beta)
+        w, new = W.gradvac(G, _orders(len(names), self.generator), tgt, self.beta)
         for i, a in enumerate(names):
             for j, b in enumerate(names):
                 if i != j:
                     self._targets[f"{a}|{b}"] = float(new[i, j])
         return w
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.generator.get_state(), "targets": dict(self._targets)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.generator.set_state(state["rng"])
-        self._targets = dict(state["targets"])
 
 
 __all__ = [

@@ -17,10 +17,12 @@ Modes (any method works in any mode):
 * ``gramian="features"``: ``G`` of the gradients with respect to a shared representation ``z`` (MGDA-UB,
   Sener & Koltun 2018, section 3.3): backward passes through the heads only, not the trunk. ``features`` is
   either the name of a net output (``losses.outputs[name]``; the net returns ``z`` as one of its outputs) or the
-  ``nn.Module`` whose forward output is ``z``: a forward hook, placed when the balancer is built, records that
-  module's outputs during each gradient-enabled forward (all of them if it runs several times, e.g. on several
+  ``nn.Module`` whose forward output is ``z`` (a tensor, a dict or list of tensors such as an FPN's levels, whose
+  gradients are concatenated, or a tuple's first tensor): a forward hook, placed when the balancer is built, records
+  that module's outputs during each gradient-enabled forward (all of them if it runs several times, e.g. on several
   inputs: ``G`` is then that of the concatenated gradients), and :meth:`balance` consumes and drops the records,
-  so no graph is kept alive between steps. :meth:`close` removes the hook.
+  so no graph is kept alive between steps. :meth:`close` removes the hook. When the module did not run, the error
+  lists the net's modules (two levels down) that did.
 * ``every=K``: recompute ``G`` and the weights on calls ``0, K, 2K, ...`` and reuse the last weights in
   between (also recomputed whenever the set of parts present changes). ``every=10`` with ``features`` costs
   about one sum-backward per step.
@@ -33,8 +35,10 @@ all-reduced in params mode (``T x P`` numbers: the cross-rank products ``J_r J_q
 Gramian in features mode (``T^2`` numbers: each rank's examples have their own representation rows).
 
 Subclasses write :meth:`weigh`; those needing the gradients themselves (GradDrop, DB-MTL:
-:mod:`lossport.balance.surgery`) call :meth:`compute_jacobian`. A subclass with state of its own extends
-:meth:`state_dict` / :meth:`load_state_dict` with ``{**super().state_dict(), ...}``.
+:mod:`lossport.balance.surgery`) call :meth:`compute_jacobian` and replace :meth:`run` and :meth:`between`:
+:meth:`balance` is the template of both families (the ``every=K`` schedule, single-part batches, a failed call
+that neither counts nor changes the state, the hook's records dropped). A subclass declares its own state with
+:meth:`~lossport.balance.base.Balancer.add_state` (warm starts, random generators, EMA targets).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class GramianBalancer(Balancer):
         than one part, found in the autograd graph at each call).
     """
 
+    kind = "gramian"
+
     def __init__(
         self,
         *,
@@ -96,11 +102,15 @@ class GramianBalancer(Balancer):
         if self.params is not None and not self.params:
             raise ValueError("params= is empty; give the shared parameters or leave params=None to infer them")
         self.features = features
-        self._calls = 0
-        self._last: dict[str, float] | None = None
+        self._calls: int
+        self._last: dict[str, float] | None
+        self.add_state("_calls", 0)  # calls counted for the every=K schedule
+        self.add_state("_last", None)  # the weights in use, by part
         self._records: list[Tensor] = []
         self._hook: Any = None
         self._net_hook: Any = None
+        self._ran: list[str] = []  # the net's modules (two levels down) that ran in the last forward
+        self._ran_hooks: list[Any] = []
         if isinstance(features, nn.Module):
             me = weakref.ref(self)
 
@@ -112,11 +122,7 @@ class GramianBalancer(Balancer):
                 obj = me()
                 if obj is None or not torch.is_grad_enabled():
                     return
-                z = out if isinstance(out, Tensor) else None
-                if z is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-                    z = out[0]
-                if z is not None and z.requires_grad:
-                    obj._records.append(z)
+                obj._records.extend(z for z in _representations(out) if z.requires_grad)
 
             self._hook = features.register_forward_hook(hook)
 
@@ -138,14 +144,27 @@ class GramianBalancer(Balancer):
             )
         if self._net_hook is not None:
             self._net_hook.remove()
+        for h in self._ran_hooks:
+            h.remove()
         me = weakref.ref(self)
 
         def reset(module: nn.Module, args: tuple) -> None:
             obj = me()
             if obj is not None and torch.is_grad_enabled():
-                obj._records = []
+                obj._records, obj._ran = [], []
+
+        def ran(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple, out: Any) -> None:
+                obj = me()
+                if obj is not None and torch.is_grad_enabled() and name not in obj._ran:
+                    obj._ran.append(name)
+
+            return hook
 
         self._net_hook = net.register_forward_pre_hook(reset)
+        self._ran_hooks = [
+            m.register_forward_hook(ran(name)) for name, m in net.named_modules() if name and name.count(".") <= 1
+        ]
 
     # ------------------------------------------------------------------------------------------------
     def shared(self, losses: Losses) -> list[Tensor]:
@@ -174,11 +193,13 @@ class GramianBalancer(Balancer):
             return [z]
         recs, self._records = self._records, []
         if not recs:
+            ran = f" (modules that ran: {', '.join(self._ran[:12])}{', ...' if len(self._ran) > 12 else ''})"
             raise ValueError(
                 f"features module {type(self.features).__name__} did not run (with gradients enabled) in the "
-                "forward of this batch; give the module the net calls, or an output name. (A torch.compile'd net "
-                "does not see hooks added after it first ran: build the balancer before the compiled net's first "
-                "call, or call torch._dynamo.reset())"
+                f"forward of this batch{ran if self._ran else ''}, or returned no tensor attached to the graph; "
+                "give the module the net calls, or an output name. (A torch.compile'd net does not see hooks added "
+                "after it first ran: build the balancer before the compiled net's first call, or call "
+                "torch._dynamo.reset())"
             )
         return recs
 
@@ -213,66 +234,88 @@ class GramianBalancer(Balancer):
         return (distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J), params
 
     # ------------------------------------------------------------------------------------------------
-    def balance(self, losses: Losses) -> dict[str, Tensor | float]:
+    def balance(self, losses: Losses) -> Any:
+        """The template of the gradient-level families: on calls ``0, K, 2K, ...`` (and whenever the set of
+        parts present changes) :meth:`run` the method, on the others (and on single-part batches) return
+        :meth:`between`. A call that raises is not counted and leaves the state as it was (each :meth:`run`
+        sees to its own state); the features hook's records are dropped in every case."""
         names = losses.names
-        recompute = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
+        due = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
         try:
-            if recompute:
-                if len(names) == 1:
-                    self._last = {names[0]: 1.0}
-                else:
-                    G = self.compute_gramian(losses)
-                    if not bool(torch.isfinite(G).all()):
-                        bad = [k for k, row in zip(names, G.tolist()) if not all(map(math.isfinite, row))]
-                        raise FloatingPointError(
-                            f"{type(self).__name__}: the gradients of {bad} are not finite (their Gramian rows "
-                            "hold NaN or inf) although the losses are; the balancer's state is unchanged"
-                        )
-                    before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
-                    try:
-                        w = self.weigh(G, losses)
-                        if not isinstance(w, Tensor) or w.shape != (len(names),):
-                            raise RuntimeError(
-                                f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
-                                f"tensor of shape ({len(names)},) for the parts {names}"
-                            )
-                        w = w.detach().to(torch.float64)
-                        if not bool(torch.isfinite(w).all()):
-                            raise FloatingPointError(
-                                f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
-                                "balancer's state is unchanged"
-                            )
-                    except Exception:
-                        self.load_state_dict(before)  # a failed call leaves the balancer as it was
-                        raise
-                    self._last = dict(zip(names, w.cpu().tolist()))
-                    self.info = diagnostics(G, names)
+            if due and len(names) > 1:
+                out = self.run(losses)
+            else:
+                if due:
+                    self._last = dict.fromkeys(names, 1.0)
+                out = self.between(losses)
         finally:
             self._records = []  # never keep a forward's graph alive past its step
-        self._calls += 1  # a failed call does not count: the every=K schedule stays where it was
+        self._calls += 1  # only once the call has succeeded: the every=K schedule stays where it was
+        return out
+
+    def between(self, losses: Losses) -> Any:
+        """The weights of the calls between two runs of the method and of single-part batches: the last ones."""
         assert self._last is not None
-        return {k: self._last[k] for k in names}
+        return {k: self._last[k] for k in losses.names}
 
-    # ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"calls": self._calls, "last": None if self._last is None else dict(self._last)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._calls = int(state["calls"])
-        self._last = None if state["last"] is None else {k: float(v) for k, v in state["last"].items()}
+    def run(self, losses: Losses) -> Any:
+        """Compute ``G``, check it, weigh it (restoring the state if :meth:`weigh` fails) and keep the weights."""
+        names = losses.names
+        G = self.compute_gramian(losses)
+        if not bool(torch.isfinite(G).all()):
+            bad = [k for k, row in zip(names, G.tolist()) if not all(map(math.isfinite, row))]
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradients of {bad} are not finite (their Gramian rows "
+                "hold NaN or inf) although the losses are; the balancer's state is unchanged"
+            )
+        before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
+        try:
+            w = self.weigh(G, losses)
+            if not isinstance(w, Tensor) or w.shape != (len(names),):
+                raise RuntimeError(
+                    f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
+                    f"tensor of shape ({len(names)},) for the parts {names}"
+                )
+            w = w.detach().to(torch.float64)
+            if not bool(torch.isfinite(w).all()):
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
+                    "balancer's state is unchanged"
+                )
+        except Exception:
+            self.load_state_dict(before)  # a failed call leaves the balancer as it was
+            raise
+        self._last = dict(zip(names, w.cpu().tolist()))
+        self.info = diagnostics(G, names)
+        return dict(self._last)
 
     def close(self) -> None:
         """Remove the forward hooks placed for a ``features`` module."""
-        for h in (self._hook, self._net_hook):
+        for h in (self._hook, self._net_hook, *self._ran_hooks):
             if h is not None:
                 h.remove()
         self._hook = self._net_hook = None
-        self._records = []
+        self._ran_hooks, self._records = [], []
 
     def __repr__(self) -> str:
         extra = f", features={self.features!r}" if self.mode == "features" else ""
         every = f", every={self.every}" if self.every != 1 else ""
         return f"{type(self).__name__}(gramian={self.mode!r}{extra}{every})"
+
+
+def _representations(out: Any) -> list[Tensor]:
+    """The tensors a ``features`` module returned: a tensor; every tensor value of a dict (an FPN's levels: the
+    Gramian is then over their concatenation) or of a list; the first element of a tuple whose first element
+    is a tensor (an RNN's ``(output, state)``)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [v for v in out.values() if isinstance(v, Tensor)]
+    if isinstance(out, list):
+        return [v for v in out if isinstance(v, Tensor)]
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        return [out[0]]
+    return []
 
 
 def diagnostics(G: Tensor, names: list[str]) -> dict[str, float]:

@@ -18,8 +18,12 @@ Signs: UW and IMTL-L need finite losses ``>= 0`` (with a negative loss their obj
 learned scale), GradNorm too (its training rates are loss ratios), FAMO losses above ``floor``; each raises an
 error naming the part otherwise.
 
-State (``state_dict``): the part names, the parameter values and the optimizer's state (deep-copied), plus
-each method's own records; loading it into a fresh balancer gives the same subsequent weights.
+Device and dtype: the parameters are created on the device of the parts and in their dtype (at least float32:
+half-precision parts give float32 parameters, as an optimizer needs); :meth:`LearnedBalancer.to` moves them
+with Adam's state, and a call with parts on another device brings them there.
+
+State (``state_dict``): the part names, the parameter values and dtype and the optimizer's state (deep-copied),
+plus each method's own declared records; loading it into a fresh balancer gives the same subsequent weights.
 """
 
 from __future__ import annotations
@@ -27,18 +31,23 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..result_types import Losses
 from .base import Balancer, register
 from .loss_level import _positive
 
+L = TypeVar("L", bound="LearnedBalancer")
+
 
 class LearnedBalancer(Balancer):
     """Base of the balancers with one learned scalar per part (see the module docstring)."""
+
+    kind = "learned"
 
     def __init__(self, lr: float, init: float, weight_decay: float = 0.0) -> None:
         super().__init__()
@@ -59,7 +68,8 @@ class LearnedBalancer(Balancer):
             names = list(losses.parts) + [k for k in losses.missing if k not in losses.parts]
             ref = next(iter(losses.parts.values()), None)
             device = ref.device if ref is not None else None
-            self._build(names, {k: self.init for k in names}, device)
+            dtype = self._dtype or (torch.promote_types(ref.dtype, torch.float32) if ref is not None else torch.float32)
+            self._build(names, {k: self.init for k in names}, device, dtype)
             return
         unknown = [k for k in losses.parts if k not in self._params]
         if unknown:
@@ -68,10 +78,12 @@ class LearnedBalancer(Balancer):
                 f"first called (parts {self._names}); use a fresh balancer for a different objective"
             )
 
-    def _build(self, names: list[str], values: Mapping[str, float], device: torch.device | None) -> None:
+    def _build(
+        self, names: list[str], values: Mapping[str, Tensor | float], device: torch.device | None, dtype: torch.dtype
+    ) -> None:
         self._names = list(names)
         self._params = {
-            k: nn.Parameter(torch.tensor(float(values[k]), dtype=torch.float32, device=device)) for k in names
+            k: nn.Parameter(torch.as_tensor(values[k], dtype=dtype, device=device).detach().clone()) for k in names
         }
         self._opt = torch.optim.Adam([self._params[k] for k in names], lr=self.lr, weight_decay=self.weight_decay)
 
@@ -106,21 +118,49 @@ class LearnedBalancer(Balancer):
         """Hook for projections after the Adam step (GradNorm's renormalisation)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The declared state (header included), the part names, the parameters (detached copies: their
+        values, dtype and device) and Adam's state."""
         return {
+            **super().state_dict(),
             "names": list(self._names),
-            "values": self.values,
+            "values": {k: p.detach().clone() for k, p in self._params.items()},
             "optimizer": copy.deepcopy(self._opt.state_dict()) if self._opt is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        missing = [k for k in ("names", "values", "optimizer") if k not in state]
+        if missing:
+            raise ValueError(f"this {type(self).__name__} state lacks {missing}: start the balancer afresh")
         if not state["names"]:
             self._names, self._params, self._opt = [], {}, None
             return
-        device = next(iter(self._params.values())).device if self._params else None
-        self._build(list(state["names"]), state["values"], device)
+        ref = next(iter(state["values"].values()))
+        device = self._device if self._device is not None else ref.device
+        self._build(list(state["names"]), state["values"], device, ref.dtype)
         assert self._opt is not None
         if state["optimizer"] is not None:
-            self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+            self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))  # casts Adam's state to the parameters
+
+    def to(self: L, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> L:
+        """Move the declared state, the parameters and Adam's state. The parameters are new ``nn.Parameter``
+        objects afterwards (a move to ``meta`` cannot be made in place): ask :meth:`parameters` again."""
+        super().to(device, dtype)
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if not self._params:
+            return self
+        moved = {k: p.detach().to(device=device, dtype=dtype) for k, p in self._params.items()}
+        grads = {k: p.grad for k, p in self._params.items()}
+        adam = self._opt.state_dict() if self._opt is not None else None
+        ref = next(iter(moved.values()))
+        self._build(self._names, moved, ref.device, ref.dtype)
+        for k, p in self._params.items():
+            g = grads[k]
+            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+        if adam is not None and self._opt is not None:
+            self._opt.load_state_dict(adam)  # torch casts the moments to the parameters' device and dtype
+        return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lr={self.lr})"
@@ -248,7 +288,8 @@ class FAMO(LearnedBalancer):
         self.gamma = float(gamma)
         self.floor = floor if isinstance(floor, (int, float)) else {k: float(v) for k, v in floor.items()}
         self.eps = float(eps)
-        self._before: dict[str, float] | None = None
+        self._before: dict[str, float] | None
+        self.add_state("_before", None)
 
     def _floor(self, k: str) -> float:
         return float(self.floor) if isinstance(self.floor, (int, float)) else self.floor.get(k, 0.0)
@@ -257,7 +298,7 @@ class FAMO(LearnedBalancer):
         out = {}
         for k, v in losses.parts.items():
             d = float(v.detach()) - self._floor(k) + self.eps
-            if not d > 0:
+            if math.isfinite(d) and not d > 0:  # a NaN or inf part is the caller's to report, not a floor problem
                 raise ValueError(
                     f"FAMO: part {k!r} = {float(v.detach())} is not above its floor {self._floor(k)}; FAMO takes "
                     "log(L - floor): set floor= below the smallest value the loss can take"
@@ -298,23 +339,18 @@ class FAMO(LearnedBalancer):
             self.info["skipped_nonfinite_step"] = 1.0
             return
         self.info.pop("skipped_nonfinite_step", None)
-        delta = torch.tensor([math.log(before[k]) - math.log(after[k]) for k in names])
         params: list[Tensor] = [self._params[k] for k in names]
+        delta = torch.tensor(
+            [math.log(before[k]) - math.log(after[k]) for k in names], dtype=params[0].dtype, device=params[0].device
+        )
         with torch.enable_grad():
             z = torch.softmax(torch.stack(params), 0)
-            grads = torch.autograd.grad(z, params, grad_outputs=delta.to(z.dtype))
+            grads = torch.autograd.grad(z, params, grad_outputs=delta)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         self._opt.step()
         for p in params:
             p.grad = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "before": None if self._before is None else dict(self._before)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._before = None if state["before"] is None else {k: float(v) for k, v in state["before"].items()}
 
     def __repr__(self) -> str:
         return f"FAMO(lr={self.lr}, gamma={self.gamma}, floor={self.floor})"
@@ -362,8 +398,10 @@ class GradNorm(LearnedBalancer):
         if self._layer is not None and not self._layer:
             raise ValueError("GradNorm: layer= has no parameters; give the last shared layer (module or tensors)")
         self._auto = layer is None
-        self._initial: dict[str, float] = {}
-        self._present: list[str] = []
+        self._initial: dict[str, float]
+        self._present: list[str]
+        self.add_state("_initial", {})
+        self.add_state("_present", [])
 
     def _shared_layer(self, losses: Losses) -> list[Tensor]:
         if self._layer is not None:
@@ -392,13 +430,18 @@ class GradNorm(LearnedBalancer):
             _positive("GradNorm", k, v, "its training rates are ratios L_i / L_i(0)")
             self._initial.setdefault(k, v)
         layer = self._shared_layer(losses)
-        norms: list[float] = []
-        for k in names:
+        rows = []
+        for k in names:  # the part's gradient on W, flattened (zeros where its graph does not reach W)
             grads = torch.autograd.grad(losses.parts[k], layer, retain_graph=True, allow_unused=True)
-            sq = sum(float(g.detach().pow(2).sum()) for g in grads if g is not None)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
+                                   for g, p in zip(grads, layer, strict=True)]))  # fmt: skip
+        # under torchrun: the gradients of the global parts (the mean of the ranks' surrogate gradients)
+        J = distributed.all_reduce_jacobian(torch.stack(rows).to(torch.float64))
+        norms: list[float] = []
+        for i, k in enumerate(names):
             static = losses.weights[k]
             s = abs(float(static.detach()) if isinstance(static, Tensor) else float(static))
-            norms.append(s * sq**0.5)
+            norms.append(s * float(J[i].norm()))
         ratio = [vals[k] / self._initial[k] if self._initial[k] != 0 else 1.0 for k in names]
         mean_ratio = sum(ratio) / len(ratio)
         r = [x / mean_ratio if mean_ratio != 0 else 1.0 for x in ratio]
@@ -427,14 +470,6 @@ class GradNorm(LearnedBalancer):
             s = sum(float(self._params[k]) for k in names)
             for k in names:
                 self._params[k].mul_(total / s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial": dict(self._initial), "present": list(self._present)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._initial = {k: float(v) for k, v in state["initial"].items()}
-        self._present = list(state["present"])
 
     def __repr__(self) -> str:
         return f"GradNorm(alpha={self.alpha}, lr={self.lr})"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -85,6 +84,7 @@ class Normalize(Balancer):
     """
 
     name = "normalize"
+    kind = "loss"
 
     def __init__(self, mode: str = "initial", beta: float = 0.9, eps: float = 1e-12) -> None:
         super().__init__()
@@ -97,8 +97,10 @@ class Normalize(Balancer):
         self.mode = mode
         self.beta = float(beta)
         self.eps = float(eps)
-        self._scale: dict[str, float] = {}  # initial value, or raw (uncorrected) EMA
-        self._count: dict[str, int] = {}
+        self._scale: dict[str, float]  # initial value, or raw (uncorrected) EMA
+        self._count: dict[str, int]
+        self.add_state("_scale", {})
+        self.add_state("_count", {})
 
     def balance(self, losses: Losses) -> dict[str, float]:
         vals = _values(losses)
@@ -120,13 +122,6 @@ class Normalize(Balancer):
             out[k] = 1.0 / max(m, self.eps)
             self.info[f"scale/{k}"] = m
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scale": dict(self._scale), "count": dict(self._count)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._scale = {k: float(v) for k, v in state["scale"].items()}
-        self._count = {k: int(v) for k, v in state["count"].items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, beta={self.beta})"
@@ -159,6 +154,7 @@ class GLS(Balancer):
     """
 
     name = "gls"
+    kind = "loss"
 
     def __init__(self, eps: float = 1e-12) -> None:
         super().__init__()
@@ -193,6 +189,7 @@ class DWA(Balancer):
     """
 
     name = "dwa"
+    kind = "loss"
 
     def __init__(self, temperature: float = 2.0, window: int | None = None) -> None:
         super().__init__()
@@ -202,10 +199,12 @@ class DWA(Balancer):
             raise ValueError(f"DWA: window must be None (rounds) or an integer >= 1, not {window!r}")
         self.temperature = float(temperature)
         self.window = None if window is None else int(window)
-        self._history: dict[str, list[float]] = {}  # up to the last two period means, oldest first
-        self._sum: dict[str, float] = {}
-        self._n: dict[str, int] = {}
-        self._steps = 0
+        self._history: dict[str, list[float]]  # up to the last two period means, oldest first
+        self._sum: dict[str, float]
+        self._n: dict[str, int]
+        self._steps: int
+        for name, value in (("_history", {}), ("_sum", {}), ("_n", {}), ("_steps", 0)):
+            self.add_state(name, value)
 
     def balance(self, losses: Losses) -> dict[str, float]:
         vals = _values(losses)
@@ -239,20 +238,6 @@ class DWA(Balancer):
             self._history[k] = ([*self._history.get(k, []), m])[-2:]
         self._sum, self._n, self._steps = {}, {}, 0
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": {k: list(v) for k, v in self._history.items()},
-            "sum": dict(self._sum),
-            "n": dict(self._n),
-            "steps": self._steps,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._history = {k: [float(x) for x in v] for k, v in state["history"].items()}
-        self._sum = {k: float(v) for k, v in state["sum"].items()}
-        self._n = {k: int(v) for k, v in state["n"].items()}
-        self._steps = int(state["steps"])
-
     def __repr__(self) -> str:
         return f"DWA(temperature={self.temperature}, window={self.window})"
 
@@ -265,25 +250,22 @@ class RLW(Balancer):
     come from a ``torch.Generator`` seeded with ``seed`` whose state is in the state dict."""
 
     name = "rlw"
+    kind = "loss"
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator: torch.Generator
+        self.add_state("generator", torch.Generator().manual_seed(self.seed))
 
     def balance(self, losses: Losses) -> dict[str, float]:
         names = losses.names
         if not _training():
             return {k: 1.0 for k in names}
-        eps = torch.randn(len(names), generator=self.generator, dtype=torch.float64)
+        # host draws (the weights are numbers): a seed gives the same weights on every device
+        eps = torch.randn(len(names), generator=self.generator, dtype=torch.float64, device="cpu")
         w = len(names) * torch.softmax(eps, 0)
         return {k: float(x) for k, x in zip(names, w, strict=True)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["rng"])
 
     def __repr__(self) -> str:
         return f"RLW(seed={self.seed})"
@@ -309,6 +291,7 @@ class STCH(Balancer):
     """
 
     name = "stch"
+    kind = "loss"
 
     def __init__(
         self,
@@ -329,16 +312,17 @@ class STCH(Balancer):
         self.warmup = int(warmup)
         self.window = None if window is None else int(window)
         self.eps = float(eps)
-        self._nadir: dict[str, float] | None = None
-        if nadir is not None:
-            self._nadir = {k: float(v) for k, v in nadir.items()}
-            for k, v in self._nadir.items():
-                if not v > 0:
-                    raise ValueError(f"STCH: nadir of {k!r} must be > 0, not {v}")
-        self._periods = 0
-        self._steps = 0
-        self._sum: dict[str, float] = {}
-        self._n: dict[str, int] = {}
+        given = None if nadir is None else {k: float(v) for k, v in nadir.items()}
+        for k, v in (given or {}).items():
+            if not v > 0:
+                raise ValueError(f"STCH: nadir of {k!r} must be > 0, not {v}")
+        self._nadir: dict[str, float] | None
+        self._periods: int
+        self._steps: int
+        self._sum: dict[str, float]
+        self._n: dict[str, int]
+        for name, value in (("_nadir", given), ("_periods", 0), ("_steps", 0), ("_sum", {}), ("_n", {})):
+            self.add_state(name, value)
 
     def balance(self, losses: Losses) -> dict[str, float]:
         vals = _values(losses)
@@ -384,23 +368,6 @@ class STCH(Balancer):
         """The nadir point ``n`` (``None`` during the warm-up)."""
         return None if self._nadir is None else dict(self._nadir)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "nadir": None if self._nadir is None else dict(self._nadir),
-            "periods": self._periods,
-            "steps": self._steps,
-            "sum": dict(self._sum),
-            "n": dict(self._n),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        nad = state["nadir"]
-        self._nadir = None if nad is None else {k: float(v) for k, v in nad.items()}
-        self._periods = int(state["periods"])
-        self._steps = int(state["steps"])
-        self._sum = {k: float(v) for k, v in state["sum"].items()}
-        self._n = {k: int(v) for k, v in state["n"].items()}
-
     def __repr__(self) -> str:
         return f"STCH(mu={self.mu}, warmup={self.warmup}, window={self.window})"
 
@@ -422,6 +389,7 @@ class CoV(Balancer):
     """
 
     name = "cov"
+    kind = "loss"
 
     def __init__(self, decay: float | None = None, eps: float = 1e-8) -> None:
         super().__init__()
@@ -429,10 +397,12 @@ class CoV(Balancer):
             raise ValueError(f"CoV: decay must be None or in [0, 1), not {decay}")
         self.decay = None if decay is None else float(decay)
         self.eps = float(eps)
-        self._n: dict[str, int] = {}
-        self._mean_L: dict[str, float] = {}
-        self._mean_l: dict[str, float] = {}
-        self._S: dict[str, float] = {}
+        self._n: dict[str, int]
+        self._mean_L: dict[str, float]
+        self._mean_l: dict[str, float]
+        self._S: dict[str, float]
+        for name in ("_n", "_mean_L", "_mean_l", "_S"):
+            self.add_state(name, {})
 
     def balance(self, losses: Losses) -> dict[str, float]:
         vals = _values(losses)
@@ -465,15 +435,6 @@ class CoV(Balancer):
         self._mean_l[k] = new
         self._mean_L[k] = p * self._mean_L.get(k, 0.0) + (1 - p) * v
         self._n[k] = n + 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n": dict(self._n), "mean_L": dict(self._mean_L), "mean_l": dict(self._mean_l), "S": dict(self._S)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._n = {k: int(v) for k, v in state["n"].items()}
-        self._mean_L = {k: float(v) for k, v in state["mean_L"].items()}
-        self._mean_l = {k: float(v) for k, v in state["mean_l"].items()}
-        self._S = {k: float(v) for k, v in state["S"].items()}
 
     def __repr__(self) -> str:
         return f"CoV(decay={self.decay})"

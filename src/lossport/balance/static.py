@@ -16,7 +16,7 @@ from ..result_types import Losses
 from .base import Balancer, register
 
 
-@register("ew", "equal", "equal_weights")
+@register("ew", "sum", "equal", "equal_weights")
 class EqualWeights(Balancer):
     """Equal weighting: ``b_i = 1``, so the total is ``sum_i s_i L_i`` with the spec's static weights ``s_i``.
 
@@ -25,6 +25,7 @@ class EqualWeights(Balancer):
     """
 
     name = "ew"
+    kind = "static"
 
     def balance(self, losses: Losses) -> dict[str, float]:
         return {k: 1.0 for k in losses.parts}
@@ -44,6 +45,7 @@ class Static(Balancer):
     """
 
     name = "static"
+    kind = "static"
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()

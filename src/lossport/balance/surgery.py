@@ -31,7 +31,6 @@ rank.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,7 +79,10 @@ def _zero_valued(xs: list[Tensor], c: Tensor) -> Tensor:
 
 
 class _Surgery(GramianBalancer):
-    """Base of the methods here: run :meth:`surgery` on the Jacobian, add the zero-valued correction term."""
+    """Base of the methods here: run :meth:`surgery` on the Jacobian, add the zero-valued correction term. The
+    ``every=K`` schedule and the failure rules are :meth:`GramianBalancer.balance`'s."""
+
+    kind = "surgery"
 
     def surgery(self, J: Tensor, xs: list[Tensor], losses: Losses, s: Tensor) -> tuple[Tensor, Tensor, dict]:
         """``(b, c, state)``: the part weights (``T``), the correction ``c = sum_i s_i (d_i - b_i J_i)`` on the
@@ -92,33 +94,24 @@ class _Surgery(GramianBalancer):
         """The weights of the calls between two runs of the method (``every=K``) and of single-part batches."""
         return dict.fromkeys(losses.names, 1.0)
 
-    def balance(self, losses: Losses) -> Any:
+    def run(self, losses: Losses) -> Any:
+        """The method on the Jacobian; its new state is set only once the update is known to be finite."""
         names = losses.names
-        run = self._last is None or self._calls % self.every == 0 or set(self._last) != set(names)
-        try:
-            if not run or len(names) == 1:
-                if run:
-                    self._last = dict.fromkeys(names, 1.0)
-                self._calls += 1
-                return self.between(losses)
-            J, xs = self.compute_jacobian(losses)
-            b, c, state = self.surgery(J, xs, losses, _static(losses, J))
-            if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(c).all())):
-                bad = [k for k, ok in zip(names, torch.isfinite(J).all(dim=1).tolist()) if not ok]
-                raise FloatingPointError(
-                    f"{type(self).__name__}: the gradients of {bad or names} are not finite although the losses "
-                    "are; no step was taken and the balancer's state is unchanged"
-                )
-            self.__dict__.update(state)
-            G = (J @ J.T).to(torch.float64)  # for the diagnostics only: float32 products are enough
-            if self.mode == "features":
-                G = distributed.all_reduce_gramian(G)
-            self.info = diagnostics(G, names)
-            self._last = dict(zip(names, b.tolist()))
-            self._calls += 1  # only once the call has succeeded (see GramianBalancer.balance)
-            return dict(self._last), {f"{self.name}/shared": _zero_valued(xs, c)}
-        finally:
-            self._records = []
+        J, xs = self.compute_jacobian(losses)
+        b, c, state = self.surgery(J, xs, losses, _static(losses, J))
+        if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(c).all())):
+            bad = [k for k, ok in zip(names, torch.isfinite(J).all(dim=1).tolist()) if not ok]
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradients of {bad or names} are not finite although the losses "
+                "are; no step was taken and the balancer's state is unchanged"
+            )
+        self.__dict__.update(state)
+        G = (J @ J.T).to(torch.float64)  # for the diagnostics only: float32 products are enough
+        if self.mode == "features":
+            G = distributed.all_reduce_gramian(G)
+        self.info = diagnostics(G, names)
+        self._last = dict(zip(names, b.tolist()))
+        return dict(self._last), {f"{self.name}/shared": _zero_valued(xs, c)}
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         raise TypeError(f"{type(self).__name__} is not a function of the Gramian; it works on the gradients")
@@ -137,8 +130,11 @@ class GradDrop(_Surgery):
       feature, and each part's per-example gradients are kept or dropped together.
 
     Heads get their plain gradient (``b = 1``), as the sum of losses; ``leak`` (0, as LibMTL and TorchJD)
-    lets that fraction of every gradient through. The draws come from a generator seeded with ``seed`` (in the
-    state dict). With ``every=K`` GradDrop runs on every ``K``-th call and the calls between are the plain sum.
+    lets that fraction of every gradient through. The draws come from a host generator seeded with ``seed`` (in
+    the state dict): on the CPU directly, on another device through a generator of that device seeded by one
+    host draw per call (so a seed gives the same masks on the same kind of device, and the draws are made where
+    the gradients are). With ``every=K`` GradDrop runs on every ``K``-th call and the calls between are the
+    plain sum.
     """
 
     name = "graddrop"
@@ -148,16 +144,24 @@ class GradDrop(_Surgery):
         if not 0.0 <= leak <= 1.0:
             raise ValueError(f"GradDrop: leak must be in [0, 1], not {leak!r}")
         self.leak = float(leak)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator: torch.Generator
+        self.add_state("generator", torch.Generator().manual_seed(seed))
 
     def _uniform(self, gen: torch.Generator, shape: torch.Size, like: Tensor) -> Tensor:
-        return torch.rand(shape, generator=gen, dtype=like.dtype).to(like.device)
+        """Uniform draws like ``like``. On the CPU they come from the seeded host generator itself; on another
+        device from a generator of that device seeded by one host draw, so the draws are made where they are
+        used and the balancer's state stays the portable host generator."""
+        if like.device.type == "cpu":
+            return torch.rand(shape, generator=gen, dtype=like.dtype, device=like.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device="cpu"))
+        local = torch.Generator(device=like.device).manual_seed(seed)
+        return torch.rand(shape, generator=local, dtype=like.dtype, device=like.device)
 
     def surgery(self, J: Tensor, xs: list[Tensor], losses: Losses, s: Tensor) -> tuple[Tensor, Tensor, dict]:
         # d - J^T s = -(1 - leak) sum_i s_i (1 - keep_i) g_i: only the dropped entries are needed
         T = J.shape[0]
         b = torch.ones(T, dtype=J.dtype, device=J.device)
-        gen = torch.Generator()  # draws from a copy: the balancer's generator moves on only if the step succeeds
+        gen = torch.Generator()  # host copy: the balancer's generator moves on only if the step succeeds
         gen.set_state(self.generator.get_state())
         if self.mode == "params":
             U = self._uniform(gen, J.shape[1:], J)
@@ -179,13 +183,6 @@ class GradDrop(_Surgery):
             dropped = torch.where(keep.unsqueeze(1) if batched else keep, 0.0, Jz).reshape(T, -1)
             pieces.append(-(1 - self.leak) * (dropped.T @ s))
         return b, torch.cat(pieces), {"generator": gen}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.generator.set_state(state["rng"])
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", leak={self.leak})"
@@ -223,12 +220,16 @@ class DBMTL(_Surgery):
         if not eps > 0:
             raise ValueError(f"DBMTL: eps must be > 0, not {eps!r}")
         self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
-        self._k = 0
-        self._avg: dict[str, Tensor] = {}
-        self._shapes: list[list[int]] | None = None
-        self._scales: dict[str, float] = {}
-        self._norms: dict[str, float] = {}
-        self._restarts = 0
+        self._k: int  # updates of the averages so far
+        self._avg: dict[str, Tensor]  # params mode: each part's moving average h_i, on the gradients' device
+        self._shapes: list[list[int]] | None
+        self._scales: dict[str, float]
+        self._norms: dict[str, float]  # features mode: the averaged norms n_i
+        self._restarts: int
+        for name, value in (
+            ("_k", 0), ("_avg", {}), ("_shapes", None), ("_scales", {}), ("_norms", {}), ("_restarts", 0)
+        ):
+            self.add_state(name, value)
 
     def _values(self, losses: Losses) -> list[float]:
         return [float(losses.parts[k].detach()) + self.eps for k in losses.names]
@@ -277,25 +278,6 @@ class DBMTL(_Surgery):
         self.info.update({"db_mtl/restarts": float(self._restarts)})
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "k": self._k,
-            "avg": {k: v.cpu().clone() for k, v in self._avg.items()},
-            "shapes": self._shapes,
-            "scales": dict(self._scales),
-            "norms": dict(self._norms),
-            "restarts": self._restarts,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._k = int(state["k"])
-        self._avg = {k: v.clone() for k, v in state["avg"].items()}
-        self._shapes = state["shapes"]
-        self._scales = dict(state["scales"])
-        self._norms = dict(state["norms"])
-        self._restarts = int(state["restarts"])
 
 
 __all__ = ["GradDrop", "DBMTL", "sign_purity_keep"]

@@ -2,7 +2,8 @@ import importlib
 
 import pytest
 
-from lossport.compare import delta_m, higher_is_better
+from lossport.comparison import delta_m
+from lossport.metrics import higher_is_better
 
 
 def test_delta_m_by_hand():
@@ -31,7 +32,7 @@ def test_compare_trains_each_baseline_once_per_seed_and_scores_methods():
 
     import lossport
 
-    C = importlib.import_module("lossport.compare")  # the module (lossport.compare is the function)
+    C = importlib.import_module("lossport.comparison")
 
     class Net(nn.Module):
         def __init__(self):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .metrics import guess_higher_is_better as higher_is_better
+from .metrics import higher_is_better
 
 
 def delta_m(method: Mapping[str, float], baseline: Mapping[str, float]) -> float:
@@ -164,7 +164,7 @@ def _train_eval(
     metrics: Mapping[str, Sequence[str]],
     train_kwargs: Mapping[str, Any],
 ) -> tuple[dict[str, float], float]:
-    from .train import evaluate, train
+    from .training import evaluate, train
 
     torch.manual_seed(seed)
     net = make_net()
@@ -173,10 +173,8 @@ def _train_eval(
         net, data, loss=loss, balance=balance, metrics=dict(metrics), seed=seed, progress=False, **train_kwargs
     )
     seconds = time.perf_counter() - t0
-    steps = max(1, int(getattr(result, "steps", 0) or sum(1 for _ in result.history.batches)))
-    scores: Any = evaluate(result.net, test, loss=loss, metrics=dict(metrics))
-    if isinstance(scores, tuple):  # (scores, per-example losses)
-        scores = scores[0]
+    steps = max(1, len(result.history.batches))
+    scores = evaluate(result.net, test, loss=loss, metrics=dict(metrics))
     wanted = {f"{task}/{m}" for task, ms in metrics.items() for m in ms}
     return {k: float(v) for k, v in scores.items() if k in wanted}, seconds / steps
 
@@ -199,7 +197,7 @@ def compare(
         make_net: builds a fresh net (called once per run; the seed is set before each call).
         data: training data (any form :func:`lossport.train` accepts).
         loss: a dict spec ``{task: loss}``; the single-task baseline of ``task`` trains on ``{task: loss[task]}``.
-        methods: balancer names or factories (``"ew"``/``None`` for the plain sum, ``"uw"``, ``"upgrad"``...).
+        methods: balancer names or factories (:func:`lossport.balance.available`; ``None`` for static weights).
         metrics: per task, the metrics scored on ``test`` (``{"left": ["accuracy"], "ink": ["mae"]}``).
         test: held-out data for the reported metrics.
         seeds: a count (seeds 0..n-1) or the list of seeds.
@@ -235,8 +233,6 @@ def compare(
         row = Row(str(label if method is not None else "sum"))
         for seed in seed_list:
             balance = method() if callable(method) and not isinstance(method, str) else method
-            if balance in ("ew", "sum"):
-                balance = None
             scores, sps = _train_eval(make_net, data, loss, balance, seed, test, metrics, train_kwargs)
             for k, v in scores.items():
                 row.metrics.setdefault(k, []).append(v)
@@ -247,4 +243,4 @@ def compare(
     return Comparison(rows=rows, baseline=baseline, metric_names=metric_names)
 
 
-__all__ = ["compare", "delta_m", "higher_is_better", "Comparison", "Row"]
+__all__ = ["Comparison", "Row", "compare", "delta_m"]

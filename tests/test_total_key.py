@@ -1,0 +1,73 @@
+"""The key "loss" is the weighted total everywhere; an output named "loss" gives parts "loss/<loss>"."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lossport
+from lossport import Losses, Objective
+from lossport.result_types import TOTAL_KEY, part_key
+
+
+class HF(nn.Module):
+    """Returns its own loss, as Hugging Face models do when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, labels):
+        logits = self.lin(x)
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+def hf_batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(n, 3, generator=g), "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+def test_weighted_single_loss_part_is_not_the_total():
+    net, b = HF(), hf_batch()
+    d = Objective(weights=2.0)(net, b).as_dict()
+    part = F.cross_entropy(net.lin(b["x"]), b["labels"]).item()
+    assert d["loss/port"] == pytest.approx(part, rel=1e-6)
+    assert d[TOTAL_KEY] == pytest.approx(2 * part, rel=1e-6)
+    assert d["weight/loss/port"] == 2.0
+
+
+def test_balanced_single_loss_part_is_not_the_total():
+    net, b = HF(), hf_batch()
+    losses = Objective(balance="uw")(net, b)
+    d = losses.as_dict()
+    assert d[TOTAL_KEY] == pytest.approx(losses.total.item(), rel=1e-6)
+    assert d["loss/port"] == pytest.approx(losses.parts["loss/port"].item(), rel=1e-6)
+
+
+def test_an_output_named_loss_can_sit_beside_other_parts():
+    net, b = HF(), hf_batch()
+    losses = Objective(["loss", ("logits", "ce")], weights=[1.0, 0.5])(net, b)
+    assert losses.names == ["loss/port", "logits"]
+    ce = F.cross_entropy(net.lin(b["x"]), b["labels"])
+    assert losses.as_dict()[TOTAL_KEY] == pytest.approx(1.5 * ce.item(), rel=1e-6)
+
+
+def test_losses_refuse_a_part_named_loss():
+    with pytest.raises(ValueError, match="may not be named 'loss'"):
+        Losses(parts={"loss": torch.tensor(1.0)}, weights={"loss": 1.0})
+    with pytest.raises(ValueError, match="may not be named 'loss'"):
+        Losses(parts={"a": torch.tensor(1.0)}, weights={"a": 1.0}, extra={"loss": torch.tensor(0.1)})
+    assert part_key("loss/port") == "loss/port"
+    with pytest.raises(ValueError, match="weighted total"):
+        part_key("loss")
+
+
+def test_history_and_table_show_one_total():
+    net, b = HF(), hf_batch()
+    result = lossport.train(net, b, weights=2.0, epochs=1, batch_size=8, shuffle=False, progress=False, lr=0.0)
+    row = result.history.rounds[-1]
+    assert row["loss"] == pytest.approx(2 * row["loss/port"], rel=1e-5)
+    table = result.table()
+    assert sum(line.split()[0] == "total" for line in table.splitlines() if line.split()) == 1
+    assert "loss/port" in table
