@@ -106,3 +106,17 @@ def test_targets_route_one_batch_key_to_several_outputs_in_train_and_evaluate() 
     with pytest.raises(Exception, match="label") as err:
         train(MainAux(), {"x": d["x"], "y": d["b"]}, {"main": "ce", "aux": "ce"}, targets=route, progress=False)
     assert "'main'" in str(err.value) or "'aux'" in str(err.value)
+
+
+def test_the_table_and_plot_name_the_validation_total_of_a_balanced_run() -> None:
+    """Under a balancer the training total is balanced and val_loss uses the static weights: said beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    d = make_data(32)
+    plain = train(TwoHead(), d, LOSS, epochs=1, validation=0.25, progress=False)
+    balanced = train(TwoHead(), d, LOSS, epochs=1, validation=0.25, progress=False, balance="uw")
+    note = "val total: with the static weights"
+    assert note in balanced.table() and note not in plain.table()
+    labels = [t.get_text() for ax in balanced.plot().axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "validation (static weights)" in labels

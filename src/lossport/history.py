@@ -145,7 +145,10 @@ class Result:
     * ``best_round``: the round of ``net`` (1-based), ``None`` without validation;
     * ``history``: :class:`History`;
     * ``stopped_because``: ``"completed"``, ``"early stopping: ..."``, ``"callback: ..."``;
-    * ``examples_per_second``: training examples per second of training time (validation excluded).
+    * ``examples_per_second``: training examples per second of training time (validation excluded);
+    * ``best_reason``: which round is best and why, in words (``None`` without validation);
+    * ``balanced``: whether a balancer set the training weights: then the training total is the balanced one and
+      ``val_loss`` the validation parts with the static weights, and the table and plot say so.
     """
 
     net: nn.Module
@@ -158,6 +161,7 @@ class Result:
     examples_per_second: float = math.nan
     seconds: float = 0.0
     part_names: list[str] = field(default_factory=list)
+    balanced: bool = False
 
     @property
     def rounds(self) -> int:
@@ -194,6 +198,8 @@ class Result:
         head = f"{self.rounds} rounds, {self.stopped_because}"
         if self.best_round:
             head += f", best round {self.best_round} ({self.best_key})"
+        if self.balanced and f"val_{TOTAL_KEY}" in last:
+            lines.append("(train total: with the balancer's weights; val total: with the static weights)")
         return head + "\n" + "\n".join(lines)
 
     def plot(self, path: str | os.PathLike[str] | None = None, *, parts: Iterable[str] | None = None) -> Any:
@@ -217,7 +223,8 @@ class Result:
         for i, name in enumerate(names):
             ax = axes[i // cols][i % cols]
             values: list[float] = []
-            for key, style, label in ((name, "-", "train"), (f"val_{name}", "--", "validation")):
+            static = " (static weights)" if self.balanced and name == TOTAL_KEY else ""
+            for key, style, label in ((name, "-", "train"), (f"val_{name}", "--", "validation" + static)):
                 if key in self.history:
                     ys = self.history[key]
                     ax.plot(x, ys, style, marker="o", markersize=3, label=label)

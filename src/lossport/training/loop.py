@@ -492,6 +492,7 @@ class _Run:
             examples_per_second=st.train_examples / st.train_seconds if st.train_seconds > 0 else math.nan,
             seconds=st.train_seconds,
             part_names=list(self.part_order),
+            balanced=self.balancer is not None,
         )
 
 
