@@ -75,3 +75,27 @@ def test_all_finite_finds_nan_and_inf_in_every_dtype_and_leaves_values_unchanged
         ts[1][3] = bad
         assert not all_finite(ts, fused=fused)
         ts[1][3] = 0.0
+
+
+@pytest.mark.parametrize("method", ["nash_mtl", "fairgrad", "cagrad", "upgrad"])
+def test_gramian_weights_under_float16_mixed_precision_match_float32(method: str) -> None:
+    """'16-mixed': the Gramian is taken on the unscaled parts (the GradScaler scales only the total's backward),
+    so scale-sensitive methods give the float32 weights to float16 accuracy; in a training step as well."""
+    from lossport import Objective
+    from lossport.training.setup import autocast, grad_scaler
+
+    d = make_data(32)
+    batch = {k: v[:16] for k, v in d.items()}
+    weights = {}
+    for prec in ("32", "16-mixed"):
+        net = TwoHead(seed=4)
+        obj = Objective(LOSS, balance=method)
+        with autocast(prec, torch.device("cpu")):
+            losses = obj(net, batch)
+        weights[prec] = {k: float(w) for k, w in losses.weights.items()}
+        scaler = grad_scaler(prec, torch.device("cpu"))
+        if scaler is not None:  # the backward of the scaled total leaves the weights as they were
+            scaler.scale(losses.total).backward()
+            assert {k: float(w) for k, w in losses.weights.items()} == weights[prec]
+    for k in weights["32"]:
+        assert weights["16-mixed"][k] == pytest.approx(weights["32"][k], rel=2e-2, abs=1e-3), (method, k)
