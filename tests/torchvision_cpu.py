@@ -97,6 +97,10 @@ def load() -> ModuleType:
         NMS_SOURCE = "pure-Python greedy NMS (tests/torchvision_cpu.py)"
     import torchvision
 
+    if SIDE_DIR in sys.path:
+        # loaded: its submodules are found through the package itself. Off the path, so that processes spawned
+        # later (DDP tests) whose imports probe for torchvision (torchmetrics does) do not load it without the ops
+        sys.path.remove(SIDE_DIR)
     if _LIB is not None:
         # torchvision.ops.nms checks that the compiled extension loaded; the operator it calls is ours.
         torchvision.ops.boxes._assert_has_ops = _assert_nms_defined
