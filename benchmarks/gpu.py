@@ -56,11 +56,11 @@ from torch import Tensor, nn
 if importlib.util.find_spec("lossport") is None:  # a bare machine with this checkout: use its src/
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
-from gramian import HAVE_TORCHJD, Model, balanced_step, sum_step  # noqa: E402 - benchmarks/gramian.py
+from gramian import HAVE_TORCHJD, Model, balanced_step, sum_step
 
-import lossport  # noqa: E402
-from lossport.balance import UPGrad, available, kind_of, resolve  # noqa: E402
-from lossport.callbacks import Callback, TrainState  # noqa: E402
+import lossport
+from lossport.balance import UPGrad, available, kind_of, resolve
+from lossport.callbacks import Callback, TrainState
 
 if HAVE_TORCHJD:
     from torchjd.aggregation import UPGrad as TJ_UPGrad
@@ -185,8 +185,17 @@ def smoke_one(
         torch.manual_seed(0)
         net = SmokeNet()
         result = lossport.train(
-            net, smoke_data(), LOSS, balance=bal, epochs=1, batch_size=BATCH, precision=precision, device=device,
-            progress=False, seed=0, callbacks=[counter],
+            net,
+            smoke_data(),
+            LOSS,
+            balance=bal,
+            epochs=1,
+            batch_size=BATCH,
+            precision=precision,
+            device=device,
+            progress=False,
+            seed=0,
+            callbacks=[counter],
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # asynchronous CUDA errors surface here, inside the try
@@ -197,7 +206,7 @@ def smoke_one(
         else:
             rep.failures.append(f"{label}: after {counter.steps} steps, {type(e).__name__}: {e}")
         return
-    except Exception as e:  # noqa: BLE001 - every error is a finding of the smoke test
+    except Exception as e:
         rep.failures.append(f"{label}: after {counter.steps} steps, {type(e).__name__}: {e}")
         return
     bad = check_run(net, bal, result, counter.steps, device)
@@ -319,14 +328,14 @@ def time_T(T: int, reps: int, device: torch.device, failures: list[str]) -> tupl
             for _ in range(2):  # warm-up: CUDA contexts, cuBLAS handles, hooks, caches
                 timed(f, device)
             live[k] = f
-        except Exception as e:  # noqa: BLE001 - reported, the other variants go on
+        except Exception as e:
             failures.append(f"timing T={T} {k}: {type(e).__name__}: {e}")
     times: dict[str, list[float]] = {k: [] for k in live}
     for _ in range(reps):
         for k, f in list(live.items()):
             try:
                 times[k].append(timed(f, device))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 failures.append(f"timing T={T} {k}: {type(e).__name__}: {e}")
                 del live[k]
     med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v and k in live}

@@ -112,7 +112,7 @@ class Model:
     def losses(self) -> Losses:
         h, ls = self.forward()
         parts = {f"task{t}": v for t, v in enumerate(ls)}
-        return Losses(parts=parts, weights={k: 1.0 for k in parts}, outputs={"h": h})
+        return Losses(parts=parts, weights=dict.fromkeys(parts, 1.0), outputs={"h": h})
 
 
 def sum_step(m: Model) -> Callable[[], None]:
@@ -215,12 +215,16 @@ def memory(T: int) -> dict[str, float | None]:
 def _memory_in_child(T: int) -> dict[str, float | None]:
     """Memory is measured in a fresh process: malloc's thresholds must be pinned before the heap grows (a heap
     grown by earlier steps serves large tensors from its free space, where they do not show in the RSS)."""
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--memory-of", str(T)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip().splitlines()[-1]
+    out = (
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--memory-of", str(T)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     got = json.loads(out)
     return got if got is not None else {}
 

@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory(args.memory_of, args.variants.split(",")) if ok else None))
         return
     max_t = args.max_t if args.max_t is not None else (128 if args.quick else max(TASKS))
-    tasks = [T for T in TASKS if T <= max_t]
+    tasks = [T for T in TASKS if max_t >= T]
     reps = {8: 15, 32: 10, 128: 5, 512: 3, 1024: 3}
     clock = Clock(args.budget, args.max_step)
     print(f"torch {torch.__version__}, 1 thread, batch 64, trunk 256-512-512-512 (656,896 shared params)")

@@ -49,9 +49,7 @@ def make_step(net0: torch.nn.Module, every: int | None, balance: str | None) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=15)
-    ap.add_argument(
-        "--steps", type=int, default=20, help="steps per configuration per block (a multiple of 10)"
-    )
+    ap.add_argument("--steps", type=int, default=20, help="steps per configuration per block (a multiple of 10)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"{m:>5} {t['lossport']:>12.2f}")
 
-    print(
-        "\nNash-MTL (G a = 1/a) and FairGrad alpha=2 (G w = w^-1/2), G / ||G||_F; "
-        "lossport Newton vs TorchJD scipy"
-    )
+    print("\nNash-MTL (G a = 1/a) and FairGrad alpha=2 (G w = w^-1/2), G / ||G||_F; lossport Newton vs TorchJD scipy")
     print(f"{'m':>5} {'nash ms':>9} {'fairgrad ms':>12} {'torchjd fairgrad ms':>20} {'ratio':>7}")
     for m in (8, 32, 64):
         G = gramian(m, 4 * m, 11 * m)

@@ -115,9 +115,7 @@ def test_every_k_reuses_weights_and_features_mode():
     assert abs(sum(w.values()) - 3) < 3 and all(v > 0 for v in w.values())
     mod = lossport.balance.MGDA(gramian="features", features=net.trunk)
     w2 = lossport.Objective(SPEC, balance=mod)(net, batch()).weights
-    w3 = lossport.Objective(SPEC, balance=lossport.balance.MGDA(gramian="features", features="h"))(
-        net, batch()
-    ).weights
+    w3 = lossport.Objective(SPEC, balance=lossport.balance.MGDA(gramian="features", features="h"))(net, batch()).weights
     assert w2 == pytest.approx(w3)
     mod.close()
 
@@ -131,9 +129,7 @@ def test_missing_part_is_left_out_and_errors_are_clear():
     with pytest.raises(ValueError, match="features="):
         lossport.balance.UPGrad(gramian="features")
     with pytest.raises(ValueError, match="not an output"):
-        lossport.Objective(SPEC, balance=lossport.balance.UPGrad(gramian="features", features="zz"))(
-            net, batch()
-        )
+        lossport.Objective(SPEC, balance=lossport.balance.UPGrad(gramian="features", features="zz"))(net, batch())
     with pytest.raises(ValueError, match="unknown balancer"):
         resolve("upgradd")
 
@@ -171,9 +167,7 @@ def test_every_method_in_features_mode_and_every_k(name):
     assert calls[0].weights == calls[1].weights != calls[2].weights
     losses = lossport.Objective(SPEC)(net, batch(2))
     z = losses.outputs["h"]
-    J = torch.stack(
-        [torch.autograd.grad(losses.parts[k], z, retain_graph=True)[0].reshape(-1) for k in "abc"]
-    ).double()
+    J = torch.stack([torch.autograd.grad(losses.parts[k], z, retain_graph=True)[0].reshape(-1) for k in "abc"]).double()
     twin = resolve(name, gramian="features", features="h")
     twin.load_state_dict(before)
     expected = twin.weigh(J @ J.T, losses)

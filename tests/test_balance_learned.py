@@ -254,8 +254,8 @@ def test_missing_part_keeps_its_parameter(name):
     bal = resolve(name)
     _train(bal, net, torch.optim.Adam(net.parameters(), lr=0.03), 3, data, [])
     before = bal.values["a"]
-    x, y1, y2 = data
-    o1, o2 = net(x)
+    x, _y1, y2 = data
+    _o1, o2 = net(x)
     part = nn.functional.mse_loss(o2, y2)
     losses = lossport.Losses(parts={"b": part}, weights={"b": 1.0}, missing=("a",))
     out = bal(losses)
@@ -320,7 +320,7 @@ def test_imtll_weights_and_scale_gradient_hand_computed():
 def test_negative_loss_is_an_error_naming_the_part(name):
     W = nn.Parameter(torch.tensor([[1.0]]))
     bal = resolve(name) if name != "gradnorm" else GradNorm(layer=[W])
-    with pytest.raises(ValueError, match="part 'b'.*>= 0|>= 0.*part 'b'"):
+    with pytest.raises(ValueError, match=r"part 'b'.*>= 0|>= 0.*part 'b'"):
         bal(losses_of(torch.stack([W[0, 0] * 2, W[0, 0] * -1])))
 
 

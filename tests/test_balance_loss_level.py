@@ -12,7 +12,7 @@ from lossport.balance import DWA, GLS, RLW, SI, STCH, Balancer, CoV, Normalize, 
 
 def L(**parts: float) -> lossport.Losses:
     return lossport.Losses(
-        parts={k: torch.tensor(v, dtype=torch.float64) for k, v in parts.items()}, weights={k: 1.0 for k in parts}
+        parts={k: torch.tensor(v, dtype=torch.float64) for k, v in parts.items()}, weights=dict.fromkeys(parts, 1.0)
     )
 
 
@@ -331,7 +331,7 @@ def test_train_with_each_method(name):
     )
     h = r.history
     assert h["a"][-1] + h["b"][-1] < 0.8 * (h["a"][0] + h["b"][0])
-    assert "weight/a" in h.keys()
+    assert "weight/a" in h
 
 
 def test_per_batch_standardisation_would_not_train():
@@ -353,7 +353,7 @@ def test_per_batch_standardisation_would_not_train():
 
 @pytest.mark.parametrize("name", ["si", "gls", "dwa", "stch", "cov", "normalize"])
 def test_negative_loss_is_an_error_naming_the_part(name):
-    with pytest.raises(ValueError, match="part 'b' is -1.0"):
+    with pytest.raises(ValueError, match=r"part 'b' is -1.0"):
         resolve(name)(L(a=1.0, b=-1.0))
 
 

@@ -87,4 +87,3 @@ def test_cli_inspect_on_the_demo_net(tmp_path, capsys):
     assert d["parts"] == ["left", "right", "ink"]
     assert d["reach"]["ink"] == ["trunk.0", "trunk.2", "trunk.5", "ink"]
     assert d["shared"] == ["trunk.0", "trunk.2", "trunk.5"]
-

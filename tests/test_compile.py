@@ -31,6 +31,7 @@ def fresh_compilation():
         yield
     torch.use_deterministic_algorithms(deterministic)
 
+
 W = 64  # wide enough for inductor to donate buffers (16-32-32 does not)
 
 
@@ -127,7 +128,7 @@ def test_graph_compiled_outside_the_objective_with_donated_buffers_is_a_clear_er
     out = model(x)  # compiled here, outside the objective: with donated buffers
     (out["a"] + out["b"]).backward()
     objective = lossport.Objective(["a", "b"], balance="upgrad")
-    with pytest.raises(RuntimeError, match="compiled with donated buffers.*objective"):
+    with pytest.raises(RuntimeError, match=r"compiled with donated buffers.*objective"):
         objective(model, {"x": x})  # the same graph is reused: one backward pass only
 
 
@@ -157,7 +158,7 @@ def test_representation_output_of_a_whole_compiled_net_is_an_error() -> None:
     net = FeatureNet()
     balancer = resolve("mgda", gramian="features", features="h")
     objective = lossport.Objective({"a": "mse", "b": "mse"}, balance=balancer)
-    with pytest.raises(ValueError, match="no loss part is computed from the representation.*module"):
+    with pytest.raises(ValueError, match=r"no loss part is computed from the representation.*module"):
         objective(torch.compile(net, backend="aot_eager"), batches()[0])
     weights = []
     for split in (False, True):

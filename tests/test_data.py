@@ -17,7 +17,7 @@ def test_multidigits_keys_shapes_and_composition():
     d = multidigits("val")
     assert d["image"].shape == (1000, 1, 10, 10) and d["image"].dtype == torch.float32
     assert d["left"].shape == (1000,) and d["right"].dtype == torch.int64
-    assert 0 <= float(d["image"].min()) and float(d["image"].max()) <= 1
+    assert float(d["image"].min()) >= 0 and float(d["image"].max()) <= 1
     images, labels = _digits()
     # the top-left 2x2 corner only holds digit A, the bottom-right only digit B: find the sources back
     src = _source_split(labels, "val")

@@ -166,7 +166,7 @@ def test_to_moves_the_state_and_the_next_call_follows_the_parts(name: str, extra
     bal = make(name, extra)
     train(bal, net, 3, torch.float32)
     before = list(state_tensors(bal.state_dict()))
-    if bal.kind == "learned" or name == "db_mtl" and not extra:
+    if bal.kind == "learned" or (name == "db_mtl" and not extra):
         assert before, f"{name} should hold tensors in its state"
 
     assert bal.to(torch.float64) is bal

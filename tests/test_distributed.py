@@ -185,7 +185,7 @@ def dying_worker(r, port, ckpt, q):
             Net(), train_data(), epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt, callbacks=[Die()]
         )
         q.put((r, "finished"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         q.put((r, f"{type(e).__name__}: {e}"))
 
 

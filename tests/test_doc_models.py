@@ -56,7 +56,7 @@ def test_hugging_face():
     pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ns = _run("Hugging Face transformers")
-    assert "loss/port" in ns["result"].history.keys() and "logits" in ns["tagged"].history.keys()
+    assert "loss/port" in ns["result"].history and "logits" in ns["tagged"].history
 
 
 def test_keras():

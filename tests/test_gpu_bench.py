@@ -98,8 +98,9 @@ def test_check_run_finds_a_non_finite_parameter(gpu: ModuleType) -> None:
     x, y = gpu.smoke_data()
     import lossport
 
-    result = lossport.train(net, (x, y), gpu.LOSS, balance=bal, epochs=1, batch_size=gpu.BATCH, device="cpu",
-                            progress=False)
+    result = lossport.train(
+        net, (x, y), gpu.LOSS, balance=bal, epochs=1, batch_size=gpu.BATCH, device="cpu", progress=False
+    )
     assert gpu.check_run(net, bal, result, gpu.STEPS, CPU) == []
     with torch.no_grad():
         net.heads["a"].bias.fill_(math.nan)

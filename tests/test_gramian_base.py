@@ -42,7 +42,7 @@ def losses_of(net, seed=0, T=3, missing=()):
     x, y = torch.randn(7, 4, generator=g), torch.randn(7, T, generator=g)
     out = net(x)
     parts = {f"l{t}": (out[f"y{t}"] - y[:, t]).pow(2).mean() for t in range(T) if f"l{t}" not in missing}
-    return Losses(parts=parts, weights={k: 1.0 for k in parts}, outputs=out)
+    return Losses(parts=parts, weights=dict.fromkeys(parts, 1.0), outputs=out)
 
 
 def test_params_mode_gramian_is_that_of_the_shared_parameters():
@@ -259,8 +259,10 @@ def test_features_module_returning_a_dict_of_tensors_is_concatenated():
     losses = losses_of(net, T=2)
     zs = [losses.outputs["p1"], losses.outputs["p2"]]
     J = torch.stack(
-        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.parts[k], zs, retain_graph=True)])
-         for k in losses.names]
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.parts[k], zs, retain_graph=True)])
+            for k in losses.names
+        ]
     ).double()
     bal.balance(losses)
     torch.testing.assert_close(bal.seen[0], J @ J.T)

@@ -8,9 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, BertModel, TrainingArguments  # noqa: E402
@@ -19,7 +19,13 @@ import lossport  # noqa: E402
 from lossport.balance.learned import FAMO  # noqa: E402
 from lossport.hf import BALANCER_FILE, LossportTrainer  # noqa: E402
 
-CONFIG = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+CONFIG = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "vocab_size": 50,
+}
 
 
 class TwoHeads(nn.Module):
@@ -49,21 +55,21 @@ def rows(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def args(tmp_path, **kw) -> TrainingArguments:
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        max_steps=4,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
+    base = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 1e-2,
+        "max_steps": 4,
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+        "lr_scheduler_type": "constant",
+    }
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -173,7 +179,7 @@ def test_resume_without_balancer_file_is_an_error(tmp_path) -> None:
 
 
 def test_objective_is_required_to_be_an_objective(tmp_path) -> None:
-    with pytest.raises(TypeError, match="lossport.Objective"):
+    with pytest.raises(TypeError, match=r"lossport.Objective"):
         LossportTrainer(model=TwoHeads(), args=args(tmp_path), objective={"topic": "ce"})
 
 

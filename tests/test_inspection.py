@@ -283,7 +283,7 @@ def test_advice_on_conflict_and_imbalance_cites_the_figures():
 def test_advice_holds_only_when_its_condition_does():
     x = {"x": torch.randn(32, 3, generator=torch.Generator().manual_seed(0))}
     r = inspect(Scalars(2.0), x, "auto", batch_size=16, batches=2)
-    assert 2.0 < IMBALANCE
+    assert IMBALANCE > 2.0
     assert not any("pulls" in a for a in r.advice)
     # applied static weights count: a weight of 100 on 'a' makes it 50x the other
     r2 = inspect(Scalars(2.0), x, "auto", weights={"a": 100.0, "b": 1.0}, batch_size=16, batches=2)
@@ -393,12 +393,8 @@ def test_monitor_matches_explicit_gradients():
     losses = Objective(SPEC)(net, data)
     figs = monitor(losses)
     shared = list(net.A.parameters()) + list(net.B.parameters())
-    g1 = torch.cat(
-        [g.reshape(-1) for g in torch.autograd.grad(losses.parts["y1"], shared, retain_graph=True)]
-    )
-    g2 = torch.cat(
-        [g.reshape(-1) for g in torch.autograd.grad(losses.parts["y2"], shared, retain_graph=True)]
-    )
+    g1 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.parts["y1"], shared, retain_graph=True)])
+    g2 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.parts["y2"], shared, retain_graph=True)])
     assert figs["gradnorm/y1"] == pytest.approx(float(g1.norm()), rel=1e-5)
     assert figs["gradnorm/y2"] == pytest.approx(float(g2.norm()), rel=1e-5)
     assert figs["cos/y1/y2"] == pytest.approx(float(F.cosine_similarity(g1, g2, dim=0)), rel=1e-5, abs=1e-7)

@@ -54,8 +54,7 @@ def data(n: int = 64, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
     return [
-        {"x": x[i], "a": x[i, :1] * 2 + 0.1 * torch.randn(1, generator=g), "b": 10 * x[i, 1:2].sin()}
-        for i in range(n)
+        {"x": x[i], "a": x[i, :1] * 2 + 0.1 * torch.randn(1, generator=g), "b": 10 * x[i, 1:2].sin()} for i in range(n)
     ]
 
 
@@ -64,16 +63,16 @@ def loader(n: int = 64, batch_size: int = 16, seed: int = 1) -> torch.utils.data
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    base = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[LossportCallback()],
-        deterministic=True,
-    )
+    base = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "callbacks": [LossportCallback()],
+        "deterministic": True,
+    }
     base.update(kw)
     return L.Trainer(**base)
 
@@ -98,7 +97,7 @@ def test_no_objective_is_an_error(tmp_path) -> None:
         def training_step(self, batch, batch_idx):
             return self.net(batch["x"])["a"].mean()
 
-    with pytest.raises(ValueError, match="holds no lossport.Objective"):
+    with pytest.raises(ValueError, match=r"holds no lossport.Objective"):
         trainer(tmp_path, max_epochs=1).fit(Bare(), loader())
 
 

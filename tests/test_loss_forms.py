@@ -279,7 +279,7 @@ def test_port_without_batch_dimension_is_summed_and_scalar_port_refuses_sample_w
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # batch of 2, a (3,) vector of loss terms
     losses = Objective("terms")(Components(), {"x": x})
     assert losses.total.item() == pytest.approx(2.5 + torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() + 4.0)
-    with pytest.raises(LossSpecError, match="'reg'.*sample weights"):
+    with pytest.raises(LossSpecError, match=r"'reg'.*sample weights"):
         Objective("reg")(Components(), {"x": x, "reg_weight": torch.ones(2)})
 
 

@@ -22,10 +22,16 @@ LR = 0.1
 
 
 def _config(**kw):
-    base = dict(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    base = {
+        "vocab_size": 40,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 16,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
     return transformers.BertConfig(**{**base, **kw})
 
 
@@ -138,8 +144,17 @@ def test_two_head_multitask_bert_step_equals_by_hand():
 def test_two_head_multitask_bert_balanced(balance):
     torch.manual_seed(0)
     net, data = TwoHeads(_config()), _multitask_data()
-    result = lossport.train(net, data, {"sentiment": "ce", "tags": "ce"}, balance=balance, epochs=3, batch_size=4,
-                            lr=1e-2, progress=False, seed=0)
+    result = lossport.train(
+        net,
+        data,
+        {"sentiment": "ce", "tags": "ce"},
+        balance=balance,
+        epochs=3,
+        batch_size=4,
+        lr=1e-2,
+        progress=False,
+        seed=0,
+    )
     for k in ("sentiment", "tags"):
         assert result.history[k][-1] < result.history[k][0], k
         assert all(w >= 0 for w in result.history[f"weight/{k}"])
@@ -150,9 +165,20 @@ def _detr():
         num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage1", "stage2"]
     )
     config = transformers.DetrConfig(
-        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=16,
-        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, num_labels=3, auxiliary_loss=False, dropout=0.0,
+        use_timm_backbone=False,
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        num_queries=5,
+        num_labels=3,
+        auxiliary_loss=False,
+        dropout=0.0,
     )
     torch.manual_seed(0)
     return transformers.DetrForObjectDetection(config), config

@@ -8,11 +8,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-import lossport  # noqa: E402
+import lossport
 
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":  # pragma: no cover - keras imported earlier with another backend
@@ -76,8 +76,18 @@ def test_one_sgd_step_equals_keras_train_on_batch():
     start = [w.copy() for w in ours.get_weights()]
     x, y = _arrays()
     theirs.train_on_batch(x, y)
-    lossport.train(ours, _dict_batch(), {"cls": "ce", "reg": "mse"}, weights=WEIGHTS, optimizer="sgd", lr=LR,
-                   epochs=1, batch_size=8, shuffle=False, progress=False)
+    lossport.train(
+        ours,
+        _dict_batch(),
+        {"cls": "ce", "reg": "mse"},
+        weights=WEIGHTS,
+        optimizer="sgd",
+        lr=LR,
+        epochs=1,
+        batch_size=8,
+        shuffle=False,
+        progress=False,
+    )
     # torch's SGD with momentum: the first step is p - lr * g, as Keras's plain SGD
     for a, b, s in zip(ours.get_weights(), theirs.get_weights(), start):
         assert np.abs(a - b).max() < 1e-6
@@ -90,8 +100,11 @@ def test_two_named_inputs_from_a_dict_batch():
     h = keras.layers.Dense(4, name="trunk")(keras.layers.Concatenate()([image, meta]))
     model = keras.Model([image, meta], {"score": keras.layers.Dense(1, name="score")(h)})
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(6, 5, generator=g), "meta": torch.randn(6, 2, generator=g),
-             "score": torch.randn(6, 1, generator=g)}
+    batch = {
+        "image": torch.randn(6, 5, generator=g),
+        "meta": torch.randn(6, 2, generator=g),
+        "score": torch.randn(6, 1, generator=g),
+    }
     losses = lossport.Objective({"score": "mse"})(model, batch)
     expected = ((model([batch["image"], batch["meta"]])["score"] - batch["score"]) ** 2).mean()
     assert float(losses.parts["score"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
@@ -112,13 +125,25 @@ def test_subclassed_model_with_targets_named():
     keras.utils.set_random_seed(2)
     net = Net()
     g = torch.Generator().manual_seed(1)
-    batch = {"x": torch.randn(4, 3, generator=g), "label": torch.tensor([0, 1, 1, 0]),
-             "value": torch.randn(4, 1, generator=g)}
+    batch = {
+        "x": torch.randn(4, 3, generator=g),
+        "label": torch.tensor([0, 1, 1, 0]),
+        "value": torch.randn(4, 1, generator=g),
+    }
     net(batch["x"])  # a subclassed Keras model has no weights before its first call
     # before the first forward lossport knows the target keys only from targets= (a functional model names its
     # inputs; a subclassed one does not)
-    result = lossport.train(net, batch, {"label": "ce", "value": "mse"}, targets={"label": "label", "value": "value"},
-                            balance="uw", epochs=3, batch_size=4, progress=False, seed=0)
+    result = lossport.train(
+        net,
+        batch,
+        {"label": "ce", "value": "mse"},
+        targets={"label": "label", "value": "value"},
+        balance="uw",
+        epochs=3,
+        batch_size=4,
+        progress=False,
+        seed=0,
+    )
     assert result.history["value"][-1] < result.history["value"][0]
 
 
@@ -127,8 +152,11 @@ def test_inspect_attributes_parameters_to_keras_layers():
     inp = keras.Input((6,), name="x")
     block = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()], name="block")
     h = block(keras.layers.Dense(8, activation="relu", name="trunk")(inp))
-    outs = {"cls": keras.layers.Dense(3, name="cls")(h), "reg": keras.layers.Dense(1, name="reg")(h),
-            "aux": keras.layers.Dense(2, name="unused")(h)}
+    outs = {
+        "cls": keras.layers.Dense(3, name="cls")(h),
+        "reg": keras.layers.Dense(1, name="reg")(h),
+        "aux": keras.layers.Dense(2, name="unused")(h),
+    }
     model = keras.Model(inp, outs)
     batch = _dict_batch()
     report = lossport.inspect(model, batch, {"cls": "ce", "reg": "mse"}, batches=1, batch_size=8)

@@ -64,8 +64,17 @@ def _classifier_step(net: torch.nn.Module, data: dict, spec: dict, weights: dict
     """lossport.train on one batch with SGD equals the step by hand on sum_i w_i CE(out_i, label)."""
     ref = copy.deepcopy(net)
     result = lossport.train(
-        net, data, spec, weights=weights, targets="label", epochs=1, batch_size=len(data["label"]),
-        optimizer="sgd", lr=0.05, shuffle=False, progress=False,
+        net,
+        data,
+        spec,
+        weights=weights,
+        targets="label",
+        epochs=1,
+        batch_size=len(data["label"]),
+        optimizer="sgd",
+        lr=0.05,
+        shuffle=False,
+        progress=False,
     )
     out = ref(data["x"])
     parts = {k: F.cross_entropy(getattr(out, k), data["label"]) for k in spec}
@@ -112,8 +121,14 @@ def test_inception_v3_aux_logits_one_step():
 def _detector() -> torch.nn.Module:
     torch.manual_seed(0)
     return fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128,
-        rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, box_batch_size_per_image=32,
+        weights=None,
+        weights_backbone=None,
+        num_classes=3,
+        min_size=128,
+        max_size=128,
+        rpn_pre_nms_top_n_train=200,
+        rpn_post_nms_top_n_train=100,
+        box_batch_size_per_image=32,
     )
 
 
@@ -152,7 +167,7 @@ def test_faster_rcnn_trains_with_a_balancer(balance):
     result = lossport.train(net, loader, "auto", balance=balance, epochs=2, lr=1e-3, progress=False, seed=0)
     for k in LOSS_KEYS:
         assert len(result.history[k]) == 2 and all(math.isfinite(v) for v in result.history[k]), k
-        assert f"weight/{k}" in result.history.keys()
+        assert f"weight/{k}" in result.history
     weights = [[result.history[f"weight/{k}"][r] for k in sorted(LOSS_KEYS)] for r in range(2)]
     assert all(math.isfinite(w) and w >= 0 for row in weights for w in row)
     if balance in ("famo", "uw"):  # learned weights moved after the first step
@@ -204,4 +219,3 @@ def test_features_gramian_on_the_fpn_levels():
         rows.append(torch.cat([torch.zeros(z.numel()) if g is None else g.reshape(-1) for z, g in zip(levels, gs)]))
     J = torch.stack(rows).double()
     torch.testing.assert_close(G, J @ J.T, rtol=1e-6, atol=1e-12)
-

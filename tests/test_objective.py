@@ -311,11 +311,11 @@ def test_short_list_on_tuple_net_is_an_error():
 def test_missing_target_shape_and_clash_errors_name_the_output():
     net, b = DictNet(), dict_batch()
     del b["size"]
-    with pytest.raises(LossSpecError, match="output 'size'.*no key 'size'"):
+    with pytest.raises(LossSpecError, match=r"output 'size'.*no key 'size'"):
         Objective()(net, b)
     b = dict_batch()
     b["size"] = torch.randn(6, 3)
-    with pytest.raises(LossSpecError, match="output 'size'.*shape"):
+    with pytest.raises(LossSpecError, match=r"output 'size'.*shape"):
         Objective()(net, b)
     with pytest.raises(LossSpecError, match="needs input 'x'"):
         Objective()(net, {"inp": torch.randn(2, 4)})

@@ -68,7 +68,7 @@ def batch_for(net: RandomNet, n: int = 4):
 def leaf_specs(names):
     return st.one_of(
         st.sampled_from(["auto", "mse", "mae", "huber", "ce", "bce", "contrastive", "msee", None]),
-        st.sampled_from(names + ["nope"]),
+        st.sampled_from([*names, "nope"]),
         st.builds(MSE),
         st.builds(MAE),
         st.builds(CrossEntropy, st.sampled_from(["index", "binary", "probabilities"])),
@@ -83,11 +83,11 @@ def specs(names):
     leaf = leaf_specs(names)
     scaled = st.builds(Scaled, leaf, st.floats(-2, 2, allow_nan=False))
     item = st.one_of(leaf, scaled)
-    pair = st.tuples(st.sampled_from(names + ["nope"]), item)
+    pair = st.tuples(st.sampled_from([*names, "nope"]), item)
     regs = st.one_of(st.builds(L1, st.floats(0, 1)), st.builds(L2, st.floats(0, 1)))
     return st.one_of(
         item,
-        st.dictionaries(st.sampled_from(names + ["nope"]), st.one_of(item, st.lists(item, max_size=2)), max_size=4),
+        st.dictionaries(st.sampled_from([*names, "nope"]), st.one_of(item, st.lists(item, max_size=2)), max_size=4),
         st.lists(st.one_of(item, pair, regs), max_size=4),
     )
 
@@ -97,7 +97,7 @@ def weight_specs(names):
         st.none(),
         st.floats(-3, 3, allow_nan=False),
         st.lists(st.floats(0, 3), max_size=4),
-        st.dictionaries(st.sampled_from(names + ["nope", names[0] + "/mse"]), st.floats(0, 3), max_size=4),
+        st.dictionaries(st.sampled_from([*names, "nope", names[0] + "/mse"]), st.floats(0, 3), max_size=4),
     )
 
 

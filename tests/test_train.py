@@ -283,7 +283,7 @@ def closeness(out: Tensor, y: Tensor) -> float:
 
 
 def test_early_stopping_minimises_losses_and_maximises_scores() -> None:
-    common = dict(epochs=30, batch_size=4, optimizer=sgd(0.15), validation=scalar_data(0.0), progress=False)
+    common = {"epochs": 30, "batch_size": 4, "optimizer": sgd(0.15), "validation": scalar_data(0.0), "progress": False}
     res = train(Scalar(), scalar_data(1.0), "mse", stop_on="val_loss", patience=2, **common)
     val = res.history["val_loss"]
     best = int(np.argmin(val)) + 1
@@ -564,7 +564,7 @@ def test_resume_restores_balancer_state_and_randomness(tmp_path: Path, name: str
     r = train(resumed, d, LOSS, epochs=4, checkpoint=tmp_path, resume=True, **kw)
     assert same(params(full), params(resumed))
     assert r.history["loss"] == r_full.history["loss"]
-    assert [k for k in r.history.keys() if k.startswith("weight/")] == ["weight/a", "weight/b"]
+    assert [k for k in r.history if k.startswith("weight/")] == ["weight/a", "weight/b"]
     assert r.history["weight/a"] == r_full.history["weight/a"]
 
 

@@ -100,7 +100,7 @@ def test_targets_route_one_batch_key_to_several_outputs_in_train_and_evaluate() 
     route = {"main": "label", "aux": "label"}
     res = train(MainAux(), data, {"main": "ce", "aux": "ce"}, weights={"main": 1.0, "aux": 0.3}, targets=route,
                 epochs=2, progress=False, validation=0.25)  # fmt: skip
-    assert {"main", "aux", "val_main"} <= set(res.history.keys()) and "val_aux" not in res.history.keys()
+    assert {"main", "aux", "val_main"} <= set(res.history.keys()) and "val_aux" not in res.history
     out = evaluate(res.net, data, {"main": "ce", "aux": "ce"}, targets=route)
     assert set(out) == {"loss", "main"}  # the aux head exists only in training: absent, not an error
     with pytest.raises(Exception, match="label") as err:

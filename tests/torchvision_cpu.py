@@ -90,7 +90,7 @@ def load() -> ModuleType:
         spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"torchvision is not installed (nor in {SIDE_DIR}); run `make test` to install it there")
-    if _extension_loads(list(spec.submodule_search_locations)[0]):
+    if _extension_loads(next(iter(spec.submodule_search_locations))):
         NMS_SOURCE = "torchvision's compiled extension"
     elif not hasattr(torch.ops.torchvision, "nms"):
         _define_ops()

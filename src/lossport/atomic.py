@@ -30,6 +30,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
+
     def write(f: IO[Any]) -> None:
         f.write(text)
 

@@ -25,7 +25,7 @@ the same way (:func:`fit_torch_loss`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,7 +65,7 @@ def record_producers(net: nn.Module) -> Iterator[dict[int, tuple[str, nn.Module,
     seen: dict[int, tuple[str, nn.Module, Tensor]] = {}
     handles = []
 
-    def make(name: str):
+    def make(name: str) -> Callable[[nn.Module, tuple, object], None]:
         def hook(mod: nn.Module, args: tuple, out: object) -> None:
             if isinstance(out, Tensor) and id(out) not in seen:
                 seen[id(out)] = (name, mod, out)
@@ -195,7 +195,7 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[int
     got: dict[str, dict[int, Tensor]] = {n: {} for n in modules}
     handles = []
 
-    def make(name: str):
+    def make(name: str) -> Callable[[nn.Module, tuple, object], None]:
         def hook(mod: nn.Module, args: tuple, out: object) -> None:
             if isinstance(out, Tensor) and args and isinstance(args[0], Tensor):
                 got[name][id(out)] = args[0]

@@ -77,9 +77,7 @@ def as_callback(cb: Any) -> Callback:
         return cb
     if callable(cb):
         return FunctionCallback(cb)
-    raise TypeError(
-        f"callbacks must be lossport.callbacks.Callback instances or functions, not {type(cb).__name__}"
-    )
+    raise TypeError(f"callbacks must be lossport.callbacks.Callback instances or functions, not {type(cb).__name__}")
 
 
 class CSVLogger(Callback):
@@ -163,17 +161,16 @@ def loggers(log: Any) -> list[Callback]:
     if s.lower().endswith(".json"):
         return [JSONLogger(s)]
     raise ValueError(
-        f"log={s!r}: say where and how to log: 'csv:PATH', 'json:PATH', 'tensorboard:DIR' or a path ending "
-        "in .csv"
+        f"log={s!r}: say where and how to log: 'csv:PATH', 'json:PATH', 'tensorboard:DIR' or a path ending in .csv"
     )
 
 
 __all__ = [
-    "Callback",
-    "TrainState",
-    "FunctionCallback",
     "CSVLogger",
+    "Callback",
+    "FunctionCallback",
     "JSONLogger",
     "TensorBoardLogger",
+    "TrainState",
     "loggers",
 ]

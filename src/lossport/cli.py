@@ -127,9 +127,7 @@ def _cli_inspect(args: Any) -> int:
     torch.manual_seed(args.seed)
     net = MultiDigitsNet()
     data = multidigits("train", size=args.batches * args.batch_size)
-    report = inspect(
-        net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance
-    )
+    report = inspect(net, data, "auto", batches=args.batches, batch_size=args.batch_size, balance=args.balance)
     print(report.table())
     if args.figure:
         report.plot().savefig(args.figure, dpi=120, bbox_inches="tight")

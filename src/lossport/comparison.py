@@ -81,7 +81,7 @@ class Comparison:
 
     def table(self) -> str:
         """A plain-text table: method, Delta-m% (mean ± std), each metric (mean ± std), seconds per step."""
-        head = ["method", "delta_m%"] + self.metric_names + ["s/step"]
+        head = ["method", "delta_m%", *self.metric_names, "s/step"]
         lines = []
         for r in self.rows:
             cells = [r.method]
@@ -104,7 +104,7 @@ class Comparison:
             cols = ["method", "delta_m_mean", "delta_m_std"]
             for k in self.metric_names:
                 cols += [f"{k}_mean", f"{k}_std"]
-            w.writerow(cols + ["seconds_per_step"])
+            w.writerow([*cols, "seconds_per_step"])
             for r in self.rows:
                 vals: list[Any] = [r.method]
                 vals += [statistics.fmean(r.delta), _std(r.delta)] if r.delta else ["", ""]

@@ -157,12 +157,12 @@ def shard(global_batch: Tensor, rank_: int, world: int) -> Tensor:
 
 
 __all__ = [
-    "is_distributed",
-    "rank",
-    "world_size",
-    "global_losses",
     "all_reduce_gramian",
     "all_reduce_jacobian",
+    "global_losses",
+    "is_distributed",
+    "rank",
     "setup",
     "shard",
+    "world_size",
 ]

@@ -57,14 +57,14 @@ from .graph import _COMPILED, _SHARED, _owners, has_compiled_node
 from .graph import retained_grad as _grad
 
 __all__ = [
+    "batched_grads",
+    "check_reached",
+    "feature_gramian",
     "gramian",
     "gramian_reference",
-    "jacobian",
-    "feature_gramian",
-    "batched_grads",
-    "retainable_compile",
     "has_compiled_node",
-    "check_reached",
+    "jacobian",
+    "retainable_compile",
 ]
 
 
@@ -112,7 +112,7 @@ def check_reached(parts: Sequence[Tensor], features: Sequence[Tensor]) -> None:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        for nxt, nr in node.next_functions:  # type: ignore[attr-defined]
+        for nxt, nr in node.next_functions:
             if nxt is not None:
                 edges.add((id(nxt), int(nr)))
                 if id(nxt) not in stop:
@@ -239,8 +239,8 @@ def _vjps(
     rows: list[list[Tensor | None]] = [[None] * T for _ in inputs]
     for t in range(T):
         gs = _grad(
-            list(outputs),  # type: ignore[arg-type]
-            list(inputs),  # type: ignore[arg-type]
+            list(outputs),
+            list(inputs),
             grad_outputs=[c[t] for c in cotangents],
             retain_graph=True,
             allow_unused=True,
@@ -383,7 +383,7 @@ def _graph(parts: Sequence[Tensor]) -> tuple[list[object], dict[int, int]]:
             continue
         seen.add(id(node))
         nodes.append(node)
-        for nxt, _ in node.next_functions:  # type: ignore[attr-defined]
+        for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
             incoming[id(nxt)] = incoming.get(id(nxt), 0) + 1
@@ -660,7 +660,7 @@ def _below(nodes: Sequence[object]) -> tuple[set[int], bool]:
             continue
         seen.add(id(node))
         compiled = compiled or type(node).__name__ == _COMPILED
-        stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
+        stack.extend(n for n, _ in node.next_functions if n is not None)
     return seen, compiled
 
 

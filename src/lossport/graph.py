@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["reached_parameters", "shared_parameters", "has_compiled_node", "retained_grad"]
+__all__ = ["has_compiled_node", "reached_parameters", "retained_grad", "shared_parameters"]
 
 _SHARED = -1
 
@@ -60,7 +60,7 @@ def _owners(parts: Sequence[Tensor]) -> dict[int, int]:
         while stack:
             node = stack.pop()
             o = owner.get(id(node))
-            if o == i or o == _SHARED:
+            if o in (i, _SHARED):
                 continue
             owner[id(node)] = i if o is None else _SHARED
             for nxt, _ in node.next_functions:
@@ -228,7 +228,7 @@ def _nodes(parts: Sequence[Tensor]) -> list[object]:
     while queue:
         node = queue.popleft()
         order.append(node)
-        for nxt, _ in node.next_functions:  # type: ignore[attr-defined]
+        for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
             leaf = _leaf_behind(nxt)

@@ -46,7 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .objective import Objective
 from .result_types import Losses
 
-__all__ = ["LossportTrainer", "BALANCER_FILE"]
+__all__ = ["BALANCER_FILE", "LossportTrainer"]
 
 BALANCER_FILE = "lossport_balancer.pt"
 _TRAINER_KEYS = ("loss", "learning_rate", "epoch", "grad_norm", "step")

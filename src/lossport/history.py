@@ -32,7 +32,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,10 @@ class History:
         if not any(key in r for r in self.rounds):
             raise KeyError(f"no history key {key!r}; keys are {self.keys()}")
         return [r.get(key, math.nan) for r in self.rounds]
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys, as :meth:`keys` lists them (a History reads like a mapping of key -> values per round)."""
+        return iter(self.keys())
 
     def __contains__(self, key: object) -> bool:
         return any(key in r for r in self.rounds)

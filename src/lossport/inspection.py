@@ -161,10 +161,18 @@ def group_modules(
         kinds.setdefault(k, []).append(type(m).__name__)
     for k, row in rows.items():
         ts = sorted(set(kinds[k]))
-        row.kind = ts[0] if len(row.members) == 1 else (f"{len(row.members)}x {ts[0]}" if len(ts) == 1 else
-                                                         f"{len(row.members)} modules")
-    what = f"to depth {group_by}" if isinstance(group_by, int) else "by the prefixes given" if not callable(
-        group_by) else f"by {getattr(group_by, '__name__', 'the function given')}"
+        row.kind = (
+            ts[0]
+            if len(row.members) == 1
+            else (f"{len(row.members)}x {ts[0]}" if len(ts) == 1 else f"{len(row.members)} modules")
+        )
+    what = (
+        f"to depth {group_by}"
+        if isinstance(group_by, int)
+        else "by the prefixes given"
+        if not callable(group_by)
+        else f"by {getattr(group_by, '__name__', 'the function given')}"
+    )
     note = f"{len(mods)} modules grouped {what}{how} into {len(rows)} rows; group_by=None shows each"
     return list(rows.values()), note
 
@@ -263,7 +271,7 @@ def inspect(
     unobserved = {row_of[mname] for mname, mod, _ in mods if _keras_layers(mod)}  # Keras calls bypass the hooks
     handles = []
     for mname, mod, _ in mods:
-        handles.append(mod.register_forward_hook(lambda *_a, _n=row_of[mname]: called.add(_n)))  # type: ignore[misc]
+        handles.append(mod.register_forward_hook(lambda *_a, _n=row_of[mname]: called.add(_n)))
     batch_list = first_batches(data, batches, batch_size)
     acc = _Accumulator()
     try:
@@ -322,9 +330,7 @@ class _Accumulator:
             self.value_sum[k] = self.value_sum.get(k, 0.0) + float(losses.parts[k].detach()) * n
             self.counts[k] = self.counts.get(k, 0) + n
             w = losses.weights.get(k, 1.0)
-            self.weight_sum[k] = self.weight_sum.get(k, 0.0) + float(
-                w.detach() if isinstance(w, Tensor) else w
-            )
+            self.weight_sum[k] = self.weight_sum.get(k, 0.0) + float(w.detach() if isinstance(w, Tensor) else w)
             self.present[k] = self.present.get(k, 0) + 1
         for k in losses.missing:
             self.reach.setdefault(k, set())
@@ -334,11 +340,7 @@ class _Accumulator:
         grads: dict[int, list[Tensor | None]] = {}
         for i, k in enumerate(names):
             leaves = reached[k]
-            gs = (
-                torch.autograd.grad(losses.parts[k], leaves, retain_graph=True, allow_unused=True)
-                if leaves
-                else ()
-            )
+            gs = torch.autograd.grad(losses.parts[k], leaves, retain_graph=True, allow_unused=True) if leaves else ()
             for t, g in zip(leaves, gs):
                 grads.setdefault(id(t), [None] * T)[i] = g
         rows_by_module: dict[str, list[Tensor]] = {}
@@ -354,8 +356,7 @@ class _Accumulator:
             )
             rows_by_module.setdefault(owner[pid], []).append(rows)
         gram = {
-            m: sum((r @ r.T for r in rs), torch.zeros(T, T, dtype=torch.float64))
-            for m, rs in rows_by_module.items()
+            m: sum((r @ r.T for r in rs), torch.zeros(T, T, dtype=torch.float64)) for m, rs in rows_by_module.items()
         }
         reach_mod = {k: {owner[id(t)] for t in reached[k]} for k in names}
         self.batches.append({"names": list(names), "gram": gram, "reach": reach_mod})
@@ -393,9 +394,7 @@ class _Accumulator:
         shared = [m for m in order if reach_count.get(m, 0) >= 2]
         P = len(parts)
         pull: dict[str, dict[str, list[float]]] = {p: {} for p in parts}
-        cos_acc: dict[str, list[list[list[float]]]] = {
-            m: [[[] for _ in parts] for _ in parts] for m in shared
-        }
+        cos_acc: dict[str, list[list[list[float]]]] = {m: [[[] for _ in parts] for _ in parts] for m in shared}
         trunk_cos: list[list[list[float]]] = [[[] for _ in parts] for _ in parts]
         trunk_norm: dict[str, list[float]] = {p: [] for p in parts}
         idx = {p: i for i, p in enumerate(parts)}
@@ -405,9 +404,7 @@ class _Accumulator:
             for i, k in enumerate(names):
                 for m in b["reach"][k]:
                     g = b["gram"].get(m)
-                    pull[k].setdefault(m, []).append(
-                        math.sqrt(max(float(g[i, i]), 0.0)) if g is not None else 0.0
-                    )
+                    pull[k].setdefault(m, []).append(math.sqrt(max(float(g[i, i]), 0.0)) if g is not None else 0.0)
             trunk = torch.zeros(T, T, dtype=torch.float64)
             for m in shared:
                 g = b["gram"].get(m)
@@ -511,9 +508,7 @@ class Monitor:
         self.samples = 0
         self._sums: dict[str, float] = {}
         self._n: dict[str, int] = {}
-        self._last_info: object = (
-            None  # the balancer's info dict last used (kept alive: compared by identity)
-        )
+        self._last_info: object = None  # the balancer's info dict last used (kept alive: compared by identity)
         self._due = False
 
     def observe(self, losses: Losses, balancer: Any = None) -> dict[str, float] | None:
@@ -577,11 +572,11 @@ def _from_balancer_info(info: Mapping[str, float], names: Sequence[str]) -> dict
 __all__ = [
     "MAX_ROWS",
     "GroupBy",
+    "Monitor",
     "Row",
+    "figures_from_gramian",
     "group_modules",
     "inspect",
-    "parametrised_modules",
     "monitor",
-    "figures_from_gramian",
-    "Monitor",
+    "parametrised_modules",
 ]

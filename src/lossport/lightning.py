@@ -112,7 +112,7 @@ def _recording_class(cls: type) -> type:
     if cls not in _SUBCLASSES:
 
         def __call__(self: Objective, net: nn.Module, batch: Any, **kwargs: Any) -> Losses:
-            losses = super(sub, self).__call__(net, batch, **kwargs)  # type: ignore[misc,arg-type]
+            losses = super(sub, self).__call__(net, batch, **kwargs)  # type: ignore[arg-type]
             rec = _RECORDS.get(self)
             if rec is not None:
                 rec.calls.append(_Call(net, batch, losses))
@@ -291,4 +291,3 @@ class LossportCallback(pl.Callback):
             bal = self.objectives[path].balancer
             assert bal is not None
             bal.load_state_dict(state)
-

@@ -29,25 +29,25 @@ from torch import Tensor, nn
 from .errors import LossSpecError
 
 __all__ = [
-    "LossLayer",
-    "MSE",
+    "ALIASES",
     "MAE",
-    "Huber",
-    "CrossEntropy",
+    "MSE",
     "Contrastive",
+    "CrossEntropy",
+    "Huber",
+    "LossLayer",
     "PairDistance",
-    "mse",
-    "mae",
-    "huber",
-    "cross_entropy",
+    "TorchLoss",
     "contrastive",
+    "cross_entropy",
+    "huber",
+    "is_torch_loss",
+    "mae",
+    "mse",
+    "port_loss",
     "reduce_elements",
     "resolve_class_dim",
-    "TorchLoss",
     "torch_loss",
-    "is_torch_loss",
-    "port_loss",
-    "ALIASES",
 ]
 
 IGNORE_INDEX = -100
@@ -90,9 +90,7 @@ def _may_be_missing(target: Tensor) -> bool:
 def _plain(target: Tensor, sample_weight: Tensor | None, reduction: str) -> bool:
     """True when no element is masked or weighted: the fused torch loss gives the same mean, faster."""
     return (
-        reduction == "mean"
-        and sample_weight is None
-        and not (target.is_floating_point() and _may_be_missing(target))
+        reduction == "mean" and sample_weight is None and not (target.is_floating_point() and _may_be_missing(target))
     )
 
 
@@ -197,9 +195,7 @@ def _without(shape: Sequence[int], dim: int) -> tuple[int, ...]:
     return tuple(shape[:dim]) + tuple(shape[dim + 1 :])
 
 
-def resolve_class_dim(
-    input_shape: Sequence[int], target_shape: Sequence[int], class_dim: int | None, form: str
-) -> int:
+def resolve_class_dim(input_shape: Sequence[int], target_shape: Sequence[int], class_dim: int | None, form: str) -> int:
     """The class dimension of a cross-entropy output, as a non-negative index.
 
     An explicit ``class_dim`` (negative counts from the end) is only range-checked. ``None`` infers it for the
@@ -219,9 +215,7 @@ def resolve_class_dim(
     exact = [d for d in (1, n - 1) if _without(input_shape, d) == target]
     numel = math.prod(target)
     loose = [
-        d
-        for d in (1, n - 1)
-        if math.prod(_without(input_shape, d)) == numel and target[:1] == tuple(input_shape[:1])
+        d for d in (1, n - 1) if math.prod(_without(input_shape, d)) == numel and target[:1] == tuple(input_shape[:1])
     ]
     fits = exact or loose
     if len(fits) > 1:
@@ -370,14 +364,18 @@ class LossLayer(nn.Module):
 class MSE(LossLayer):
     """Mean squared error (:func:`mse`)."""
 
-    def forward(self, input, target, sample_weight=None, reduction="mean"):  # type: ignore[override]
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
         return mse(input, target, sample_weight=sample_weight, reduction=reduction)
 
 
 class MAE(LossLayer):
     """Mean absolute error (:func:`mae`)."""
 
-    def forward(self, input, target, sample_weight=None, reduction="mean"):  # type: ignore[override]
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
         return mae(input, target, sample_weight=sample_weight, reduction=reduction)
 
 
@@ -388,7 +386,9 @@ class Huber(LossLayer):
         super().__init__()
         self.delta = float(delta)
 
-    def forward(self, input, target, sample_weight=None, reduction="mean"):  # type: ignore[override]
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
         return huber(input, target, delta=self.delta, sample_weight=sample_weight, reduction=reduction)
 
     def extra_repr(self) -> str:
@@ -418,7 +418,9 @@ class CrossEntropy(LossLayer):
         self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.class_dim = class_dim
 
-    def forward(self, input, target, sample_weight=None, reduction="mean"):  # type: ignore[override]
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
         return cross_entropy(
             input,
             target,
@@ -443,7 +445,9 @@ class Contrastive(LossLayer):
         super().__init__()
         self.margin = float(margin)
 
-    def forward(self, input, target, sample_weight=None, reduction="mean"):  # type: ignore[override]
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
         return contrastive(input, target, margin=self.margin, sample_weight=sample_weight, reduction=reduction)
 
     def extra_repr(self) -> str:
@@ -585,7 +589,9 @@ class TorchLoss(LossLayer):
     def extra_repr(self) -> str:
         return f"reduction={self.rule!r}, class_dim={self.class_dim}, prepare={self.prepare!r}"
 
-    def forward(self, input, target, sample_weight=None, reduction="mean"):  # type: ignore[override]
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
         """``reduction="mean"``: the batch value by the module's own reduction; ``"none"``: per-example values
         (shape (B,), NaN for an example without labels); ``"sum"``: ``sum_e a_e l_e``."""
         if reduction not in _REDUCTIONS:
@@ -676,9 +682,9 @@ class TorchLoss(LossLayer):
 
 def _reshape_if_same(x: Tensor, y: Tensor) -> Tensor:
     """A (B,) target for a (B, 1) output and the reverse: reshaped, never broadcast to (B, B)."""
-    if y.numel() == x.numel() and y.shape[:1] == x.shape[:1]:
-        if [d for d in x.shape[1:] if d != 1] == [d for d in y.shape[1:] if d != 1]:
-            return y.reshape(x.shape)
+    same_rows = y.numel() == x.numel() and y.shape[:1] == x.shape[:1]
+    if same_rows and [d for d in x.shape[1:] if d != 1] == [d for d in y.shape[1:] if d != 1]:
+        return y.reshape(x.shape)
     return y
 
 

@@ -241,12 +241,8 @@ class Callable(Metric):
         self.fn = fn
         self.name = str(name or getattr(fn, "__name__", "metric"))
         if self.name == "<lambda>":
-            raise ValueError(
-                "a lambda used as a metric needs a name: lossport.metrics.Callable(fn, name='...')"
-            )
-        self.higher_is_better = (
-            guess_higher_is_better(self.name) if higher_is_better is None else higher_is_better
-        )
+            raise ValueError("a lambda used as a metric needs a name: lossport.metrics.Callable(fn, name='...')")
+        self.higher_is_better = guess_higher_is_better(self.name) if higher_is_better is None else higher_is_better
         self.reset()
 
     def reset(self) -> None:
@@ -306,9 +302,7 @@ def resolve(spec: Any) -> Metric:
     if isinstance(spec, str):
         key = spec.lower()
         if key not in BUILTIN:
-            raise ValueError(
-                f"unknown metric {spec!r}; available: {', '.join(sorted(BUILTIN))} or a callable"
-            )
+            raise ValueError(f"unknown metric {spec!r}; available: {', '.join(sorted(BUILTIN))} or a callable")
         m = BUILTIN[key]()
         m.name = spec
         return m
@@ -325,9 +319,7 @@ class MetricSet:
         names = [f"{o}/{m.name}" for o, ms in self.by_output.items() for m in ms]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(
-                f"metric names {dup} appear twice; give them distinct names with Callable(fn, name=)"
-            )
+            raise ValueError(f"metric names {dup} appear twice; give them distinct names with Callable(fn, name=)")
 
     @property
     def keys(self) -> list[str]:
@@ -345,9 +337,7 @@ class MetricSet:
     def update(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Any]) -> None:
         for o, ms in self.by_output.items():
             if o not in outputs:
-                raise LossSpecError(
-                    f"metrics were given for output {o!r}; the net's outputs are {sorted(outputs)}"
-                )
+                raise LossSpecError(f"metrics were given for output {o!r}; the net's outputs are {sorted(outputs)}")
             t = targets.get(o)
             if t is None:
                 raise LossSpecError(f"metrics for output {o!r} need its target under batch key {o!r}")
@@ -369,9 +359,7 @@ def metric_set(spec: Any, outputs: Sequence[str]) -> MetricSet | None:
     if isinstance(spec, Mapping):
         unknown = [k for k in spec if k not in outputs]
         if unknown:
-            raise LossSpecError(
-                f"metrics for unknown output {unknown[0]!r}; the net's outputs are {list(outputs)}"
-            )
+            raise LossSpecError(f"metrics for unknown output {unknown[0]!r}; the net's outputs are {list(outputs)}")
         items = dict(spec)
     else:
         if len(outputs) != 1:
@@ -389,15 +377,15 @@ def metric_set(spec: Any, outputs: Sequence[str]) -> MetricSet | None:
 
 
 __all__ = [
-    "Metric",
-    "Accuracy",
     "F1",
     "MAE",
     "RMSE",
+    "Accuracy",
     "Callable",
-    "resolve",
-    "metric_set",
+    "Metric",
     "MetricSet",
     "guess_higher_is_better",
     "higher_is_better",
+    "metric_set",
+    "resolve",
 ]

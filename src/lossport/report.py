@@ -30,6 +30,7 @@ CONFLICT = -0.1
 WIDTH = 100
 """Width of the terminal table."""
 
+
 @dataclass
 class ModuleInfo:
     """One module that owns parameters directly."""
@@ -166,8 +167,7 @@ class Report:
             for m in self.modules
         ]
         cells = [
-            [_num(self.pull[p][m.name]) if m.name in self.pull.get(p, {}) else "." for p in P]
-            for m in self.modules
+            [_num(self.pull[p][m.name]) if m.name in self.pull.get(p, {}) else "." for p in P] for m in self.modules
         ]
         heads = list(P)
         if len(_blocks(["module", "type", "params", "status"], labels, heads, cells, width, True)) > 1:
@@ -176,9 +176,7 @@ class Report:
                 lines += _wrap("parts: " + ", ".join(f"{h} {p}" for h, p in zip(heads, P)), width, indent="  ")
             else:
                 heads = list(P)
-        lines += _grid(
-            ["module", "type", "params", "status"], labels, heads, cells, width, mark=self._shared_marks()
-        )
+        lines += _grid(["module", "type", "params", "status"], labels, heads, cells, width, mark=self._shared_marks())
         if len(self.measured) >= 2 and self.shared:
             lines += ["", "Conflict on the shared trunk: mean cosine of the parts' gradients"]
             lines += _grid(
@@ -189,9 +187,7 @@ class Report:
                 width,
             )
             lines += ["", "Pull ratio on the shared trunk: |g| of the row part / |g| of the column part"]
-            lines += _grid(
-                ["part"], [(p,) for p in P], P, [[_num(c) for c in r] for r in self.ratios()], width
-            )
+            lines += _grid(["part"], [(p,) for p in P], P, [[_num(c) for c in r] for r in self.ratios()], width)
             if len(self.shared) > 1:
                 lines += ["", "Cosine per shared module (pairs of parts)"]
                 pairs = [(i, j) for i in range(len(P)) for j in range(i + 1, len(P))]
@@ -228,9 +224,7 @@ class Report:
         two = len(self.measured) >= 2 and bool(self.shared)
         fig = Figure(figsize=figsize or (min(4 + 0.5 * len(M), 16) + (4 if two else 0), 2.2 + 0.45 * len(P)))
         axes = (
-            fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(M), 1), len(P) + 1]})
-            if two
-            else [fig.subplots()]
+            fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(M), 1), len(P) + 1]}) if two else [fig.subplots()]
         )
         ax = axes[0]
         z = np.full((len(P), len(M)), np.nan)
@@ -243,9 +237,7 @@ class Report:
         for i, p in enumerate(P):
             for j, m in enumerate(M):
                 if m not in self.pull.get(p, {}):
-                    ax.add_patch(
-                        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.6", lw=0)
-                    )
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.6", lw=0))
                 elif self.pull[p][m] == 0:
                     ax.text(j, i, "0", ha="center", va="center", fontsize=7, color="0.4")
         ax.set_xticks(range(len(M)))
@@ -371,9 +363,7 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 inv = {p: 1.0 / r.trunk_norm[p] for p in pos}
                 sugg = ", ".join(f"'{p}': {_sig(tot * inv[p] / sum(inv.values()))}" for p in pos)
                 if scale_names:
-                    how = (
-                        "try balance=" + " or ".join(repr(n) for n in scale_names[:2]) + " (loss scales), or "
-                    )
+                    how = "try balance=" + " or ".join(repr(n) for n in scale_names[:2]) + " (loss scales), or "
                 else:
                     how = "try "
                 out.append(
@@ -463,9 +453,7 @@ def _short(s: str, n: int) -> str:
 
 def _columns(rows: list[list[str]]) -> list[str]:
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows
-    ]
+    return ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
 
 
 def _grid(
@@ -542,4 +530,4 @@ def _wrap(text: str, width: int, indent: str) -> list[str]:
     return textwrap.wrap(text, width=width, subsequent_indent=indent, break_on_hyphens=False)
 
 
-__all__ = ["Report", "ModuleInfo", "advise", "IMBALANCE", "CONFLICT"]
+__all__ = ["CONFLICT", "IMBALANCE", "ModuleInfo", "Report", "advise"]

@@ -154,7 +154,7 @@ class _Regularization:
         or list of strings are glob patterns on parameter names (``"trunk.*"``); or explicit tensors."""
         named = dict(net.named_parameters())
         if self.params is None:
-            return [p for p in named.values() if p.requires_grad and p.dim() > 1]  # type: ignore[misc]
+            return [p for p in named.values() if p.requires_grad and p.dim() > 1]
         if isinstance(self.params, str) or (
             isinstance(self.params, Sequence) and all(isinstance(s, str) for s in self.params)
         ):
@@ -610,14 +610,14 @@ def _number(w: Any, name: str) -> float:
 
 
 __all__ = [
-    "Scaled",
-    "CustomLoss",
     "L1",
     "L2",
+    "CustomLoss",
+    "Scaled",
     "Term",
     "TermKind",
-    "compile_spec",
     "apply_weights",
     "callable_needs_target",
+    "compile_spec",
     "keras_order",
 ]

@@ -161,4 +161,4 @@ def run_all(methods: Sequence[str | None], **kwargs: Any) -> dict[str, list[Traj
     return {str(m or "sum"): [run(m, s, **kwargs) for s in STARTS] for m in methods}
 
 
-__all__ = ["losses", "pareto_residual", "run", "run_all", "plot", "Trajectory", "STARTS", "PARETO_X2", "LOWER"]
+__all__ = ["LOWER", "PARETO_X2", "STARTS", "Trajectory", "losses", "pareto_residual", "plot", "run", "run_all"]

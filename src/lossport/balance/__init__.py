@@ -9,55 +9,55 @@ from .static import EqualWeights, Static
 from .surgery import DBMTL, GradDrop
 
 __all__ = [
-    "Balancer",
+    "DBMTL",
+    "DWA",
+    "FAMO",
+    "GLS",
+    "IMTLG",
+    "IMTLL",
     "KINDS",
+    "MGDA",
     "PREFERENCE",
+    "RLW",
+    "SI",
+    "STCH",
+    "AlignedMTL",
+    "Balancer",
+    "CAGrad",
+    "CoV",
+    "ConFIG",
+    "DualProj",
+    "EqualWeights",
+    "FairGrad",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GramianBalancer",
+    "LearnedBalancer",
+    "NashMTL",
+    "Normalize",
+    "PCGrad",
+    "Static",
+    "UPGrad",
+    "Uncertainty",
     "aliases",
     "available",
     "kind_of",
     "register",
     "resolve",
     "suggest",
-    "GramianBalancer",
-    "MGDA",
-    "PCGrad",
-    "CAGrad",
-    "IMTLG",
-    "AlignedMTL",
-    "UPGrad",
-    "DualProj",
-    "NashMTL",
-    "FairGrad",
-    "ConFIG",
-    "GradVac",
-    "GradDrop",
-    "DBMTL",
-    "Static",
-    "EqualWeights",
-    "Normalize",
-    "SI",
-    "GLS",
-    "DWA",
-    "RLW",
-    "STCH",
-    "CoV",
-    "LearnedBalancer",
-    "Uncertainty",
-    "IMTLL",
-    "FAMO",
-    "GradNorm",
 ]
 
-from .robust import ExcessMTL, Krum, TrimmedMean  # noqa: E402
+from .robust import ExcessMTL, Krum, TrimmedMean
 
-__all__ += ["Krum", "TrimmedMean", "ExcessMTL"]
+__all__ += ["ExcessMTL", "Krum", "TrimmedMean"]
 
 from .priority import PCD  # noqa: E402
 from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
 
-__all__ += ["PCD", "CRMOGM", "SDMGrad", "MoDo", "MoCo"]
+__all__ += ["CRMOGM", "PCD", "MoCo", "MoDo", "SDMGrad"]
 
 from .bilevel import LDCMTL  # noqa: E402
 from .group import GO4Align  # noqa: E402
 
-__all__ += ["GO4Align", "LDCMTL"]
+__all__ += ["LDCMTL", "GO4Align"]

@@ -14,6 +14,7 @@ plain sum (``O(1)`` in the number of parts).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import ClassVar
 
@@ -115,14 +116,14 @@ class LDCMTL(LearnedBalancer):
         F = discrepancy_objective(sigma, lt_t, self.lamb)
         sg = sigma.detach().tolist()
         wl = [s * v for s, v in zip(sg, lt)]
-        signs = [0.0] + [float((a > b) - (a < b)) for a, b in zip(wl[:-1], wl[1:])] + [0.0]
+        signs = [0.0] + [float((a > b) - (a < b)) for a, b in itertools.pairwise(wl)] + [0.0]
         T = len(names)
         total_sigma = sum(sg)
         b = {
             k: T * (sg[i] / total_sigma + self.lamb * sg[i] * (signs[i + 1] - signs[i])) * dlt[i]
             for i, k in enumerate(names)
         }
-        self.info["ldc_mtl/discrepancy"] = sum(abs(x - y) for x, y in zip(wl[:-1], wl[1:]))
+        self.info["ldc_mtl/discrepancy"] = sum(abs(x - y) for x, y in itertools.pairwise(wl))
         for k, s in zip(names, sg):
             self.info[f"ldc_mtl/sigma/{k}"] = s
         return b, {"ldc_mtl/router": F - F.detach()}

@@ -224,8 +224,9 @@ class GramianBalancer(Balancer):
             zs = self.representation(losses)
             check_reached(parts, zs)
             cols = [
-                (torch.zeros(len(parts), z.numel(), dtype=z.dtype, device=z.device) if g is None else g)
-                .reshape(len(parts), -1)
+                (torch.zeros(len(parts), z.numel(), dtype=z.dtype, device=z.device) if g is None else g).reshape(
+                    len(parts), -1
+                )
                 for z, g in zip(zs, batched_grads(parts, zs))
             ]
             return torch.cat(cols, dim=1), zs

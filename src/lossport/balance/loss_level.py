@@ -216,7 +216,7 @@ class DWA(Balancer):
             z = _softmax([r / self.temperature for r in rates])
             b = {k: len(names) * zi for k, zi in zip(names, z, strict=True)}
         else:
-            b = {k: 1.0 for k in names}
+            b = dict.fromkeys(names, 1.0)
         if not _training():
             return b
         for k, v in vals.items():
@@ -261,7 +261,7 @@ class RLW(Balancer):
     def balance(self, losses: Losses) -> dict[str, float]:
         names = losses.names
         if not _training():
-            return {k: 1.0 for k in names}
+            return dict.fromkeys(names, 1.0)
         # host draws (the weights are numbers): a seed gives the same weights on every device
         eps = torch.randn(len(names), generator=self.generator, dtype=torch.float64, device="cpu")
         w = len(names) * torch.softmax(eps, 0)
@@ -416,7 +416,7 @@ class CoV(Balancer):
         else:
             b = None
         if b is None:
-            b = {k: 1.0 for k in names}
+            b = dict.fromkeys(names, 1.0)
         if _training():
             for k, v in vals.items():
                 self._update(k, v)

@@ -42,7 +42,7 @@ def krum(G: Tensor, f: int, m: int = 1, distance: str = "squared") -> Tensor:
         raise ValueError(f"krum: distance must be one of {_DISTANCES}, not {distance!r}")
     G = G.detach().to(torch.float64)
     T = G.shape[0]
-    if T < f + 3 or m > T:
+    if f + 3 > T or m > T:
         raise ValueError(f"krum needs at least f + 3 = {f + 3} and m = {m} gradients, got {T}")
     sq = G.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
@@ -63,7 +63,7 @@ def trimmed_mean(J: Tensor, trim_number: int) -> Tensor:
     ``trim_number`` smallest entries and average the ``T - 2 trim_number`` left. ``trim_number = 0`` is the
     mean. Needs ``T >= 2 trim_number + 1``."""
     T = J.shape[0]
-    if T < 2 * trim_number + 1:
+    if 2 * trim_number + 1 > T:
         raise ValueError(f"trimmed_mean needs at least 2 * trim_number + 1 = {2 * trim_number + 1} rows, got {T}")
     kept = torch.sort(J, dim=0).values[trim_number : T - trim_number]
     return kept.mean(dim=0)
@@ -105,7 +105,7 @@ class Krum(GramianBalancer):
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         T = G.shape[0]
-        if T < self.f + 3 or self.m > T:
+        if self.f + 3 > T or self.m > T:
             raise ValueError(
                 f"Krum(f={self.f}, m={self.m}) needs at least {max(self.f + 3, self.m)} parts present, but the batch "
                 f"has {T}: {losses.names} (missing: {list(losses.missing)}); lower f (or m), or use Krum with more "
@@ -143,7 +143,7 @@ class TrimmedMean(_Surgery):
 
     def surgery(self, J: Tensor, xs: list[Tensor], losses: Losses, s: Tensor) -> tuple[Tensor, Tensor, dict]:
         T = J.shape[0]
-        if T < 2 * self.trim_number + 1:
+        if 2 * self.trim_number + 1 > T:
             raise ValueError(
                 f"TrimmedMean(trim_number={self.trim_number}) needs at least {2 * self.trim_number + 1} parts "
                 f"present, but the batch has {T}: {losses.names} (missing: {list(losses.missing)}); lower "
@@ -207,7 +207,12 @@ class ExcessMTL(GramianBalancer):
         self._width: int | None
         self._restarts: int
         for name, value in (
-            ("_sq", {}), ("_steps", {}), ("_warm", {}), ("_initial", {}), ("_logw", {}), ("_width", None),
+            ("_sq", {}),
+            ("_steps", {}),
+            ("_warm", {}),
+            ("_initial", {}),
+            ("_logw", {}),
+            ("_width", None),
             ("_restarts", 0),
         ):
             self.add_state(name, value)
@@ -264,4 +269,4 @@ class ExcessMTL(GramianBalancer):
         return super().__repr__()[:-1] + f", robust_step_size={self.robust_step_size})"
 
 
-__all__ = ["Krum", "TrimmedMean", "ExcessMTL", "krum", "trimmed_mean"]
+__all__ = ["ExcessMTL", "Krum", "TrimmedMean", "krum", "trimmed_mean"]

@@ -28,7 +28,7 @@ class EqualWeights(Balancer):
     kind = "static"
 
     def balance(self, losses: Losses) -> dict[str, float]:
-        return {k: 1.0 for k in losses.parts}
+        return dict.fromkeys(losses.parts, 1.0)
 
 
 @register("static")

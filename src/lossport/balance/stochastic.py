@@ -325,4 +325,4 @@ class MoCo(_Surgery):
         return out
 
 
-__all__ = ["CRMOGM", "SDMGrad", "MoDo", "MoCo"]
+__all__ = ["CRMOGM", "MoCo", "MoDo", "SDMGrad"]

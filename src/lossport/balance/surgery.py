@@ -227,7 +227,12 @@ class DBMTL(_Surgery):
         self._norms: dict[str, float]  # features mode: the averaged norms n_i
         self._restarts: int
         for name, value in (
-            ("_k", 0), ("_avg", {}), ("_shapes", None), ("_scales", {}), ("_norms", {}), ("_restarts", 0)
+            ("_k", 0),
+            ("_avg", {}),
+            ("_shapes", None),
+            ("_scales", {}),
+            ("_norms", {}),
+            ("_restarts", 0),
         ):
             self.add_state(name, value)
 
@@ -279,5 +284,4 @@ class DBMTL(_Surgery):
         return out
 
 
-
-__all__ = ["GradDrop", "DBMTL", "sign_purity_keep"]
+__all__ = ["DBMTL", "GradDrop", "sign_purity_keep"]

@@ -34,8 +34,8 @@ def _source_split(labels: np.ndarray, split: str) -> np.ndarray:
     for c in range(10):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        n_train = int(round(_FRACTIONS[0] * len(idx)))
-        n_val = int(round(_FRACTIONS[1] * len(idx)))
+        n_train = round(_FRACTIONS[0] * len(idx))
+        n_val = round(_FRACTIONS[1] * len(idx))
         parts["train"] += idx[:n_train].tolist()
         parts["val"] += idx[n_train : n_train + n_val].tolist()
         parts["test"] += idx[n_train + n_val :].tolist()
@@ -174,4 +174,4 @@ class MultiDigitsNet(nn.Module):
         return {"left": self.left(h), "right": self.right(h), "ink": self.ink(h)}
 
 
-__all__ = ["multidigits", "multiregression", "multilabel", "MultiDigitsNet", "SPLITS"]
+__all__ = ["SPLITS", "MultiDigitsNet", "multidigits", "multilabel", "multiregression"]

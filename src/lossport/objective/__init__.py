@@ -232,4 +232,4 @@ class Objective:
         return f"Objective({self.spec!r}, weights={self.weight_spec!r}, {state})"
 
 
-__all__ = ["Objective", "Losses", "Plan", "Term", "TermKind", "name_outputs", "unwrap", "forward_parameters"]
+__all__ = ["Losses", "Objective", "Plan", "Term", "TermKind", "forward_parameters", "name_outputs", "unwrap"]

@@ -130,7 +130,7 @@ def _keras_inputs(net: nn.Module, batch: Mapping[str, Any], skip: Collection[str
 def check_targets_arg(targets: Any) -> TargetsArg:
     """``targets=`` as given, after checking its form (``None``, a key, a dict ``{output: key}``, a callable)."""
     if targets is None or isinstance(targets, str) or callable(targets):
-        return targets  # type: ignore[no-any-return]
+        return targets
     if isinstance(targets, Mapping):
         bad = [(o, k) for o, k in targets.items() if not isinstance(o, str) or not isinstance(k, str)]
         if bad:

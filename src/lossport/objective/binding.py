@@ -171,7 +171,7 @@ def fit_cross_entropy(t: Term, producer: Producer) -> Term:
     assert isinstance(t.loss, CrossEntropy) and t.output is not None
     probs = {"softmax": "index", "sigmoid": "binary", "fn_softmax": "index", "fn_sigmoid": "binary"}
     form = probs.get(producer.kind)
-    if form is None or t.loss.form == "probabilities" and form == "binary" or not t.loss.from_logits:
+    if form is None or (t.loss.form == "probabilities" and form == "binary") or not t.loss.from_logits:
         return t
     where = producer.module_name or "torch." + producer.kind[3:]
     if not t.how.startswith("alias"):

@@ -271,14 +271,15 @@ class _Run:
         elif o.validation is not None:
             val_src = make_source(o.validation, o.batch_size, False, None, "validation")
         memory = train_src.memory
-        if memory is not None and train_src.world == 1 and has_batchnorm(self.net):
-            if memory.last_batch_size(o.batch_size) == 1:
-                raise ValueError(
-                    f"the last batch of every round would hold 1 example ({len(memory)} examples, batch_size="
-                    f"{o.batch_size}) and the net has BatchNorm layers, which cannot train on one example: choose "
-                    f"a batch_size that does not leave one example over (e.g. {o.batch_size + 1}), or drop it "
-                    "from the data"
-                )
+        one_left = memory is not None and train_src.world == 1 and memory.last_batch_size(o.batch_size) == 1
+        if one_left and has_batchnorm(self.net):
+            assert memory is not None
+            raise ValueError(
+                f"the last batch of every round would hold 1 example ({len(memory)} examples, batch_size="
+                f"{o.batch_size}) and the net has BatchNorm layers, which cannot train on one example: choose "
+                f"a batch_size that does not leave one example over (e.g. {o.batch_size + 1}), or drop it "
+                "from the data"
+            )
         return train_src, val_src
 
     def _trackers(self) -> tuple[Tracker | None, Tracker | None]:
