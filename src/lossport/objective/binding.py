@@ -42,6 +42,7 @@ class Plan:
     target_keys: Mapping[str, str]  # output -> key of its target in the target source
     training: bool  # the mode the net was in when the plan was bound
     net_id: int
+    compiled: bool = False  # the net or one of its modules is torch.compile'd (forward in retainable_compile)
 
     @property
     def loss_terms(self) -> tuple[Term, ...]:
@@ -98,6 +99,7 @@ def bind(spec: Any, weights: Any, targets: TargetsArg, net: nn.Module, batch: Ba
         target_keys=MappingProxyType(keys),
         training=inner.training,
         net_id=id(inner),
+        compiled=has_compiled_code(net),
     )
 
 
@@ -194,6 +196,14 @@ def fit_cross_entropy(t: Term, producer: Producer) -> Term:
         )
     layer.from_logits = False
     return replace(t, loss=layer, how=t.how + f", from the probabilities of {where}")
+
+
+def has_compiled_code(net: nn.Module) -> bool:
+    """Whether ``net`` (a wrapper, itself or a submodule) runs code compiled by ``torch.compile``."""
+    return type(net).__name__ == "OptimizedModule" or any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in unwrap(net).modules()
+    )
 
 
 def _check_weight_keys(batch: Mapping[str, Any], outputs: list[str], used: set[str]) -> None:

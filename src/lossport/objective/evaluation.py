@@ -8,6 +8,7 @@ mode are simply absent when the net is evaluated.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,11 +33,14 @@ def run_forward(plan: Plan, net: nn.Module, batch: Batch, skip: set[str]) -> tup
     inner = unwrap(net)
     args, kwargs = net_inputs(inner, batch, skip)
     producers = plan.producers
+    # a torch.compile'd net compiles here, in retainable_compile (see lossport.gramian); a plain net needs nothing
+    compiled = plan.compiled or type(net).__name__ == "OptimizedModule"
+    scope = retainable_compile() if compiled else contextlib.nullcontext()
     if not producers:
-        with retainable_compile():  # a torch.compile'd net compiles here: see lossport.gramian
+        with scope:
             return net(*args, **kwargs), {}
     wanted = {m: inner.get_submodule(m) for m in set(producers.values())}
-    with capture_inputs(wanted) as got, retainable_compile():
+    with capture_inputs(wanted) as got, scope:
         out = net(*args, **kwargs)
     return out, got
 
