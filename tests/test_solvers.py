@@ -92,11 +92,58 @@ def test_box_qp_ill_conditioned_and_rank_deficient():
     assert float((Gs @ v.T).min()) >= -1e-9 * float(Gs.diagonal().max())  # projections are in the dual cone
 
 
+@pytest.mark.parametrize(
+    "n,r,spread,ridge", [(40, 40, 1.0, 1e-4), (48, 48, 4.0, 1e-4), (40, 10, 2.0, 1e-4), (32, 8, 2.0, 0.0)]
+)
+def test_box_qp_admm_start_gives_the_exact_answer(n, r, spread, ridge):
+    """Many problems per matrix start the pivoting from an ADMM guess of the free sets: same KKT point as the
+    cold start, on full-rank, ill-conditioned, rank-deficient and singular (no ridge) matrices."""
+    G = gram(n, r, n + r, spread)
+    G = G / G.trace() + ridge * torch.eye(n, dtype=torch.float64)
+    lower = torch.eye(n, dtype=torch.float64) / n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        warm = box_qp(G, None, lower)
+        cold = box_qp(G, None, lower, warm=0)
+    for i in range(n):
+        assert_box_kkt(G, None, lower[i], warm[i], tol=1e-8)
+    if ridge > 0:  # unique solution
+        assert torch.allclose(warm, cold, rtol=1e-9, atol=1e-12)
+
+
+def test_box_qp_admm_start_batched_and_with_linear_term():
+    Gs = torch.stack([gram(20, r, s) for s, r in enumerate((20, 20, 6))])
+    Gs = Gs / Gs.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    g = torch.Generator().manual_seed(8)
+    lower = torch.randn(3, 12, 20, generator=g, dtype=torch.float64)
+    q = torch.randn(3, 12, 20, generator=g, dtype=torch.float64)
+    V = box_qp(Gs, q, lower, ridge=1e-6)
+    for b in range(3):
+        Gr = Gs[b] + 1e-6 * Gs[b].diagonal().max() * torch.eye(20, dtype=torch.float64)
+        assert torch.allclose(V[b], box_qp(Gr, q[b], lower[b], warm=0), rtol=1e-9, atol=1e-11)
+        for i in range(12):
+            assert_box_kkt(Gr, q[b, i], lower[b, i], V[b, i])
+
+
+def test_admm_start_falls_back_to_the_cold_start_when_the_matrix_is_not_psd():
+    from lossport.solvers import _admm_support
+
+    G = -torch.eye(5, dtype=torch.float64)[None]
+    c = torch.tensor([[[1.0, -1.0, 2.0, -3.0, 0.0]]], dtype=torch.float64)
+    assert torch.equal(_admm_support(G, c, 50), c < 0)
+
+
 def test_box_qp_warns_with_the_residual_when_not_converged():
     G = gram(30, 30, 6)
     lower = torch.eye(30, dtype=torch.float64)
+    Gn = G / G.trace() + 1e-4 * torch.eye(30, dtype=torch.float64)
     with pytest.warns(SolverWarning, match="KKT residual"):
-        box_qp(G / G.trace() + 1e-4 * torch.eye(30, dtype=torch.float64), None, lower, max_iter=1)
+        box_qp(Gn, None, lower, max_iter=1, warm=0)  # cold start: one pivoting step is not enough
+    # from the ADMM start, too few pivoting steps on a hard problem (rank 3 of 40, condition 1e8) also warn
+    G3 = gram(40, 3, 7, spread=4.0)
+    with pytest.warns(SolverWarning, match="KKT residual"):
+        eye = torch.eye(40, dtype=torch.float64)
+        box_qp(G3 / G3.trace() + 1e-8 * eye, None, eye, max_iter=1)
 
 
 def test_kkt_residual_detects_violations():

@@ -70,6 +70,14 @@ def test_against_torchjd(T, r, spread, seed):
     assert rel(J.T @ W.config(G), ConFIG()(J)) < 1e-5
 
 
+@pytest.mark.parametrize("T,r,spread", [(64, 64, 1.0), (64, 256, 0.0), (48, 12, 2.0), (40, 40, 5.0)])
+def test_upgrad_many_parts_against_torchjd(T, r, spread):
+    """The sizes where box_qp starts from ADMM (full rank, rank-deficient, condition number 1e10)."""
+    G = gram(T, r, T + r, spread) * 9.0
+    assert rel(W.upgrad(G), UPGradWeighting()(G)) < 1e-5
+    assert rel(W.dualproj(G), DualProjWeighting()(G)) < 1e-5
+
+
 def orders_like_torchjd_pcgrad(T, seed):
     torch.manual_seed(seed)
     return [[j for j in torch.randperm(T).tolist() if j != i] for i in range(T)]

@@ -5,7 +5,8 @@ No external solver: the problems have at most a few hundred variables, and the m
 tolerance warns with the residual (``SolverWarning``); it never falls back silently to another answer.
 
 * :func:`box_qp`: ``min 1/2 v^T G v + q^T v  s.t.  v >= lower``, many right-hand sides at once (UPGrad's ``T``
-  dual-cone projections, DualProj, MGDA), by block principal pivoting.
+  dual-cone projections, DualProj, MGDA), by block principal pivoting, started from a float32 ADMM guess of
+  the active sets when there are many problems per matrix.
 * :func:`min_norm_simplex`: MGDA's min-norm point of the convex hull (closed form for ``T = 2``).
 * :func:`newton_positive`: the positive root of ``G x = x^(-p)`` (Nash-MTL, FairGrad).
 * :func:`simplex_minimize`: a smooth convex function on the simplex (CAGrad's dual problem).
@@ -38,89 +39,172 @@ def _solve_psd(A: Tensor, b: Tensor) -> Tensor:
     return x
 
 
-def _face_solve(G: Tensor, gi: Tensor, F: Tensor, c: Tensor, pad: Tensor, chunk: int = 32) -> Tensor:
-    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row of the mask ``F``; problem ``p`` has the
-    matrix ``G[gi[p]]``). Problems are sorted by the size of their free set and solved in chunks, each padded to
-    its own largest free set with decoupled dummy variables (diagonal ``pad``, right-hand side 0)."""
+def _face_solve(
+    Ga: Tensor, gi: Tensor | None, F: Tensor, nca: Tensor, pad: Tensor | float, ws: list[Tensor], chunk: int = 0
+) -> Tensor:
+    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row ``p`` of the mask ``F``, ``b x n``, with
+    the matrix ``G[gi[p]]``; ``gi = None``: one matrix for all). ``Ga`` (``g x (n+1) x (n+1)``) is ``G``
+    bordered by zeros (a dummy variable ``n``) and ``nca`` (``b x (n+1)``) is ``-c`` bordered by 0. Problems
+    are sorted by the size of their free set and solved in chunks (``chunk`` problems; ``0``: 8 to 32, about
+    1 MB of matrices), each padded to its largest free set with copies of the dummy (decoupled, diagonal
+    ``pad``: one value for all when ``gi = None``, else one per problem), so that one gather (int32 flat
+    indices) builds the chunk's matrices, which are factorised in place. ``ws`` holds the work buffers
+    (indices, matrices, info), grown on demand and kept by the caller across iterations: fresh memory is
+    expensive (page faults). Returns ``x`` bordered."""
     b, n = F.shape
-    cnt = F.sum(-1)
-    x = torch.zeros(b, n, dtype=c.dtype, device=c.device)
-    idx = torch.argsort(cnt)
-    counts = cnt[idx].tolist()
-    stack = G.reshape(-1, n)
+    N = n + 1
+    cs, idx = torch.sort(F.sum(-1))  # problems by the size of their free set
+    counts = cs.tolist()
+    if chunk <= 0:  # about 1 MB of matrices per chunk
+        chunk = max(8, min(32, 2**17 // max(1, counts[-1] ** 2)))
+    # per (sorted) problem: its free variables (in index order), then the dummy
+    perm = torch.argsort(F[idx].to(torch.int8), dim=-1, descending=True, stable=True)
+    perm = torch.where(torch.arange(n, device=F.device) < cs[:, None], perm, n)
+    ncs = nca[idx]
+    pads = pad if isinstance(pad, float) else pad[idx]
+    gis = None if gi is None else gi[idx] * N
+    flat = Ga.reshape(-1)
+    idt = torch.int32 if flat.numel() < 2**31 else torch.long
+    size, nbmax = min(chunk, b) * counts[-1] ** 2, min(chunk, b)
+    if not ws or ws[0].numel() < size or ws[2].numel() < nbmax:
+        size, nbmax = (size, nbmax) if not ws else (max(size, ws[0].numel()), max(nbmax, ws[2].numel()))
+        ws[:] = [
+            torch.empty(size, dtype=idt, device=F.device),
+            torch.empty(size, dtype=nca.dtype, device=F.device),
+            torch.empty(nbmax, dtype=torch.int32, device=F.device),
+        ]
+    xs = torch.zeros(b, N, dtype=nca.dtype, device=nca.device)
     for s in range(0, b, chunk):
-        sel = idx[s : s + chunk]
-        k = counts[min(s + chunk, b) - 1]
+        e = min(s + chunk, b)
+        k, nb = counts[e - 1], e - s
         if k == 0:
             continue
-        # the free variables first (in index order), then padding
-        order = torch.sort(F[sel].to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
-        valid = torch.arange(k, device=c.device) < cnt[sel, None]
-        rows = (order + (gi[sel] * n)[:, None]).reshape(-1)  # rows of the (g n) x n stack
-        sub = stack.index_select(0, rows).view(-1, k, n).gather(2, order[:, None, :].expand(-1, k, k))
-        sub.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
-        sub.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, 0.0, pad[sel, None]))
-        rhs = torch.where(valid, -c[sel].gather(-1, order), 0.0)
-        sol = torch.where(valid, _solve_psd(sub, rhs), 0.0)
-        x[sel] = torch.zeros(sel.numel(), n, dtype=c.dtype, device=c.device).scatter_add_(-1, order, sol)
-    return x
+        order = perm[s:e, :k]
+        rows = order if gis is None else order + gis[s:e, None]
+        ix = torch.add((rows * N)[:, :, None], order[:, None, :], out=ws[0][: nb * k * k].view(nb, k, k))
+        sub = torch.index_select(flat, 0, ix.view(-1), out=ws[1][: nb * k * k]).view(nb, k, k)
+        dummy = order == n  # their diagonal entries are 0 (the border of Ga): set them to pad
+        dpad = pads if isinstance(pads, float) else torch.where(dummy, pads[s:e, None], 0.0)
+        if isinstance(dpad, float):
+            sub.diagonal(dim1=-2, dim2=-1).masked_fill_(dummy, dpad)
+        else:
+            sub.diagonal(dim1=-2, dim2=-1).add_(dpad)
+        rhs = ncs[s:e].gather(-1, order).unsqueeze(-1)
+        info = ws[2][:nb]
+        torch.linalg.cholesky_ex(sub, out=(sub, info))  # in place (out aliases the input): sub holds L
+        z = torch.linalg.solve_triangular(sub, rhs, upper=False)
+        sol = torch.linalg.solve_triangular(sub.mT, z, upper=True).squeeze(-1)
+        if bool(info.any()):  # numerically singular faces: minimum-norm least squares
+            bad = (info != 0).nonzero().squeeze(-1)
+            A = flat[ix[bad].long()]
+            A.diagonal(dim1=-2, dim2=-1).add_(dummy[bad] * dpad if isinstance(dpad, float) else dpad[bad])
+            sol[bad] = (torch.linalg.pinv(A, hermitian=True) @ rhs[bad]).squeeze(-1)
+        xs[s:e].scatter_(-1, order, sol)  # the dummies' entries (column n) are 0
+    return torch.empty_like(xs).index_copy_(0, idx, xs)
 
 
-def _lcp_bpp(G: Tensor, c: Tensor, tol: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+def _admm_support(G: Tensor, c: Tensor, max_iter: int, rho: float = 0.3) -> Tensor:
+    """A guess of the free sets of the LCPs of :func:`_lcp_bpp` (``G``: ``g x n x n``, ``c``: ``g x r x n``)
+    from ADMM (Boyd et al. 2011) on ``min 1/2 x^T G x + c^T x, x >= 0`` with the split ``x = z``, ``z >= 0``,
+    over-relaxed with factor 2 (Peaceman-Rachford; linear convergence for positive definite ``G``), in
+    float32. The ``r`` problems of a matrix share one inverse ``P = (G + rho_g I)^{-1}`` (``rho_g = rho *
+    trace(G) / n``; computed on ``G`` and ``c`` scaled by ``n / trace(G)``). With ``w = 2 x - z + u`` (so
+    that ``z = max(w, 0)`` and ``u = min(w, 0)``) a step is ``w <- -2 c P + |w| (2 rho_g P - I)``: one matrix
+    product. Stops when the support of ``z`` is the one of three steps before, or after ``max_iter`` steps.
+    Returns the mask ``z > 0``. Only a starting point: the exact pivoting that follows decides (a singular
+    ``G`` just gives a worse start)."""
+    n = G.shape[-1]
+    # scaled to mean diagonal 1 (same minimiser; no float32 under- or overflow), then rho_g = rho
+    s = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None]
+    eye = torch.eye(n, dtype=torch.float32, device=G.device)
+    L, info = torch.linalg.cholesky_ex((G / s).to(torch.float32) + rho * eye)
+    if bool(info.any()):
+        return c < 0
+    P = torch.cholesky_inverse(L)
+    e = ((c / s).to(torch.float32) @ P).mul_(-2.0)
+    Q = P.mul_(2 * rho).sub_(eye)
+    w = e.clone()  # the step from w = 0 (z = u = 0)
+    a = torch.empty_like(w)
+    prev = w > 0
+    for it in range(2, max_iter + 1):
+        torch.baddbmm(e, torch.abs(w, out=a), Q, out=w)
+        if it % 3 == 0:
+            now = w > 0
+            if torch.equal(now, prev):
+                break
+            prev = now
+    return w > 0
+
+
+def _lcp_bpp(
+    G: Tensor, c: Tensor, tol: float, max_iter: int, F0: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The linear complementarity problem ``x >= 0, y = G x + c >= 0, x^T y = 0`` for PSD ``G`` (``g x n x
     n``) and ``c`` (``g x r x n``: ``r`` problems per matrix), by block principal pivoting (Júdice & Pires
     1994; the NNLS form of Kim & Park, SIAM J. Sci. Comput. 2011).
 
-    Each iteration fixes a free set ``F`` per problem, solves ``G_FF x_F = -c_F`` exactly (all unfinished
-    problems at once, in chunks sorted by the size of the free set: see :func:`_face_solve`) and swaps every
-    variable that violates ``x_F >= 0`` or ``y_A >= 0`` between the sets. When a problem's count of violations
-    has not decreased for three iterations it swaps only its largest-index violator (Murty's rule), which
-    makes the method finite for positive definite ``G``. Problems leave the batch as soon as they satisfy the
-    conditions. Returns ``(x, y, converged)``."""
+    Each iteration fixes a free set ``F`` per problem (the first one: ``F0``, ``g x r x n``, e.g. from
+    :func:`_admm_support`, or ``c < 0``), solves ``G_FF x_F = -c_F`` exactly (all unfinished problems at once,
+    in chunks sorted by the size of the free set: see :func:`_face_solve`) and swaps every variable that
+    violates ``x_F >= 0`` or ``y_A >= 0`` between the sets. When a problem's count of violations has not decreased for
+    three iterations it swaps only its largest-index violator (Murty's rule), which makes the method finite for positive
+    definite ``G``. Problems leave the batch as soon as they satisfy the conditions. Returns ``(x, y, converged)``."""
     g, r, n = c.shape
     dev, dt = c.device, c.dtype
     B = g * r
+    dmax = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)  # (g,)
+    Ga = torch.zeros(g, n + 1, n + 1, dtype=dt, device=dev)
+    Ga[:, :n, :n] = G
     cf = c.reshape(B, n)
-    gi_all = torch.arange(g, device=dev).repeat_interleave(r)
-    dmax_all = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)[gi_all]  # (B,)
-    cscale_all = cf.abs().amax(-1)
-    X = torch.zeros(B, n, dtype=dt, device=dev)
-    Y = cf.clone()
+    nca = torch.cat([-cf, torch.zeros(B, 1, dtype=dt, device=dev)], -1)
+    X, Y = torch.zeros(B, n, dtype=dt, device=dev), cf  # (max_iter = 0)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    # state of the unfinished problems (indexed by ``act``)
-    act = torch.arange(B, device=dev)
-    F = cf < 0  # start from x = 0, y = c: free every variable with y < 0
-    best = torch.full((B,), n + 1, dtype=torch.long, device=dev)
-    budget = torch.full((B,), 3, dtype=torch.long, device=dev)
     ar = torch.arange(n, device=dev)
-    for _ in range(max_iter):
-        gi, cb, pad = gi_all[act], cf[act], dmax_all[act]
-        x = _face_solve(G, gi, F, cb, pad)
-        if g == 1:
-            y = x @ G[0] + cb  # G symmetric: rows of X G are (G x)^T
+    # state of the unfinished problems, aligned with ``act``
+    act = torch.arange(B, device=dev)
+    gi = None if g == 1 else torch.arange(g, device=dev).repeat_interleave(r)
+    pad: Tensor | float = float(dmax[0]) if g == 1 else dmax[gi]
+    ncb = nca
+    cscale = cf.abs().amax(-1)
+    F = cf < 0 if F0 is None else F0.reshape(B, n)  # cold start from x = 0, y = c: free every y < 0
+    best = budget = cscale  # (set in the first iteration: every count of violations is an improvement)
+    ws: list[Tensor] = []  # work buffers of the face solves
+    for it in range(max_iter):
+        x = _face_solve(Ga, gi, F, ncb, pad, ws)[:, :n]
+        if gi is None:
+            y = torch.addmm(ncb[:, :n], x, G[0], beta=-1)  # G symmetric: rows of X G are (G x)^T
         else:
-            y = (G[gi] @ x.unsqueeze(-1)).squeeze(-1) + cb
-        xs = x.abs().amax(-1).clamp_min(1e-300)
-        ys = torch.maximum(cscale_all[act], pad * xs).clamp_min(1e-300)
-        viol = (F & (x < -tol * xs[:, None])) | (~F & (y < -tol * ys[:, None]))
+            y = torch.baddbmm(ncb[:, None, :n], x.unsqueeze(-2), G[gi], beta=-1).squeeze(-2)
+        xs = x.abs().amax(-1)
+        lim = torch.where(F, xs[:, None], torch.maximum(cscale, xs * pad)[:, None]).mul_(-tol)
+        viol = torch.where(F, x, y) < lim
         nv = viol.sum(-1)
-        X[act], Y[act] = x, y
+        if it == 0:
+            X, Y = x, y
+        else:
+            X[act], Y[act] = x, y
         fin = nv == 0
         if bool(fin.any()):
             done[act[fin]] = True
-            keep = ~fin
-            act, F, viol, nv = act[keep], F[keep], viol[keep], nv[keep]
-            if act.numel() == 0:
+            keep = (~fin).nonzero().squeeze(-1)
+            if keep.numel() == 0:
                 break
-        a_best, a_budget = best[act], budget[act]
-        improved = nv < a_best
-        best[act] = torch.where(improved, nv, a_best)
-        a_budget = torch.where(improved, torch.full_like(a_budget, 3), a_budget - 1)
-        budget[act] = a_budget
-        full = a_budget >= 0
-        last = torch.where(viol, ar, torch.full_like(ar, -1)).amax(-1, keepdim=True)
-        single = torch.zeros_like(viol).scatter_(-1, last.clamp_min(0), True) & viol
-        F = F ^ torch.where(full[:, None], viol, single)
+            act, F, viol, nv, ncb, cscale = act[keep], F[keep], viol[keep], nv[keep], ncb[keep], cscale[keep]
+            if it > 0:
+                best, budget = best[keep], budget[keep]
+            if gi is not None:
+                gi, pad = gi[keep], pad[keep] if isinstance(pad, Tensor) else pad
+        if it == 0:
+            best, budget = nv, torch.full_like(nv, 3)
+        else:
+            improved = nv < best
+            best = torch.minimum(best, nv)
+            budget = torch.where(improved, 3, budget - 1)
+        if it >= 3:  # budgets start at 3: only from the fifth iteration can one be negative
+            last = torch.where(viol, ar, -1).amax(-1, keepdim=True)
+            single = torch.zeros_like(viol).scatter_(-1, last.clamp_min(0), True) & viol
+            viol = torch.where((budget >= 0)[:, None], viol, single)
+        F = F ^ viol
     return X.clamp_min(0).view(g, r, n), Y.view(g, r, n), done.view(g, r)
 
 
@@ -132,6 +216,7 @@ def box_qp(
     ridge: float = 0.0,
     tol: float = 1e-10,
     max_iter: int = 100,
+    warm: int | None = None,
 ) -> Tensor:
     """``argmin_v 1/2 v^T G v + q^T v  s.t.  v >= lower``, exactly, for many problems at once.
 
@@ -142,8 +227,12 @@ def box_qp(
     With ``x = v - lower`` the KKT conditions are the linear complementarity problem ``x >= 0``, ``y = G x + q
     + G lower >= 0``, ``x^T y = 0`` (``y`` is the multiplier of the bound), solved by block principal pivoting
     (:func:`_lcp_bpp`); the answer is exact up to the rounding of one Cholesky solve. ``ridge`` adds ``ridge *
-    max(diag G) * I`` first (singular ``G``: more parts than independent gradients). Warns (``SolverWarning``)
-    with the KKT residual if some problem has not converged after ``max_iter`` pivoting steps."""
+    max(diag G) * I`` first (singular ``G``: more parts than independent gradients). ``warm``: at most that many
+    float32 ADMM steps (:func:`_admm_support`, one shared matrix inverse and one matrix product per step for
+    all problems of a matrix) guess the free sets the pivoting starts from; ``None``: 200 when there are at
+    least 4 problems per matrix and ``n >= 16`` (UPGrad: then usually one exact pivoting step), else 0 (cold
+    start). The guess only changes the path, not the answer. Warns (``SolverWarning``) with the KKT residual
+    if some problem has not converged after ``max_iter`` pivoting steps."""
     G = G.to(torch.float64)
     lower = lower.to(torch.float64)
     n = G.shape[-1]
@@ -159,7 +248,10 @@ def box_qp(
     c = low @ Gb  # (G lower)^T per problem
     if q is not None:
         c = c + q.to(torch.float64).expand(batch + (k, n)).reshape(-1, k, n)
-    x, y, ok = _lcp_bpp(Gb, c, tol, max_iter)
+    if warm is None:  # many problems per matrix: start the pivoting from an ADMM guess of the free sets
+        warm = 200 if n >= 16 and k >= 4 else 0
+    F0 = _admm_support(Gb, c, warm) if warm > 0 else None
+    x, y, ok = _lcp_bpp(Gb, c, tol, max_iter, F0)
     if not bool(ok.all()):
         res = kkt_residual(x, y)
         warnings.warn(

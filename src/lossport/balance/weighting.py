@@ -96,9 +96,10 @@ def upgrad(G: Tensor, eps: float = 1e-4) -> Tensor:
     """UPGrad (Quinton & Rey 2024): project each ``g_i`` onto the dual cone ``{x : J x >= 0}`` and average.
     The projection of ``J^T u`` is ``J^T v`` with ``v = argmin_{v >= u} v^T G v`` (their Prop. 1); with ``u =
     e_i / T`` for every ``i`` the ``T`` problems are solved together and exactly
-    (:func:`~lossport.solvers.box_qp`); ``w = sum_i v_i``. As TorchJD, ``G`` is normalised to ``G / trace(G) +
-    eps I`` (unlike TorchJD, also when ``trace(G) < 1e-4``: TorchJD then returns the mean). For ``T = 2`` and
-    ``eps = 0`` it equals PCGrad with mean reduction. Batched over leading dimensions."""
+    (:func:`~lossport.solvers.box_qp`: block principal pivoting from a shared-factorisation ADMM guess of the
+    active sets, usually one exact pivoting step); ``w = sum_i v_i``. As TorchJD, ``G`` is normalised to ``G /
+    trace(G) + eps I`` (unlike TorchJD, also when ``trace(G) < 1e-4``: TorchJD then returns the mean). For ``T =
+    2`` and ``eps = 0`` it equals PCGrad with mean reduction. Batched over leading dimensions."""
     G = _f64(G)
     T = G.shape[-1]
     Gn, pos = _normalized_gramian(G, eps)
