@@ -129,7 +129,7 @@ def test_batched_weightings_equal_one_by_one():
     for b in range(3):
         assert torch.allclose(W.nash_mtl(full)[b], W.nash_mtl(full[b]), rtol=1e-9)
         assert torch.allclose(W.fairgrad(full, 2.0)[b], W.fairgrad(full[b], 2.0), rtol=1e-9)
-    with pytest.warns(SolverWarning, match="residual"):
+    with pytest.warns(SolverWarning, match="no bounded positive root"):
         W.nash_mtl(Gs[2])
     G2 = torch.stack([gram(2, 2, s) for s in range(3)])
     for b in range(3):

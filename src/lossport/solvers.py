@@ -14,6 +14,7 @@ tolerance warns with the residual (``SolverWarning``); it never falls back silen
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -311,28 +312,22 @@ def project_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def newton_positive(
-    G: Tensor, power: float, *, x0: Tensor | None = None, tol: float = 1e-12, max_iter: int = 100
-) -> Tensor:
-    """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal;
-    batched over the leading dimensions of ``G``.
+def _check_finite(G: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(G).all()):
+        raise FloatingPointError(
+            f"{what}: the matrix has NaN or inf entries (non-finite gradients, or gradients so large that their "
+            "inner products overflow float64); nothing to solve"
+        )
 
-    It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h'(x) = x^-power``
-    (``h = log`` for ``power = 1``: Nash-MTL's ``G a = 1/a``, Navon et al. 2022; ``power = 1/alpha``:
-    FairGrad, Ban & Ji 2024). Damped Newton with a positivity-preserving Armijo backtracking line search; warm
-    start ``x0``. Stops when ``max |G x - x^-p| <= tol max |x^-p|`` in every problem; warns with that residual
-    if it is still above ``1e-6`` after ``max_iter`` steps (e.g. singular ``G`` with a positive null vector:
-    no root)."""
-    if power <= 0:
-        raise ValueError(f"newton_positive: power must be > 0, not {power}")
-    G = G.to(torch.float64)
-    d = G.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
-    x = (
-        d ** (-1.0 / (1.0 + power))
-        if x0 is None
-        else x0.to(torch.float64).expand_as(d).clamp_min(1e-12).clone()
-    )
+
+def _newton_core(
+    G: Tensor, power: float, x: Tensor, tol: float, max_iter: int, diverge: float
+) -> tuple[Tensor, Tensor]:
+    """Damped Newton for ``G x = x^(-power)`` from ``x`` (``G`` float64 with diagonal of order 1). Returns
+    ``(x, residual)``; stops early (residual left as it is) once some ``x_i d_i^(1/(1+power))`` exceeds
+    ``diverge``: no root (a nonnegative null combination of the gradients), the iterates grow without bound."""
     is_log = abs(power - 1.0) < 1e-15
+    scale = G.diagonal(dim1=-2, dim2=-1).clamp_min(0) ** (1.0 / (1.0 + power))
 
     def f(z: Tensor) -> Tensor:
         h = torch.log(z) if is_log else z ** (1 - power) / (1 - power)
@@ -344,8 +339,8 @@ def newton_positive(
 
     grad, res = residual(x)
     for _ in range(max_iter):
-        if bool((res < tol).all()):
-            return x
+        if bool((res < tol).all()) or bool(((x * scale).amax(-1) > diverge).any()):
+            break
         H = G + torch.diag_embed(power * x ** (-power - 1))
         step = -_solve_psd(H, grad)
         # largest step keeping x > 0 (x + t step >= 0.01 x), then halve until Armijo holds
@@ -354,9 +349,7 @@ def newton_positive(
         t = torch.where(res < tol, torch.zeros_like(t), t)
         fx = f(x)
         slope = (grad * step).sum(-1)
-        for _ in range(
-            60
-        ):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
+        for _ in range(60):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
             cand = x + t[..., None] * step
             ok = (f(cand) <= fx + 1e-4 * t * slope) | (residual(cand)[1] <= 0.5 * res)
             if bool(ok.all()):
@@ -364,14 +357,52 @@ def newton_positive(
             t = torch.where(ok, t, 0.5 * t)
         x = x + t[..., None] * step
         grad, res = residual(x)
-    if bool((res < 1e-6).all()):
-        return x
-    warnings.warn(
-        f"newton_positive: residual {float(res.max()):.3g} after {max_iter} iterations",
-        SolverWarning,
-        stacklevel=2,
-    )
-    return x
+    return x, res
+
+
+def newton_positive(
+    G: Tensor,
+    power: float,
+    *,
+    x0: Tensor | None = None,
+    tol: float = 1e-12,
+    max_iter: int = 100,
+    diverge: float = 1e12,
+) -> Tensor:
+    """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal;
+    batched over the leading dimensions of ``G``.
+
+    It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h'(x) = x^-power``
+    (``h = log`` for ``power = 1``: Nash-MTL's ``G a = 1/a``, Navon et al. 2022; ``power = 1/alpha``:
+    FairGrad, Ban & Ji 2024). Damped Newton with a positivity-preserving Armijo backtracking line search; warm
+    start ``x0``. Stops when ``max |G x - x^-p| <= tol max |x^-p|`` in every problem; warns with that residual
+    if it is still above ``1e-6`` after ``max_iter`` steps.
+
+    Scale: the root of ``c G`` is ``c^(-1/(1+p))`` times that of ``G``; the problem is solved on ``G / s``
+    (``s`` the largest diagonal entry) and the root rescaled exactly, so Gramians of any finite scale (1e-300 to
+    1e300) take the same steps. A root need not exist: when a nonnegative combination of the gradients is 0
+    (e.g. exactly opposite gradients, or a zero gradient) ``f`` is unbounded below and the iterates grow without
+    bound; Newton stops once some ``x_i sqrt[1+p](G_ii / s)`` exceeds ``diverge`` and warns. Non-finite ``G``:
+    ``FloatingPointError``."""
+    if power <= 0:
+        raise ValueError(f"newton_positive: power must be > 0, not {power}")
+    G = G.to(torch.float64)
+    _check_finite(G, "newton_positive")
+    s = G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
+    k = s ** (1.0 / (1.0 + power))  # x(G) = x(G / s) / k
+    Gn = G / s[..., None, None]
+    d = Gn.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
+    x = d ** (-1.0 / (1.0 + power)) if x0 is None else (x0.to(torch.float64) * k[..., None]).expand_as(d)
+    x = x.clamp_min(1e-12).clone()
+    x, res = _newton_core(Gn, power, x, tol, max_iter, diverge)
+    if not bool((res < 1e-6).all()):
+        warnings.warn(
+            f"newton_positive: residual {float(res.max()):.3g} after at most {max_iter} iterations (no positive "
+            "root when a nonnegative combination of the gradients vanishes)",
+            SolverWarning,
+            stacklevel=2,
+        )
+    return x / k[..., None]
 
 
 def simplex_minimize(
@@ -382,24 +413,39 @@ def simplex_minimize(
     device: torch.device | None = None,
     iters: int = 1000,
     tol: float = 1e-8,
+    max_backtrack: int = 80,
 ) -> Tensor:
     """``argmin_{w in simplex} fun(w)`` for a smooth convex ``fun`` with gradient ``grad``: accelerated
     projected gradient (FISTA) with backtracking on the Lipschitz estimate and adaptive restarts (O'Donoghue &
-    Candès 2015); stops when an iteration moves ``w`` by less than ``tol`` (max-norm), warns otherwise."""
+    Candès 2015); stops when an iteration moves ``w`` by less than ``tol`` (max-norm), warns otherwise.
+
+    Bounded: at most ``iters`` iterations of at most ``max_backtrack`` doublings of the Lipschitz estimate
+    (starting from 1: the caller scales ``fun`` to order 1); a non-finite value or gradient raises
+    ``FloatingPointError``, and a backtracking that does not find a decrease warns and returns the best point."""
     w = torch.full((T,), 1.0 / T, dtype=torch.float64, device=device)
     y, k, L = w.clone(), 1.0, 1.0
-    fw = float(fun(w))
+    fw = _finite_value(fun(w), w)
     step = float("inf")
     for _ in range(iters):
         g = grad(y)
-        fy = float(fun(y))
-        while True:
+        fy = _finite_value(fun(y), y)
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"simplex_minimize: non-finite gradient {g.tolist()} at {y.tolist()}")
+        for _ in range(max_backtrack):
             w_new = project_simplex(y - g / L)
             diff = w_new - y
-            f_new = float(fun(w_new))
+            f_new = _finite_value(fun(w_new), w_new)
             if f_new <= fy + float(g @ diff) + 0.5 * L * float(diff @ diff) + 1e-15 * (1 + abs(fy)):
                 break
             L *= 2.0
+        else:
+            warnings.warn(
+                f"simplex_minimize: no decrease after {max_backtrack} halvings of the step (Lipschitz estimate "
+                f"{L:.3g}); returning the best point",
+                SolverWarning,
+                stacklevel=2,
+            )
+            return w
         step = float((w_new - w).abs().max())
         k_new = (1 + (1 + 4 * k * k) ** 0.5) / 2
         if f_new > fw:  # restart the momentum
@@ -414,6 +460,13 @@ def simplex_minimize(
         f"simplex_minimize: last step {step:.3g} after {iters} iterations", SolverWarning, stacklevel=2
     )
     return w
+
+
+def _finite_value(v: Tensor, at: Tensor) -> float:
+    f = float(v)
+    if not math.isfinite(f):
+        raise FloatingPointError(f"simplex_minimize: the objective is {f} at {at.tolist()}")
+    return f
 
 
 __all__ = [

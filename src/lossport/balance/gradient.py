@@ -22,11 +22,6 @@ from .base import register
 from .gramian_base import GramianBalancer, normalized
 
 
-def _frobenius_normalized(G: Tensor) -> Tensor:
-    n = float(torch.linalg.matrix_norm(G))
-    return G / n if n > 0 else G
-
-
 @register("mgda")
 class MGDA(GramianBalancer):
     """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the (normalised)
@@ -103,7 +98,7 @@ class CAGrad(GramianBalancer):
         self.c = float(c)
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        return G.shape[0] * W.cagrad(G, self.c)
+        return G.shape[0] * W.cagrad(G, self.c, names=losses.names)
 
 
 @register("imtl_g", "imtlg")
@@ -164,9 +159,11 @@ class DualProj(GramianBalancer):
 
 @register("nash_mtl", "nashmtl", "nash")
 class NashMTL(GramianBalancer):
-    """Nash-MTL (Navon et al., ICML 2022): ``b = a`` with ``G_n a = 1/a``, ``G_n = G / ||G||_F`` (the authors'
-    code normalises ``G`` so; their weights, unscaled), solved exactly by Newton (:func:`weighting.nash_mtl`)
-    and warm-started from the previous solution. The authors' ``update_weights_every`` is the engine option
+    """Nash-MTL (Navon et al., ICML 2022): ``b = a`` with ``G a = 1/a`` on the raw Gramian (the authors' code
+    solves on ``G / ||G||_F`` with the factor put back in its constraint, so its ``a`` is this one; their
+    weights, unscaled: ``a_i ~ 1/||g_i||``), solved exactly by Newton (:func:`weighting.nash_mtl`, which also
+    says what happens at exactly opposite gradients: bounded weights and a ``SolverWarning``) and warm-started
+    from the previous solution. The authors' ``update_weights_every`` is the engine option
     ``every=K`` (recompute every ``K`` steps, reuse in between).
 
     ``max_norm``: the authors clip the shared gradient ``J^T a`` to norm 1 (``max_norm=1.0`` in their code and
@@ -191,7 +188,7 @@ class NashMTL(GramianBalancer):
             if self._warm and len(self._warm) == G.shape[0]
             else None
         )
-        a = W.nash_mtl(_frobenius_normalized(G), x0=x0)
+        a = W.nash_mtl(G, x0=x0, names=losses.names)
         self._warm = a.tolist()
         if self.max_norm > 0:
             norm = float((a @ G.to(torch.float64) @ a).clamp_min(0).sqrt())
@@ -209,8 +206,9 @@ class NashMTL(GramianBalancer):
 
 @register("fairgrad")
 class FairGrad(GramianBalancer):
-    """FairGrad (Ban & Ji, ICML 2024): ``G_n w = w^(-1/alpha)`` with ``G_n = G / ||G||_F``; ``alpha = 2`` in
-    every author run (``alpha = 1`` is Nash-MTL). Weights unscaled, as Nash-MTL."""
+    """FairGrad (Ban & Ji, ICML 2024): ``G w = w^(-1/alpha)`` on the raw Gramian, as the authors' code and
+    TorchJD; ``alpha = 2`` in every author run (``alpha = 1`` is Nash-MTL). Weights unscaled, as Nash-MTL;
+    degenerate Gramians as :func:`weighting.fairgrad`."""
 
     name = "fairgrad"
 
@@ -227,7 +225,7 @@ class FairGrad(GramianBalancer):
             if self._warm and len(self._warm) == G.shape[0]
             else None
         )
-        w = W.fairgrad(_frobenius_normalized(G), self.alpha, x0=x0)
+        w = W.fairgrad(G, self.alpha, x0=x0, names=losses.names)
         self._warm = w.tolist()
         return w
 
