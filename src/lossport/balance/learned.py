@@ -332,7 +332,9 @@ class GradNorm(LearnedBalancer):
     L_grad - sg(L_grad)``: value 0 (the total is still ``sum_i w_i L_i``), gradient ``grad_w L_grad`` for the
     user's backward; :meth:`step` takes the Adam step on ``w`` and renormalises the weights of the parts present
     so that their sum is unchanged (so ``sum_i w_i = T`` over all parts, the paper's convention; factor 1).
-    ``L_grad`` and the norms and targets are in ``info``.
+    ``L_grad`` and the norms and targets are in ``info``. A batch with a single part present (nothing to
+    balance, no shared layer to find) returns that part's current weight without a GradNorm update and is
+    counted in ``info["gradnorm/single_part_batches"]``.
 
     Args:
         alpha: asymmetry (1.5, LibMTL's default; the paper tunes it per data set).
@@ -364,6 +366,7 @@ class GradNorm(LearnedBalancer):
         self._auto = layer is None
         self._initial: dict[str, float] = {}
         self._present: list[str] = []
+        self._single_part_batches = 0  # batches with one part present: passed through, not balanced
 
     def _shared_layer(self, losses: Losses) -> list[Tensor]:
         if self._layer is not None:
@@ -391,6 +394,11 @@ class GradNorm(LearnedBalancer):
         for k, v in vals.items():
             _positive("GradNorm", k, v, "its training rates are ratios L_i / L_i(0)")
             self._initial.setdefault(k, v)
+        if len(names) == 1:  # nothing to balance (e.g. a batch with one labelled part): its weight, no update
+            self._single_part_batches += 1
+            self._present = []
+            self.info["gradnorm/single_part_batches"] = float(self._single_part_batches)
+            return b
         layer = self._shared_layer(losses)
         norms: list[float] = []
         for k in names:
