@@ -23,7 +23,7 @@ from lossport.balance import weighting as W
 from lossport.balance.base import _REGISTRY
 from lossport.result_types import Losses
 
-LIMIT_S = 10.0  # per call; the solvers take milliseconds, a hang takes forever
+LIMIT_S = 5.0  # per call; the solvers take milliseconds, a hang takes forever
 
 
 class Hang(Exception):

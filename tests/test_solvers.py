@@ -230,3 +230,40 @@ def test_simplex_minimize_quadratic_and_warning():
     assert torch.allclose(w, min_norm_simplex(G), atol=1e-6)
     with pytest.warns(SolverWarning, match="last step"):
         simplex_minimize(lambda w: w @ G @ w, lambda w: 2 * G @ w, 5, iters=2)
+
+
+# -- bounded and scale-aware (issue 17) ----------------------------------------------------------------------
+def test_simplex_minimize_raises_on_overflow_and_stops_on_a_hopeless_backtracking():
+    G = gram(3, 3, 2) * 1e300
+    with pytest.raises(FloatingPointError, match="simplex_minimize"):
+        simplex_minimize(lambda w: w @ G @ w * 1e300, lambda w: 2 * G @ w * 1e300, 3)
+    # an objective that no step decreases (a discontinuous one): warns after max_backtrack halvings
+    with pytest.warns(SolverWarning, match="no decrease"):
+        w = simplex_minimize(
+            lambda w: torch.tensor(float(w[0] != 1 / 3)),
+            lambda w: torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+            3,
+            max_backtrack=20,  # (beyond ~50 halvings the step rounds to 0 and "decreases")
+        )
+    assert torch.allclose(w, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("c", [1e-280, 1e-100, 1e100, 1e280])
+def test_newton_positive_is_scale_covariant(c):
+    G = gram(5, 5, 3, spread=1.0)
+    for p in (0.5, 1.0):
+        x = newton_positive(G, p)
+        xc = newton_positive(G * c, p)
+        assert torch.allclose(xc, x * c ** (-1 / (1 + p)), rtol=1e-9)
+        assert torch.allclose(newton_positive(G * c, p, x0=xc * 1.1), xc, rtol=1e-9)  # warm start, raw scale
+
+
+def test_newton_positive_without_root_warns_quickly_and_non_finite_raises():
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    J = torch.stack([g, -g, torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64)])
+    with pytest.warns(SolverWarning, match="no positive root"):
+        newton_positive(J @ J.T, 1.0)
+    G = gram(3, 3, 1)
+    G[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        newton_positive(G, 1.0)
