@@ -96,7 +96,7 @@ def imtl_g(G: Tensor) -> Tensor:
     return torch.where(ok, w / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(w))
 
 
-def cagrad(G: Tensor, c: float = 0.4, *, names: Sequence[str] | None = None, bound: float = 100.0) -> Tensor:
+def cagrad(G: Tensor, c: float = 0.4, *, names: Sequence[str] | None = None, bound: float = BOUND) -> Tensor:
     """CAGrad (Liu et al., NeurIPS 2021). With ``g_0 = mean_i g_i`` and ``phi = c^2 ||g_0||^2``: ``w* =
     argmin_{w in simplex} w^T G 1/T + sqrt(phi) sqrt(w^T G w)`` and ``d = g_0 + k g_w*`` with ``k =
     sqrt(phi)/||g_w*||``, divided by ``1 + c^2`` (the authors' code). Returns the weights of ``d`` on the parts
@@ -105,7 +105,8 @@ def cagrad(G: Tensor, c: float = 0.4, *, names: Sequence[str] | None = None, bou
     Scale-invariant (``w*`` and ``k`` are unchanged by ``G -> c G``): solved on ``G / max |G_ij|``. When the
     convex hull of the gradients (nearly) contains 0 (e.g. ``g, -g, g_3``), ``||g_w*|| -> 0`` while ``k w*``
     blows up (the authors divide by ``||g_w|| + 1e-8``: weights ~1e8 whose update ``k g_w*`` is ~0 but whose
-    heads get 1e8 times their gradients). Here ``k`` is capped at ``bound`` (100) with a ``SolverWarning``
+    heads get 1e8 times their gradients). Here ``k`` is capped at ``bound`` (1e4; on the toy problem of
+    :mod:`lossport.toy` regular steps reach ``k ~ 1e3``, which a cap of 100 would change) with a ``SolverWarning``
     naming the parts and the weights: the update is ``g_0 + bound g_w*``, continuous in ``G`` and equal to the
     authors' ``g_0`` in the limit ``g_w* = 0``."""
     G, _ = _gram(G, "cagrad")
@@ -234,7 +235,12 @@ def _alpha_fair_one(
         ok = bool(res < 1e-6) and float((x * dk**e).max()) <= bound
     mu = RIDGE_BOUND ** (-(1.0 + power))
     if not ok:  # no root, or one with weights beyond the bound: the ridge problem (strongly convex, coercive)
-        x, _ = _newton_core(Gk + mu * torch.diag(dk), power, dk ** (-e), 1e-12, 200, float("inf"))
+        Gr = Gk + mu * torch.diag(dk)
+        if Gk.shape[0] == 2 and power == 1.0:  # the closed form holds for any positive definite 2 x 2 matrix
+            n = Gr.diagonal().sqrt()
+            x = 1.0 / (n * (1 + float((Gr[0, 1] / (n[0] * n[1])).clamp(-1.0, 1.0))) ** 0.5)
+        else:
+            x, _ = _newton_core(Gr, power, dk ** (-e), 1e-12, 200, float("inf"))
     out = torch.empty(T, dtype=torch.float64, device=G.device)
     out[keep] = x
     if not bool(keep.all()):
@@ -262,13 +268,38 @@ def _alpha_fair(
     G = _f64(G)
     if G.dim() == 2:
         return _alpha_fair_one(G, power, x0, names, method, bound)
-    flat = G.reshape(-1, G.shape[-1], G.shape[-1])
+    T = G.shape[-1]
+    flat = G.reshape(-1, T, T)
     x0s = None if x0 is None else x0.to(torch.float64).expand(G.shape[:-1]).reshape(flat.shape[:-1])
-    out = [
-        _alpha_fair_one(flat[i], power, None if x0s is None else x0s[i], names, method, bound)
-        for i in range(flat.shape[0])
-    ]
-    return torch.stack(out).reshape(G.shape[:-1])
+    out, ok = _alpha_fair_batch(flat, power, x0s, bound)
+    for i in (~ok).nonzero().flatten().tolist():  # degenerate matrices, one by one (bounded, warned)
+        out[i] = _alpha_fair_one(flat[i], power, None if x0s is None else x0s[i], names, method, bound)
+    return out.reshape(G.shape[:-1])
+
+
+def _alpha_fair_batch(G: Tensor, power: float, x0: Tensor | None, bound: float) -> tuple[Tensor, Tensor]:
+    """All matrices at once (``B x T x T``): the exact roots and the mask of those accepted (no zero gradient,
+    converged, scale-free weights within ``bound``); :func:`_alpha_fair_one` redoes the others."""
+    d = G.diagonal(dim1=-2, dim2=-1)
+    s = d.amax(-1)
+    good = s > 0
+    s = torch.where(good, s, torch.ones_like(s))
+    e = 1.0 / (1.0 + power)
+    Gn = G / s[:, None, None]
+    dn = Gn.diagonal(dim1=-2, dim2=-1)
+    good &= (dn > 1e-24).all(-1)
+    dn = torch.where(good[:, None], dn, torch.ones_like(dn))
+    if G.shape[-1] == 2 and power == 1.0:
+        n = dn.sqrt()
+        cos = (Gn[:, 0, 1] / (n[:, 0] * n[:, 1])).clamp(-1.0, 1.0)
+        x = 1.0 / (n * (1 + cos).clamp_min(bound ** (-2))[:, None].sqrt())
+        good &= 1 + cos >= bound ** (-2)
+    else:
+        x = dn ** (-e) if x0 is None else (x0 * (s**e)[:, None]).clamp_min(1e-12)
+        Gs = torch.where(good[:, None, None], Gn, torch.diag_embed(dn))  # placeholders: solved one by one
+        x, res = _newton_core(Gs, power, x, 1e-12, 100, float("inf"))
+        good &= (res < 1e-6) & ((x * dn**e).amax(-1) <= bound)
+    return x / (s**e)[:, None], good
 
 
 def nash_mtl(
