@@ -324,8 +324,9 @@ def _newton_core(
     G: Tensor, power: float, x: Tensor, tol: float, max_iter: int, diverge: float
 ) -> tuple[Tensor, Tensor]:
     """Damped Newton for ``G x = x^(-power)`` from ``x`` (``G`` float64 with diagonal of order 1). Returns
-    ``(x, residual)``; stops early (residual left as it is) once some ``x_i d_i^(1/(1+power))`` exceeds
-    ``diverge``: no root (a nonnegative null combination of the gradients), the iterates grow without bound."""
+    ``(x, residual)``. Batched; each problem stops on its own once converged, once some ``x_i
+    d_i^(1/(1+power))`` exceeds ``diverge`` (no root: a nonnegative null combination of the gradients, the
+    iterates grow without bound), or once no step decreases ``f`` (stalled at rounding level)."""
     is_log = abs(power - 1.0) < 1e-15
     scale = G.diagonal(dim1=-2, dim2=-1).clamp_min(0) ** (1.0 / (1.0 + power))
 
@@ -338,24 +339,28 @@ def _newton_core(
         return grad, grad.abs().amax(-1) / (z ** (-power)).abs().amax(-1)
 
     grad, res = residual(x)
+    active = torch.ones_like(res, dtype=torch.bool)
     for _ in range(max_iter):
-        if bool((res < tol).all()) or bool(((x * scale).amax(-1) > diverge).any()):
+        # each problem stops on its own: converged, diverging (no root), or stalled (no step decreases f)
+        active &= (res >= tol) & ((x * scale).amax(-1) <= diverge)
+        if not bool(active.any()):
             break
         H = G + torch.diag_embed(power * x ** (-power - 1))
         step = -_solve_psd(H, grad)
         # largest step keeping x > 0 (x + t step >= 0.01 x), then halve until Armijo holds
         ratio = torch.where(step < 0, -x / step.clamp_max(-1e-300), torch.full_like(x, float("inf")))
-        t = (0.99 * ratio.amin(-1)).clamp(max=1.0)
-        t = torch.where(res < tol, torch.zeros_like(t), t)
+        t = torch.where(active, (0.99 * ratio.amin(-1)).clamp(max=1.0), torch.zeros_like(res))
         fx = f(x)
         slope = (grad * step).sum(-1)
-        for _ in range(60):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
+        ok = ~active
+        for _ in range(40):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
             cand = x + t[..., None] * step
-            ok = (f(cand) <= fx + 1e-4 * t * slope) | (residual(cand)[1] <= 0.5 * res)
+            ok = ok | (f(cand) <= fx + 1e-4 * t * slope) | (residual(cand)[1] <= 0.5 * res)
             if bool(ok.all()):
                 break
             t = torch.where(ok, t, 0.5 * t)
-        x = x + t[..., None] * step
+        active &= ok  # a failed line search: f is flat to rounding along the step, nothing more to gain
+        x = x + torch.where(ok, t, torch.zeros_like(t))[..., None] * step
         grad, res = residual(x)
     return x, res
 
