@@ -22,18 +22,14 @@ from lossport.solvers import (
 
 def gram(T, r, seed, spread=2.0):
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(
-        0, spread, r, dtype=torch.float64
-    )
+    A = torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(0, spread, r, dtype=torch.float64)
     return A @ A.T
 
 
 def assert_box_kkt(G, q, lower, v, tol=1e-9):
     """v >= lower, y = G v + q >= 0, y_i (v_i - lower_i) = 0 (relative to the problem's scale)."""
     y = v @ G + (0 if q is None else q)  # G symmetric
-    scale = float(G.diagonal().abs().max()) * float(v.abs().max()) + (
-        0 if q is None else float(q.abs().max())
-    )
+    scale = float(G.diagonal().abs().max()) * float(v.abs().max()) + (0 if q is None else float(q.abs().max()))
     assert float((lower - v).max()) <= tol * (1 + float(v.abs().max()))
     assert float((-y).max()) <= tol * scale
     assert float(((v - lower) * y).abs().max()) <= tol * scale * (1 + float(v.abs().max()))
@@ -84,19 +80,64 @@ def test_box_qp_ill_conditioned_and_rank_deficient():
     lower = torch.eye(12, dtype=torch.float64) / 12
     v = box_qp(G / G.trace() + 1e-4 * torch.eye(12, dtype=torch.float64), None, lower)
     for i in range(12):
-        assert_box_kkt(
-            G / G.trace() + 1e-4 * torch.eye(12, dtype=torch.float64), None, lower[i], v[i], tol=1e-8
-        )
+        assert_box_kkt(G / G.trace() + 1e-4 * torch.eye(12, dtype=torch.float64), None, lower[i], v[i], tol=1e-8)
     Gs = gram(10, 3, 5)  # rank 3: the face systems are singular, solved by the pseudo-inverse fallback
     v = box_qp(Gs, None, lower[:10, :10])
     assert float((Gs @ v.T).min()) >= -1e-9 * float(Gs.diagonal().max())  # projections are in the dual cone
 
 
+@pytest.mark.parametrize(
+    "n,r,spread,ridge", [(40, 40, 1.0, 1e-4), (48, 48, 4.0, 1e-4), (40, 10, 2.0, 1e-4), (32, 8, 2.0, 0.0)]
+)
+def test_box_qp_admm_start_gives_the_exact_answer(n, r, spread, ridge):
+    """Many problems per matrix start the pivoting from an ADMM guess of the free sets: same KKT point as the
+    cold start, on full-rank, ill-conditioned, rank-deficient and singular (no ridge) matrices."""
+    G = gram(n, r, n + r, spread)
+    G = G / G.trace() + ridge * torch.eye(n, dtype=torch.float64)
+    lower = torch.eye(n, dtype=torch.float64) / n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        warm = box_qp(G, None, lower)
+        cold = box_qp(G, None, lower, warm=0)
+    for i in range(n):
+        assert_box_kkt(G, None, lower[i], warm[i], tol=1e-8)
+    if ridge > 0:  # unique solution
+        assert torch.allclose(warm, cold, rtol=1e-9, atol=1e-12)
+
+
+def test_box_qp_admm_start_batched_and_with_linear_term():
+    Gs = torch.stack([gram(20, r, s) for s, r in enumerate((20, 20, 6))])
+    Gs = Gs / Gs.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    g = torch.Generator().manual_seed(8)
+    lower = torch.randn(3, 12, 20, generator=g, dtype=torch.float64)
+    q = torch.randn(3, 12, 20, generator=g, dtype=torch.float64)
+    V = box_qp(Gs, q, lower, ridge=1e-6)
+    for b in range(3):
+        Gr = Gs[b] + 1e-6 * Gs[b].diagonal().max() * torch.eye(20, dtype=torch.float64)
+        assert torch.allclose(V[b], box_qp(Gr, q[b], lower[b], warm=0), rtol=1e-9, atol=1e-11)
+        for i in range(12):
+            assert_box_kkt(Gr, q[b, i], lower[b, i], V[b, i])
+
+
+def test_admm_start_falls_back_to_the_cold_start_when_the_matrix_is_not_psd():
+    from lossport.solvers import _admm_support
+
+    G = -torch.eye(5, dtype=torch.float64)[None]
+    c = torch.tensor([[[1.0, -1.0, 2.0, -3.0, 0.0]]], dtype=torch.float64)
+    assert torch.equal(_admm_support(G, c, 50), c < 0)
+
+
 def test_box_qp_warns_with_the_residual_when_not_converged():
     G = gram(30, 30, 6)
     lower = torch.eye(30, dtype=torch.float64)
+    Gn = G / G.trace() + 1e-4 * torch.eye(30, dtype=torch.float64)
     with pytest.warns(SolverWarning, match="KKT residual"):
-        box_qp(G / G.trace() + 1e-4 * torch.eye(30, dtype=torch.float64), None, lower, max_iter=1)
+        box_qp(Gn, None, lower, max_iter=1, warm=0)  # cold start: one pivoting step is not enough
+    # from the ADMM start, too few pivoting steps on a hard problem (rank 3 of 40, condition 1e8) also warn
+    G3 = gram(40, 3, 7, spread=4.0)
+    with pytest.warns(SolverWarning, match="KKT residual"):
+        eye = torch.eye(40, dtype=torch.float64)
+        box_qp(G3 / G3.trace() + 1e-8 * eye, None, eye, max_iter=1)
 
 
 def test_kkt_residual_detects_violations():
@@ -135,7 +176,7 @@ def test_min_norm_simplex_optimal_against_slsqp(T, r):
         constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}],
         bounds=[(0, None)] * T,
         method="SLSQP",
-        options=dict(ftol=1e-16, maxiter=1000),
+        options={"ftol": 1e-16, "maxiter": 1000},
     )
     value = float(w @ G @ w)
     assert value <= res.fun * (1 + 1e-7) + 1e-10 * float(G.trace())
@@ -183,3 +224,40 @@ def test_simplex_minimize_quadratic_and_warning():
     assert torch.allclose(w, min_norm_simplex(G), atol=1e-6)
     with pytest.warns(SolverWarning, match="last step"):
         simplex_minimize(lambda w: w @ G @ w, lambda w: 2 * G @ w, 5, iters=2)
+
+
+# -- bounded and scale-aware (issue 17) ----------------------------------------------------------------------
+def test_simplex_minimize_raises_on_overflow_and_stops_on_a_hopeless_backtracking():
+    G = gram(3, 3, 2) * 1e300
+    with pytest.raises(FloatingPointError, match="simplex_minimize"):
+        simplex_minimize(lambda w: w @ G @ w * 1e300, lambda w: 2 * G @ w * 1e300, 3)
+    # an objective that no step decreases (a discontinuous one): warns after max_backtrack halvings
+    with pytest.warns(SolverWarning, match="no decrease"):
+        w = simplex_minimize(
+            lambda w: torch.tensor(float(w[0] != 1 / 3)),
+            lambda w: torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+            3,
+            max_backtrack=20,  # (beyond ~50 halvings the step rounds to 0 and "decreases")
+        )
+    assert torch.allclose(w, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("c", [1e-280, 1e-100, 1e100, 1e280])
+def test_newton_positive_is_scale_covariant(c):
+    G = gram(5, 5, 3, spread=1.0)
+    for p in (0.5, 1.0):
+        x = newton_positive(G, p)
+        xc = newton_positive(G * c, p)
+        assert torch.allclose(xc, x * c ** (-1 / (1 + p)), rtol=1e-9)
+        assert torch.allclose(newton_positive(G * c, p, x0=xc * 1.1), xc, rtol=1e-9)  # warm start, raw scale
+
+
+def test_newton_positive_without_root_warns_quickly_and_non_finite_raises():
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    J = torch.stack([g, -g, torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64)])
+    with pytest.warns(SolverWarning, match="no positive root"):
+        newton_positive(J @ J.T, 1.0)
+    G = gram(3, 3, 1)
+    G[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        newton_positive(G, 1.0)

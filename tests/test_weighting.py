@@ -1,5 +1,7 @@
 """Gramian weightings against closed forms (T = 2), optimality conditions, scipy and TorchJD 0.18."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -25,9 +27,7 @@ from lossport.solvers import SolverWarning
 def jac(T, r, seed, spread=2.0):
     """A T x r Jacobian of rank min(T, r) whose singular values spread over ``spread`` decades."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(
-        0, spread, r, dtype=torch.float64
-    )
+    return torch.randn(T, r, generator=g, dtype=torch.float64) * torch.logspace(0, spread, r, dtype=torch.float64)
 
 
 def gram(T, r, seed, spread=2.0):
@@ -57,9 +57,7 @@ CASES = [
 @pytest.mark.parametrize("seed", [0, 1])
 def test_against_torchjd(T, r, spread, seed):
     """Same weights as TorchJD 0.18 (factor 1: ``weighting.py`` returns the papers' / TorchJD's weights)."""
-    J = (
-        jac(T, r, seed, spread) * 3.0
-    )  # trace of G well above TorchJD's 1e-4 threshold (see upgrad's docstring)
+    J = jac(T, r, seed, spread) * 3.0  # trace of G well above TorchJD's 1e-4 threshold (see upgrad's docstring)
     G = J @ J.T
     assert rel(W.upgrad(G), UPGradWeighting()(G)) < 1e-5
     assert rel(W.dualproj(G), DualProjWeighting()(G)) < 1e-5
@@ -68,6 +66,14 @@ def test_against_torchjd(T, r, spread, seed):
         assert rel(W.aligned_mtl(G, mode), AlignedMTLWeighting(scale_mode=mode)(G)) < 1e-5
     # ConFIG is an aggregator of the Jacobian in TorchJD: compare the update J^T w
     assert rel(J.T @ W.config(G), ConFIG()(J)) < 1e-5
+
+
+@pytest.mark.parametrize("T,r,spread", [(64, 64, 1.0), (64, 256, 0.0), (48, 12, 2.0), (40, 40, 5.0)])
+def test_upgrad_many_parts_against_torchjd(T, r, spread):
+    """The sizes where box_qp starts from ADMM (full rank, rank-deficient, condition number 1e10)."""
+    G = gram(T, r, T + r, spread) * 9.0
+    assert rel(W.upgrad(G), UPGradWeighting()(G)) < 1e-5
+    assert rel(W.dualproj(G), DualProjWeighting()(G)) < 1e-5
 
 
 def orders_like_torchjd_pcgrad(T, seed):
@@ -121,7 +127,7 @@ def test_batched_weightings_equal_one_by_one():
     for b in range(3):
         assert torch.allclose(W.nash_mtl(full)[b], W.nash_mtl(full[b]), rtol=1e-9)
         assert torch.allclose(W.fairgrad(full, 2.0)[b], W.fairgrad(full[b], 2.0), rtol=1e-9)
-    with pytest.warns(SolverWarning, match="residual"):
+    with pytest.warns(SolverWarning, match="no bounded positive root"):
         W.nash_mtl(Gs[2])
     G2 = torch.stack([gram(2, 2, s) for s in range(3)])
     for b in range(3):
@@ -157,7 +163,7 @@ def test_mgda_exact_where_torchjd_frank_wolfe_is_approximate(T, r):
         constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}],
         bounds=[(0, None)] * T,
         method="SLSQP",
-        options=dict(ftol=1e-16, maxiter=1000),
+        options={"ftol": 1e-16, "maxiter": 1000},
     )
     assert float(w @ G @ w) <= res.fun * (1 + 1e-8) + 1e-12
     tj = MGDAWeighting()(G)
@@ -235,7 +241,7 @@ def test_cagrad_limits_and_objective():
         constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}],
         bounds=[(0, None)] * T,
         method="SLSQP",
-        options=dict(ftol=1e-14, maxiter=1000),
+        options={"ftol": 1e-14, "maxiter": 1000},
     )
     ours = W.cagrad(G, c) * (1 + c * c)
     # recover w*: ours = avg + (c g0/||g_w||) w*
@@ -280,3 +286,131 @@ def test_gradvac_with_zero_targets_is_pcgrad():
     w, tgt = W.gradvac(G, order, torch.zeros(4, 4, dtype=torch.float64), beta=0.5)
     assert torch.allclose(w, W.pcgrad(G, order), atol=1e-10)
     assert tgt.abs().sum() > 0
+
+
+# -- scale, degenerate Gramians (issue 17) and the authors' Nash-MTL / FairGrad scaling (issue 15) -----------
+INVARIANT = {
+    "mgda": W.mgda,
+    "pcgrad": lambda G: W.pcgrad(G, [[j for j in range(G.shape[0]) if j != i] for i in range(G.shape[0])]),
+    "imtl_g": W.imtl_g,
+    "cagrad": W.cagrad,
+    "upgrad": W.upgrad,
+    "dualproj": W.dualproj,
+    "aligned_mtl": W.aligned_mtl,
+    "config": W.config,
+    "gradvac": lambda G: W.gradvac(G, [[1, 2], [2, 0], [0, 1]], torch.full((3, 3), 0.5))[0],
+}
+
+
+@pytest.mark.parametrize("c", [1e-300, 1e-150, 1e-20, 1e20, 1e150, 1e300])
+def test_weights_follow_the_scale_of_the_gramian_exactly(c):
+    G = gram(3, 3, 21, spread=1.0)
+    G = G / G.diagonal().max()
+    for name, fn in INVARIANT.items():
+        assert rel(fn(G * c), fn(G)) < 1e-9, name
+    assert rel(W.nash_mtl(G * c), W.nash_mtl(G) / c**0.5) < 1e-9  # a(cG) = a(G) / sqrt(c)
+    for alpha in (0.5, 2.0):
+        assert rel(W.fairgrad(G * c, alpha), W.fairgrad(G, alpha) * c ** (-alpha / (1 + alpha))) < 1e-9
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_nash_mtl_and_fairgrad_solve_the_raw_gramian(scale):
+    """The authors' Nash-MTL puts ||G||_F back in its constraint, the FairGrad code never normalises: the root
+    of G a = a^(-1/alpha) on G itself, not on G / ||G||_F."""
+    G = gram(4, 4, 3, spread=1.0) * scale
+    a = W.nash_mtl(G)
+    assert rel(G @ a, 1 / a) < 1e-12
+    w = W.fairgrad(G, 2.0)
+    assert rel(G @ w, w**-0.5) < 1e-12
+    Gn = G / torch.linalg.matrix_norm(G)
+    assert rel(W.nash_mtl(Gn), a * torch.linalg.matrix_norm(G) ** 0.5) < 1e-9  # the old weights differ by this
+
+
+@pytest.mark.parametrize("fn", [*list(INVARIANT.values()), W.nash_mtl, W.fairgrad])
+def test_non_finite_gramian_is_a_floating_point_error(fn):
+    G = gram(3, 3, 4)
+    for bad in (float("nan"), float("inf")):
+        H = G.clone()
+        H[0, 1] = H[1, 0] = bad
+        with pytest.raises(FloatingPointError, match="NaN or inf"):
+            fn(H)
+    H = G.clone()
+    H[2, 2] = -1.0
+    with pytest.raises(ValueError, match="negative diagonal"):
+        fn(H)
+
+
+def opposite(dtype=torch.float64):
+    g = torch.tensor([1.0, 2.0, 0.5, -1.0], dtype=dtype)
+    g3 = torch.tensor([0.3, -0.1, 0.4, 0.2], dtype=dtype)
+    return torch.stack([g, -g, g3])
+
+
+@pytest.mark.parametrize("name", ["nash_mtl", "fairgrad", "cagrad"])
+def test_exactly_opposite_gradients_give_bounded_weights_and_a_warning(name):
+    """g, -g, g3: Nash-MTL / FairGrad have no root (weights were ~1e8 / ~3e10), CAGrad's coefficient is
+    infinite (~2e6); in float32 the applied update lost g3. Now: bounded, warned, g3 kept."""
+    fn = getattr(W, name)
+    for dtype in (torch.float32, torch.float64):
+        J = opposite(dtype)
+        G = (J @ J.T).double()
+        with pytest.warns(SolverWarning, match=r"\['a', 'b', 'c'\].*\[.*\]") as rec:
+            w = fn(G, names=["a", "b", "c"])
+        assert "opposite" in str(rec[0].message)
+        norms = G.diagonal().sqrt()
+        if name == "cagrad":  # (1/T + k w*) / (1 + c^2) with k capped at 1e4 (was ~1e7)
+            assert float(w.max()) <= (1 / 3 + W.BOUND) / 1.16 + 1e-9
+        else:  # scale-free weights bounded by 100 sqrt(T) (were ~1e8 and ~1e11)
+            assert float((w * norms).max()) < 100 * 3**0.5
+        d = J.T @ w.to(dtype)
+        g3 = J[2].double()
+        # the pair cancels: the update is along g3's component off g (float32 included)
+        g = J[0].double()
+        off = g3 - (g3 @ g) / (g @ g) * g
+        assert float(d.double() @ off) > 0.1 * float(off @ off) * float(w[2])
+
+
+def test_nash_mtl_two_opposite_gradients():
+    J = opposite()[:2]
+    with pytest.warns(SolverWarning, match="no bounded positive root"):
+        a = W.nash_mtl(J @ J.T, names=["a", "b"])
+    assert torch.allclose(a * J.norm(dim=1), torch.full((2,), 100.0, dtype=torch.float64), rtol=1e-6)
+    # nearly opposite but with a root of moderate size: the exact closed form, no warning
+    J2 = torch.stack([J[0], -J[0] + 0.05 * torch.tensor([2.0, -1.0, 0.0, 0.0], dtype=torch.float64)])
+    G = J2 @ J2.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        a = W.nash_mtl(G)
+    assert rel(G @ a, 1 / a) < 1e-12
+
+
+def test_zero_gradients():
+    J = torch.stack([opposite()[2], torch.zeros(4, dtype=torch.float64), opposite()[0]])
+    G = J @ J.T
+    with pytest.warns(SolverWarning, match=r"zero gradients: \['part 1'\]"):
+        a = W.nash_mtl(G)
+    assert torch.isfinite(a).all() and float(a[1]) == float(a.max())
+    assert rel((G @ a)[[0, 2]], 1 / a[[0, 2]]) < 1e-12  # the others keep their exact root
+    Z = torch.zeros(3, 3, dtype=torch.float64)
+    for fn in (W.nash_mtl, W.fairgrad, W.mgda, W.upgrad, W.cagrad, W.imtl_g, W.config, W.aligned_mtl):
+        assert torch.isfinite(fn(Z)).all()
+
+
+def test_gradvac_on_identical_gradients_stays_real_and_finite():
+    """Issue 17.3: identical gradients round the cosine to 1 + 1e-16 and drive the EMA target to 1."""
+    g = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    J = torch.stack([g, g * (1 + 1e-15)])
+    G = J @ J.T
+    up, down = G.clone(), G.clone()
+    up[0, 1] = up[1, 0] = G[0, 1] * (1 + 1e-15)  # cosine slightly above 1 ...
+    down[0, 1] = down[1, 0] = G[0, 1] * (1 - 1e-15)  # ... then slightly below the target
+    tgt = torch.zeros(2, 2, dtype=torch.float64)
+    for step in range(60):
+        w, tgt = W.gradvac(up if step < 40 else down, [[1], [0]], tgt, beta=0.5)
+        assert torch.isfinite(w).all() and float(tgt.max()) <= 1.0
+    assert torch.allclose(w, torch.ones(2, dtype=torch.float64))  # (almost) no correction between identical ones
+    # a gradient that falls below a target of 1: a finite (bounded) correction
+    J3 = torch.stack([g, torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)])
+    w, _ = W.gradvac(J3 @ J3.T, [[1], [0]], torch.ones(2, 2, dtype=torch.float64), beta=0.5)
+    n = J3.norm(dim=1)
+    assert torch.isfinite(w).all() and float((w - 1).abs().max()) <= 708 * float(n.max() / n.min())

@@ -5,7 +5,8 @@ No external solver: the problems have at most a few hundred variables, and the m
 tolerance warns with the residual (``SolverWarning``); it never falls back silently to another answer.
 
 * :func:`box_qp`: ``min 1/2 v^T G v + q^T v  s.t.  v >= lower``, many right-hand sides at once (UPGrad's ``T``
-  dual-cone projections, DualProj, MGDA), by block principal pivoting.
+  dual-cone projections, DualProj, MGDA), by block principal pivoting, started from a float32 ADMM guess of
+  the active sets when there are many problems per matrix.
 * :func:`min_norm_simplex`: MGDA's min-norm point of the convex hull (closed form for ``T = 2``).
 * :func:`newton_positive`: the positive root of ``G x = x^(-p)`` (Nash-MTL, FairGrad).
 * :func:`simplex_minimize`: a smooth convex function on the simplex (CAGrad's dual problem).
@@ -13,6 +14,7 @@ tolerance warns with the residual (``SolverWarning``); it never falls back silen
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -38,89 +40,172 @@ def _solve_psd(A: Tensor, b: Tensor) -> Tensor:
     return x
 
 
-def _face_solve(G: Tensor, gi: Tensor, F: Tensor, c: Tensor, pad: Tensor, chunk: int = 32) -> Tensor:
-    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row of the mask ``F``; problem ``p`` has the
-    matrix ``G[gi[p]]``). Problems are sorted by the size of their free set and solved in chunks, each padded to
-    its own largest free set with decoupled dummy variables (diagonal ``pad``, right-hand side 0)."""
+def _face_solve(
+    Ga: Tensor, gi: Tensor | None, F: Tensor, nca: Tensor, pad: Tensor | float, ws: list[Tensor], chunk: int = 0
+) -> Tensor:
+    """``x_F = -G_FF^{-1} c_F`` and ``x_A = 0`` for each problem (row ``p`` of the mask ``F``, ``b x n``, with
+    the matrix ``G[gi[p]]``; ``gi = None``: one matrix for all). ``Ga`` (``g x (n+1) x (n+1)``) is ``G``
+    bordered by zeros (a dummy variable ``n``) and ``nca`` (``b x (n+1)``) is ``-c`` bordered by 0. Problems
+    are sorted by the size of their free set and solved in chunks (``chunk`` problems; ``0``: 8 to 32, about
+    1 MB of matrices), each padded to its largest free set with copies of the dummy (decoupled, diagonal
+    ``pad``: one value for all when ``gi = None``, else one per problem), so that one gather (int32 flat
+    indices) builds the chunk's matrices, which are factorised in place. ``ws`` holds the work buffers
+    (indices, matrices, info), grown on demand and kept by the caller across iterations: fresh memory is
+    expensive (page faults). Returns ``x`` bordered."""
     b, n = F.shape
-    cnt = F.sum(-1)
-    x = torch.zeros(b, n, dtype=c.dtype, device=c.device)
-    idx = torch.argsort(cnt)
-    counts = cnt[idx].tolist()
-    stack = G.reshape(-1, n)
+    N = n + 1
+    cs, idx = torch.sort(F.sum(-1))  # problems by the size of their free set
+    counts = cs.tolist()
+    if chunk <= 0:  # about 1 MB of matrices per chunk
+        chunk = max(8, min(32, 2**17 // max(1, counts[-1] ** 2)))
+    # per (sorted) problem: its free variables (in index order), then the dummy
+    perm = torch.argsort(F[idx].to(torch.int8), dim=-1, descending=True, stable=True)
+    perm = torch.where(torch.arange(n, device=F.device) < cs[:, None], perm, n)
+    ncs = nca[idx]
+    pads = pad if isinstance(pad, float) else pad[idx]
+    gis = None if gi is None else gi[idx] * N
+    flat = Ga.reshape(-1)
+    idt = torch.int32 if flat.numel() < 2**31 else torch.long
+    size, nbmax = min(chunk, b) * counts[-1] ** 2, min(chunk, b)
+    if not ws or ws[0].numel() < size or ws[2].numel() < nbmax:
+        size, nbmax = (size, nbmax) if not ws else (max(size, ws[0].numel()), max(nbmax, ws[2].numel()))
+        ws[:] = [
+            torch.empty(size, dtype=idt, device=F.device),
+            torch.empty(size, dtype=nca.dtype, device=F.device),
+            torch.empty(nbmax, dtype=torch.int32, device=F.device),
+        ]
+    xs = torch.zeros(b, N, dtype=nca.dtype, device=nca.device)
     for s in range(0, b, chunk):
-        sel = idx[s : s + chunk]
-        k = counts[min(s + chunk, b) - 1]
+        e = min(s + chunk, b)
+        k, nb = counts[e - 1], e - s
         if k == 0:
             continue
-        # the free variables first (in index order), then padding
-        order = torch.sort(F[sel].to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
-        valid = torch.arange(k, device=c.device) < cnt[sel, None]
-        rows = (order + (gi[sel] * n)[:, None]).reshape(-1)  # rows of the (g n) x n stack
-        sub = stack.index_select(0, rows).view(-1, k, n).gather(2, order[:, None, :].expand(-1, k, k))
-        sub.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
-        sub.diagonal(dim1=-2, dim2=-1).add_(torch.where(valid, 0.0, pad[sel, None]))
-        rhs = torch.where(valid, -c[sel].gather(-1, order), 0.0)
-        sol = torch.where(valid, _solve_psd(sub, rhs), 0.0)
-        x[sel] = torch.zeros(sel.numel(), n, dtype=c.dtype, device=c.device).scatter_add_(-1, order, sol)
-    return x
+        order = perm[s:e, :k]
+        rows = order if gis is None else order + gis[s:e, None]
+        ix = torch.add((rows * N)[:, :, None], order[:, None, :], out=ws[0][: nb * k * k].view(nb, k, k))
+        sub = torch.index_select(flat, 0, ix.view(-1), out=ws[1][: nb * k * k]).view(nb, k, k)
+        dummy = order == n  # their diagonal entries are 0 (the border of Ga): set them to pad
+        dpad = pads if isinstance(pads, float) else torch.where(dummy, pads[s:e, None], 0.0)
+        if isinstance(dpad, float):
+            sub.diagonal(dim1=-2, dim2=-1).masked_fill_(dummy, dpad)
+        else:
+            sub.diagonal(dim1=-2, dim2=-1).add_(dpad)
+        rhs = ncs[s:e].gather(-1, order).unsqueeze(-1)
+        info = ws[2][:nb]
+        torch.linalg.cholesky_ex(sub, out=(sub, info))  # in place (out aliases the input): sub holds L
+        z = torch.linalg.solve_triangular(sub, rhs, upper=False)
+        sol = torch.linalg.solve_triangular(sub.mT, z, upper=True).squeeze(-1)
+        if bool(info.any()):  # numerically singular faces: minimum-norm least squares
+            bad = (info != 0).nonzero().squeeze(-1)
+            A = flat[ix[bad].long()]
+            A.diagonal(dim1=-2, dim2=-1).add_(dummy[bad] * dpad if isinstance(dpad, float) else dpad[bad])
+            sol[bad] = (torch.linalg.pinv(A, hermitian=True) @ rhs[bad]).squeeze(-1)
+        xs[s:e].scatter_(-1, order, sol)  # the dummies' entries (column n) are 0
+    return torch.empty_like(xs).index_copy_(0, idx, xs)
 
 
-def _lcp_bpp(G: Tensor, c: Tensor, tol: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+def _admm_support(G: Tensor, c: Tensor, max_iter: int, rho: float = 0.3) -> Tensor:
+    """A guess of the free sets of the LCPs of :func:`_lcp_bpp` (``G``: ``g x n x n``, ``c``: ``g x r x n``)
+    from ADMM (Boyd et al. 2011) on ``min 1/2 x^T G x + c^T x, x >= 0`` with the split ``x = z``, ``z >= 0``,
+    over-relaxed with factor 2 (Peaceman-Rachford; linear convergence for positive definite ``G``), in
+    float32. The ``r`` problems of a matrix share one inverse ``P = (G + rho_g I)^{-1}`` (``rho_g = rho *
+    trace(G) / n``; computed on ``G`` and ``c`` scaled by ``n / trace(G)``). With ``w = 2 x - z + u`` (so
+    that ``z = max(w, 0)`` and ``u = min(w, 0)``) a step is ``w <- -2 c P + |w| (2 rho_g P - I)``: one matrix
+    product. Stops when the support of ``z`` is the one of three steps before, or after ``max_iter`` steps.
+    Returns the mask ``z > 0``. Only a starting point: the exact pivoting that follows decides (a singular
+    ``G`` just gives a worse start)."""
+    n = G.shape[-1]
+    # scaled to mean diagonal 1 (same minimiser; no float32 under- or overflow), then rho_g = rho
+    s = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None]
+    eye = torch.eye(n, dtype=torch.float32, device=G.device)
+    L, info = torch.linalg.cholesky_ex((G / s).to(torch.float32) + rho * eye)
+    if bool(info.any()):
+        return c < 0
+    P = torch.cholesky_inverse(L)
+    e = ((c / s).to(torch.float32) @ P).mul_(-2.0)
+    Q = P.mul_(2 * rho).sub_(eye)
+    w = e.clone()  # the step from w = 0 (z = u = 0)
+    a = torch.empty_like(w)
+    prev = w > 0
+    for it in range(2, max_iter + 1):
+        torch.baddbmm(e, torch.abs(w, out=a), Q, out=w)
+        if it % 3 == 0:
+            now = w > 0
+            if torch.equal(now, prev):
+                break
+            prev = now
+    return w > 0
+
+
+def _lcp_bpp(
+    G: Tensor, c: Tensor, tol: float, max_iter: int, F0: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The linear complementarity problem ``x >= 0, y = G x + c >= 0, x^T y = 0`` for PSD ``G`` (``g x n x
     n``) and ``c`` (``g x r x n``: ``r`` problems per matrix), by block principal pivoting (Júdice & Pires
     1994; the NNLS form of Kim & Park, SIAM J. Sci. Comput. 2011).
 
-    Each iteration fixes a free set ``F`` per problem, solves ``G_FF x_F = -c_F`` exactly (all unfinished
-    problems at once, in chunks sorted by the size of the free set: see :func:`_face_solve`) and swaps every
-    variable that violates ``x_F >= 0`` or ``y_A >= 0`` between the sets. When a problem's count of violations
-    has not decreased for three iterations it swaps only its largest-index violator (Murty's rule), which
-    makes the method finite for positive definite ``G``. Problems leave the batch as soon as they satisfy the
-    conditions. Returns ``(x, y, converged)``."""
+    Each iteration fixes a free set ``F`` per problem (the first one: ``F0``, ``g x r x n``, e.g. from
+    :func:`_admm_support`, or ``c < 0``), solves ``G_FF x_F = -c_F`` exactly (all unfinished problems at once,
+    in chunks sorted by the size of the free set: see :func:`_face_solve`) and swaps every variable that
+    violates ``x_F >= 0`` or ``y_A >= 0`` between the sets. When a problem's count of violations has not decreased for
+    three iterations it swaps only its largest-index violator (Murty's rule), which makes the method finite for positive
+    definite ``G``. Problems leave the batch as soon as they satisfy the conditions. Returns ``(x, y, converged)``."""
     g, r, n = c.shape
     dev, dt = c.device, c.dtype
     B = g * r
+    dmax = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)  # (g,)
+    Ga = torch.zeros(g, n + 1, n + 1, dtype=dt, device=dev)
+    Ga[:, :n, :n] = G
     cf = c.reshape(B, n)
-    gi_all = torch.arange(g, device=dev).repeat_interleave(r)
-    dmax_all = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)[gi_all]  # (B,)
-    cscale_all = cf.abs().amax(-1)
-    X = torch.zeros(B, n, dtype=dt, device=dev)
-    Y = cf.clone()
+    nca = torch.cat([-cf, torch.zeros(B, 1, dtype=dt, device=dev)], -1)
+    X, Y = torch.zeros(B, n, dtype=dt, device=dev), cf  # (max_iter = 0)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    # state of the unfinished problems (indexed by ``act``)
-    act = torch.arange(B, device=dev)
-    F = cf < 0  # start from x = 0, y = c: free every variable with y < 0
-    best = torch.full((B,), n + 1, dtype=torch.long, device=dev)
-    budget = torch.full((B,), 3, dtype=torch.long, device=dev)
     ar = torch.arange(n, device=dev)
-    for _ in range(max_iter):
-        gi, cb, pad = gi_all[act], cf[act], dmax_all[act]
-        x = _face_solve(G, gi, F, cb, pad)
-        if g == 1:
-            y = x @ G[0] + cb  # G symmetric: rows of X G are (G x)^T
+    # state of the unfinished problems, aligned with ``act``
+    act = torch.arange(B, device=dev)
+    gi = None if g == 1 else torch.arange(g, device=dev).repeat_interleave(r)
+    pad: Tensor | float = float(dmax[0]) if g == 1 else dmax[gi]
+    ncb = nca
+    cscale = cf.abs().amax(-1)
+    F = cf < 0 if F0 is None else F0.reshape(B, n)  # cold start from x = 0, y = c: free every y < 0
+    best = budget = cscale  # (set in the first iteration: every count of violations is an improvement)
+    ws: list[Tensor] = []  # work buffers of the face solves
+    for it in range(max_iter):
+        x = _face_solve(Ga, gi, F, ncb, pad, ws)[:, :n]
+        if gi is None:
+            y = torch.addmm(ncb[:, :n], x, G[0], beta=-1)  # G symmetric: rows of X G are (G x)^T
         else:
-            y = (G[gi] @ x.unsqueeze(-1)).squeeze(-1) + cb
-        xs = x.abs().amax(-1).clamp_min(1e-300)
-        ys = torch.maximum(cscale_all[act], pad * xs).clamp_min(1e-300)
-        viol = (F & (x < -tol * xs[:, None])) | (~F & (y < -tol * ys[:, None]))
+            y = torch.baddbmm(ncb[:, None, :n], x.unsqueeze(-2), G[gi], beta=-1).squeeze(-2)
+        xs = x.abs().amax(-1)
+        lim = torch.where(F, xs[:, None], torch.maximum(cscale, xs * pad)[:, None]).mul_(-tol)
+        viol = torch.where(F, x, y) < lim
         nv = viol.sum(-1)
-        X[act], Y[act] = x, y
+        if it == 0:
+            X, Y = x, y
+        else:
+            X[act], Y[act] = x, y
         fin = nv == 0
         if bool(fin.any()):
             done[act[fin]] = True
-            keep = ~fin
-            act, F, viol, nv = act[keep], F[keep], viol[keep], nv[keep]
-            if act.numel() == 0:
+            keep = (~fin).nonzero().squeeze(-1)
+            if keep.numel() == 0:
                 break
-        a_best, a_budget = best[act], budget[act]
-        improved = nv < a_best
-        best[act] = torch.where(improved, nv, a_best)
-        a_budget = torch.where(improved, torch.full_like(a_budget, 3), a_budget - 1)
-        budget[act] = a_budget
-        full = a_budget >= 0
-        last = torch.where(viol, ar, torch.full_like(ar, -1)).amax(-1, keepdim=True)
-        single = torch.zeros_like(viol).scatter_(-1, last.clamp_min(0), True) & viol
-        F = F ^ torch.where(full[:, None], viol, single)
+            act, F, viol, nv, ncb, cscale = act[keep], F[keep], viol[keep], nv[keep], ncb[keep], cscale[keep]
+            if it > 0:
+                best, budget = best[keep], budget[keep]
+            if gi is not None:
+                gi, pad = gi[keep], pad[keep] if isinstance(pad, Tensor) else pad
+        if it == 0:
+            best, budget = nv, torch.full_like(nv, 3)
+        else:
+            improved = nv < best
+            best = torch.minimum(best, nv)
+            budget = torch.where(improved, 3, budget - 1)
+        if it >= 3:  # budgets start at 3: only from the fifth iteration can one be negative
+            last = torch.where(viol, ar, -1).amax(-1, keepdim=True)
+            single = torch.zeros_like(viol).scatter_(-1, last.clamp_min(0), True) & viol
+            viol = torch.where((budget >= 0)[:, None], viol, single)
+        F = F ^ viol
     return X.clamp_min(0).view(g, r, n), Y.view(g, r, n), done.view(g, r)
 
 
@@ -132,6 +217,7 @@ def box_qp(
     ridge: float = 0.0,
     tol: float = 1e-10,
     max_iter: int = 100,
+    warm: int | None = None,
 ) -> Tensor:
     """``argmin_v 1/2 v^T G v + q^T v  s.t.  v >= lower``, exactly, for many problems at once.
 
@@ -142,8 +228,12 @@ def box_qp(
     With ``x = v - lower`` the KKT conditions are the linear complementarity problem ``x >= 0``, ``y = G x + q
     + G lower >= 0``, ``x^T y = 0`` (``y`` is the multiplier of the bound), solved by block principal pivoting
     (:func:`_lcp_bpp`); the answer is exact up to the rounding of one Cholesky solve. ``ridge`` adds ``ridge *
-    max(diag G) * I`` first (singular ``G``: more parts than independent gradients). Warns (``SolverWarning``)
-    with the KKT residual if some problem has not converged after ``max_iter`` pivoting steps."""
+    max(diag G) * I`` first (singular ``G``: more parts than independent gradients). ``warm``: at most that many
+    float32 ADMM steps (:func:`_admm_support`, one shared matrix inverse and one matrix product per step for
+    all problems of a matrix) guess the free sets the pivoting starts from; ``None``: 200 when there are at
+    least 4 problems per matrix and ``n >= 16`` (UPGrad: then usually one exact pivoting step), else 0 (cold
+    start). The guess only changes the path, not the answer. Warns (``SolverWarning``) with the KKT residual
+    if some problem has not converged after ``max_iter`` pivoting steps."""
     G = G.to(torch.float64)
     lower = lower.to(torch.float64)
     n = G.shape[-1]
@@ -154,12 +244,15 @@ def box_qp(
     if ridge > 0:
         dmax = G.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None]
         G = G + ridge * dmax * torch.eye(n, dtype=torch.float64, device=G.device)
-    Gb = G.expand(batch + (n, n)).reshape(-1, n, n)
-    low = lower.expand(batch + (k, n)).reshape(-1, k, n)
+    Gb = G.expand((*batch, n, n)).reshape(-1, n, n)
+    low = lower.expand((*batch, k, n)).reshape(-1, k, n)
     c = low @ Gb  # (G lower)^T per problem
     if q is not None:
-        c = c + q.to(torch.float64).expand(batch + (k, n)).reshape(-1, k, n)
-    x, y, ok = _lcp_bpp(Gb, c, tol, max_iter)
+        c = c + q.to(torch.float64).expand((*batch, k, n)).reshape(-1, k, n)
+    if warm is None:  # many problems per matrix: start the pivoting from an ADMM guess of the free sets
+        warm = 200 if n >= 16 and k >= 4 else 0
+    F0 = _admm_support(Gb, c, warm) if warm > 0 else None
+    x, y, ok = _lcp_bpp(Gb, c, tol, max_iter, F0)
     if not bool(ok.all()):
         res = kkt_residual(x, y)
         warnings.warn(
@@ -168,7 +261,7 @@ def box_qp(
             SolverWarning,
             stacklevel=2,
         )
-    return (low + x).reshape(batch + (k, n))
+    return (low + x).reshape((*batch, k, n))
 
 
 def kkt_residual(x: Tensor, y: Tensor) -> Tensor:
@@ -201,7 +294,7 @@ def min_norm_simplex(G: Tensor, *, tol: float = 1e-10) -> Tensor:
         return torch.stack([a, 1 - a], -1)
     tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)
     Gn = G / tr.clamp_min(1e-300)[..., None, None]
-    zeros = torch.zeros(G.shape[:-2] + (1, T), dtype=torch.float64, device=G.device)
+    zeros = torch.zeros((*G.shape[:-2], 1, T), dtype=torch.float64, device=G.device)
     u = box_qp(Gn, zeros - 1.0, zeros, ridge=1e-9, tol=tol).squeeze(-2)
     w = u / u.sum(-1, keepdim=True)
     return torch.where((tr > 0)[..., None], w, torch.full_like(w, 1.0 / T))
@@ -219,28 +312,23 @@ def project_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def newton_positive(
-    G: Tensor, power: float, *, x0: Tensor | None = None, tol: float = 1e-12, max_iter: int = 100
-) -> Tensor:
-    """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal;
-    batched over the leading dimensions of ``G``.
+def _check_finite(G: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(G).all()):
+        raise FloatingPointError(
+            f"{what}: the matrix has NaN or inf entries (non-finite gradients, or gradients so large that their "
+            "inner products overflow float64); nothing to solve"
+        )
 
-    It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h'(x) = x^-power``
-    (``h = log`` for ``power = 1``: Nash-MTL's ``G a = 1/a``, Navon et al. 2022; ``power = 1/alpha``:
-    FairGrad, Ban & Ji 2024). Damped Newton with a positivity-preserving Armijo backtracking line search; warm
-    start ``x0``. Stops when ``max |G x - x^-p| <= tol max |x^-p|`` in every problem; warns with that residual
-    if it is still above ``1e-6`` after ``max_iter`` steps (e.g. singular ``G`` with a positive null vector:
-    no root)."""
-    if power <= 0:
-        raise ValueError(f"newton_positive: power must be > 0, not {power}")
-    G = G.to(torch.float64)
-    d = G.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
-    x = (
-        d ** (-1.0 / (1.0 + power))
-        if x0 is None
-        else x0.to(torch.float64).expand_as(d).clamp_min(1e-12).clone()
-    )
+
+def _newton_core(
+    G: Tensor, power: float, x: Tensor, tol: float, max_iter: int, diverge: float
+) -> tuple[Tensor, Tensor]:
+    """Damped Newton for ``G x = x^(-power)`` from ``x`` (``G`` float64 with diagonal of order 1). Returns
+    ``(x, residual)``. Batched; each problem stops on its own once converged, once some ``x_i
+    d_i^(1/(1+power))`` exceeds ``diverge`` (no root: a nonnegative null combination of the gradients, the
+    iterates grow without bound), or once no step decreases ``f`` (stalled at rounding level)."""
     is_log = abs(power - 1.0) < 1e-15
+    scale = G.diagonal(dim1=-2, dim2=-1).clamp_min(0) ** (1.0 / (1.0 + power))
 
     def f(z: Tensor) -> Tensor:
         h = torch.log(z) if is_log else z ** (1 - power) / (1 - power)
@@ -251,35 +339,79 @@ def newton_positive(
         return grad, grad.abs().amax(-1) / (z ** (-power)).abs().amax(-1)
 
     grad, res = residual(x)
+    active = torch.ones_like(res, dtype=torch.bool)
     for _ in range(max_iter):
-        if bool((res < tol).all()):
-            return x
+        # each problem stops on its own: converged, diverging (no root), or stalled (no step decreases f)
+        active &= (res >= tol) & ((x * scale).amax(-1) <= diverge)
+        if not bool(active.any()):
+            break
         H = G + torch.diag_embed(power * x ** (-power - 1))
         step = -_solve_psd(H, grad)
         # largest step keeping x > 0 (x + t step >= 0.01 x), then halve until Armijo holds
         ratio = torch.where(step < 0, -x / step.clamp_max(-1e-300), torch.full_like(x, float("inf")))
-        t = (0.99 * ratio.amin(-1)).clamp(max=1.0)
-        t = torch.where(res < tol, torch.zeros_like(t), t)
+        t = torch.where(active, (0.99 * ratio.amin(-1)).clamp(max=1.0), torch.zeros_like(res))
         fx = f(x)
         slope = (grad * step).sum(-1)
-        for _ in range(
-            60
-        ):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
+        ok = ~active
+        for _ in range(40):  # Armijo on f, or (near the optimum, where f is flat to rounding) a residual decrease
             cand = x + t[..., None] * step
-            ok = (f(cand) <= fx + 1e-4 * t * slope) | (residual(cand)[1] <= 0.5 * res)
+            ok = ok | (f(cand) <= fx + 1e-4 * t * slope) | (residual(cand)[1] <= 0.5 * res)
             if bool(ok.all()):
                 break
             t = torch.where(ok, t, 0.5 * t)
-        x = x + t[..., None] * step
+        active &= ok  # a failed line search: f is flat to rounding along the step, nothing more to gain
+        x = x + torch.where(ok, t, torch.zeros_like(t))[..., None] * step
         grad, res = residual(x)
-    if bool((res < 1e-6).all()):
-        return x
-    warnings.warn(
-        f"newton_positive: residual {float(res.max()):.3g} after {max_iter} iterations",
-        SolverWarning,
-        stacklevel=2,
-    )
-    return x
+    return x, res
+
+
+def newton_positive(
+    G: Tensor,
+    power: float,
+    *,
+    x0: Tensor | None = None,
+    tol: float = 1e-12,
+    max_iter: int = 100,
+    diverge: float = 1e12,
+) -> Tensor:
+    """Positive solution of ``G x = x^(-power)`` (element-wise power), for PSD ``G`` with positive diagonal;
+    batched over the leading dimensions of ``G``.
+
+    It is the minimiser of the strictly convex ``f(x) = 1/2 x^T G x - sum_i h(x_i)`` with ``h'(x) = x^-power``
+    (``h = log`` for ``power = 1``: Nash-MTL's ``G a = 1/a``, Navon et al. 2022; ``power = 1/alpha``:
+    FairGrad, Ban & Ji 2024). Damped Newton with a positivity-preserving Armijo backtracking line search; warm
+    start ``x0``. Stops when ``max |G x - x^-p| <= tol max |x^-p|`` in every problem; warns with that residual
+    if it, or ``max_i |x_i^p (G x)_i - 1|``, is still above ``1e-6`` after ``max_iter`` steps.
+
+    Scale: the root of ``c G`` is ``c^(-1/(1+p))`` times that of ``G``; the problem is solved on ``G / s``
+    (``s`` the largest diagonal entry) and the root rescaled exactly, so Gramians of any finite scale (1e-300 to
+    1e300) take the same steps. A root need not exist: when a nonnegative combination of the gradients is 0
+    (e.g. exactly opposite gradients, or a zero gradient) ``f`` is unbounded below and the iterates grow without
+    bound; Newton stops once some ``x_i sqrt[1+p](G_ii / s)`` exceeds ``diverge`` and warns. Non-finite ``G``:
+    ``FloatingPointError``."""
+    if power <= 0:
+        raise ValueError(f"newton_positive: power must be > 0, not {power}")
+    G = G.to(torch.float64)
+    _check_finite(G, "newton_positive")
+    s = G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
+    k = s ** (1.0 / (1.0 + power))  # x(G) = x(G / s) / k
+    Gn = G / s[..., None, None]
+    d = Gn.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
+    x = d ** (-1.0 / (1.0 + power)) if x0 is None else (x0.to(torch.float64) * k[..., None]).expand_as(d)
+    x = x.clamp_min(1e-12).clone()
+    x, res = _newton_core(Gn, power, x, tol, max_iter, diverge)
+    # per component, x_i^p (G x)_i = 1 at the root: a diverging pair (x_i -> inf, (G x)_i ~ 0) fails it even when
+    # the max-norm residual, relative to the largest x_j^-p, looks small
+    comp = float(((Gn @ x.unsqueeze(-1)).squeeze(-1) * x**power - 1).abs().max())
+    if not bool((res < 1e-6).all()) or comp > 1e-6:
+        warnings.warn(
+            f"newton_positive: residual {float(res.max()):.3g} (largest |x_i^p (G x)_i - 1| {comp:.3g}) after at "
+            f"most {max_iter} iterations (no positive root when a nonnegative combination of the gradients "
+            "vanishes: the iterates grow without bound)",
+            SolverWarning,
+            stacklevel=2,
+        )
+    return x / k[..., None]
 
 
 def simplex_minimize(
@@ -290,24 +422,39 @@ def simplex_minimize(
     device: torch.device | None = None,
     iters: int = 1000,
     tol: float = 1e-8,
+    max_backtrack: int = 80,
 ) -> Tensor:
     """``argmin_{w in simplex} fun(w)`` for a smooth convex ``fun`` with gradient ``grad``: accelerated
     projected gradient (FISTA) with backtracking on the Lipschitz estimate and adaptive restarts (O'Donoghue &
-    Candès 2015); stops when an iteration moves ``w`` by less than ``tol`` (max-norm), warns otherwise."""
+    Candès 2015); stops when an iteration moves ``w`` by less than ``tol`` (max-norm), warns otherwise.
+
+    Bounded: at most ``iters`` iterations of at most ``max_backtrack`` doublings of the Lipschitz estimate
+    (starting from 1: the caller scales ``fun`` to order 1); a non-finite value or gradient raises
+    ``FloatingPointError``, and a backtracking that does not find a decrease warns and returns the best point."""
     w = torch.full((T,), 1.0 / T, dtype=torch.float64, device=device)
     y, k, L = w.clone(), 1.0, 1.0
-    fw = float(fun(w))
+    fw = _finite_value(fun(w), w)
     step = float("inf")
     for _ in range(iters):
         g = grad(y)
-        fy = float(fun(y))
-        while True:
+        fy = _finite_value(fun(y), y)
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"simplex_minimize: non-finite gradient {g.tolist()} at {y.tolist()}")
+        for _ in range(max_backtrack):
             w_new = project_simplex(y - g / L)
             diff = w_new - y
-            f_new = float(fun(w_new))
+            f_new = _finite_value(fun(w_new), w_new)
             if f_new <= fy + float(g @ diff) + 0.5 * L * float(diff @ diff) + 1e-15 * (1 + abs(fy)):
                 break
             L *= 2.0
+        else:
+            warnings.warn(
+                f"simplex_minimize: no decrease after {max_backtrack} halvings of the step (Lipschitz estimate "
+                f"{L:.3g}); returning the best point",
+                SolverWarning,
+                stacklevel=2,
+            )
+            return w
         step = float((w_new - w).abs().max())
         k_new = (1 + (1 + 4 * k * k) ** 0.5) / 2
         if f_new > fw:  # restart the momentum
@@ -318,10 +465,15 @@ def simplex_minimize(
         L = max(L / 1.2, 1e-12)
         if step < tol:
             return w
-    warnings.warn(
-        f"simplex_minimize: last step {step:.3g} after {iters} iterations", SolverWarning, stacklevel=2
-    )
+    warnings.warn(f"simplex_minimize: last step {step:.3g} after {iters} iterations", SolverWarning, stacklevel=2)
     return w
+
+
+def _finite_value(v: Tensor, at: Tensor) -> float:
+    f = float(v)
+    if not math.isfinite(f):
+        raise FloatingPointError(f"simplex_minimize: the objective is {f} at {at.tolist()}")
+    return f
 
 
 __all__ = [
@@ -329,7 +481,7 @@ __all__ = [
     "box_qp",
     "kkt_residual",
     "min_norm_simplex",
-    "project_simplex",
     "newton_positive",
+    "project_simplex",
     "simplex_minimize",
 ]

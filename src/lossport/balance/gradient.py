@@ -21,11 +21,6 @@ from .base import register
 from .gramian_base import GramianBalancer, normalized
 
 
-def _frobenius_normalized(G: Tensor) -> Tensor:
-    n = float(torch.linalg.matrix_norm(G))
-    return G / n if n > 0 else G
-
-
 def _orders(T: int, generator: torch.Generator) -> list[list[int]]:
     """For each part ``i`` a random order of the others (PCGrad, GradVac), drawn on the host from the seeded
     host generator: the order is a Python list, and a seed gives the same orders on every device."""
@@ -59,12 +54,7 @@ class MGDA(GramianBalancer):
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         T = G.shape[0]
         norms = G.diagonal().clamp_min(1e-300).sqrt()
-        vals = (
-            torch.stack([losses.parts[k].detach() for k in losses.names])
-            .to(torch.float64)
-            .abs()
-            .clamp_min(1e-12)
-        )
+        vals = torch.stack([losses.parts[k].detach() for k in losses.names]).to(torch.float64).abs().clamp_min(1e-12)
         s = {
             "none": torch.ones_like(norms),
             "l2": 1 / norms,
@@ -106,7 +96,7 @@ class CAGrad(GramianBalancer):
         self.c = float(c)
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        return G.shape[0] * W.cagrad(G, self.c)
+        return G.shape[0] * W.cagrad(G, self.c, names=losses.names)
 
 
 @register("imtl_g", "imtlg")
@@ -167,9 +157,11 @@ class DualProj(GramianBalancer):
 
 @register("nash_mtl", "nashmtl", "nash")
 class NashMTL(GramianBalancer):
-    """Nash-MTL (Navon et al., ICML 2022): ``b = a`` with ``G_n a = 1/a``, ``G_n = G / ||G||_F`` (the authors'
-    code normalises ``G`` so; their weights, unscaled), solved exactly by Newton (:func:`weighting.nash_mtl`)
-    and warm-started from the previous solution. The authors' ``update_weights_every`` is the engine option
+    """Nash-MTL (Navon et al., ICML 2022): ``b = a`` with ``G a = 1/a`` on the raw Gramian (the authors' code
+    solves on ``G / ||G||_F`` with the factor put back in its constraint, so its ``a`` is this one; their
+    weights, unscaled: ``a_i ~ 1/||g_i||``), solved exactly by Newton (:func:`weighting.nash_mtl`, which also
+    says what happens at exactly opposite gradients: bounded weights and a ``SolverWarning``) and warm-started
+    from the previous solution. The authors' ``update_weights_every`` is the engine option
     ``every=K`` (recompute every ``K`` steps, reuse in between).
 
     ``max_norm``: the authors clip the shared gradient ``J^T a`` to norm 1 (``max_norm=1.0`` in their code and
@@ -190,7 +182,7 @@ class NashMTL(GramianBalancer):
         self.add_state("_warm", None)
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        a = W.nash_mtl(_frobenius_normalized(G), x0=_warm_start(self._warm, G))
+        a = W.nash_mtl(G, x0=_warm_start(self._warm, G), names=losses.names)
         self._warm = a.tolist()
         if self.max_norm > 0:
             norm = float((a @ G.to(torch.float64) @ a).clamp_min(0).sqrt())
@@ -201,8 +193,9 @@ class NashMTL(GramianBalancer):
 
 @register("fairgrad")
 class FairGrad(GramianBalancer):
-    """FairGrad (Ban & Ji, ICML 2024): ``G_n w = w^(-1/alpha)`` with ``G_n = G / ||G||_F``; ``alpha = 2`` in
-    every author run (``alpha = 1`` is Nash-MTL). Weights unscaled, as Nash-MTL."""
+    """FairGrad (Ban & Ji, ICML 2024): ``G w = w^(-1/alpha)`` on the raw Gramian, as the authors' code and
+    TorchJD; ``alpha = 2`` in every author run (``alpha = 1`` is Nash-MTL). Weights unscaled, as Nash-MTL;
+    degenerate Gramians as :func:`weighting.fairgrad`."""
 
     name = "fairgrad"
 
@@ -215,7 +208,7 @@ class FairGrad(GramianBalancer):
         self.add_state("_warm", None)
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        w = W.fairgrad(_frobenius_normalized(G), self.alpha, x0=_warm_start(self._warm, G))
+        w = W.fairgrad(G, self.alpha, x0=_warm_start(self._warm, G), names=losses.names)
         self._warm = w.tolist()
         return w
 
@@ -261,15 +254,15 @@ class GradVac(GramianBalancer):
 
 
 __all__ = [
-    "MGDA",
-    "PCGrad",
-    "CAGrad",
     "IMTLG",
+    "MGDA",
     "AlignedMTL",
-    "UPGrad",
-    "DualProj",
-    "NashMTL",
-    "FairGrad",
+    "CAGrad",
     "ConFIG",
+    "DualProj",
+    "FairGrad",
     "GradVac",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
 ]

@@ -69,7 +69,7 @@ class LearnedBalancer(Balancer):
             ref = next(iter(losses.parts.values()), None)
             device = ref.device if ref is not None else None
             dtype = self._dtype or (torch.promote_types(ref.dtype, torch.float32) if ref is not None else torch.float32)
-            self._build(names, {k: self.init for k in names}, device, dtype)
+            self._build(names, dict.fromkeys(names, self.init), device, dtype)
             return
         unknown = [k for k in losses.parts if k not in self._params]
         if unknown:
@@ -368,7 +368,9 @@ class GradNorm(LearnedBalancer):
     L_grad - sg(L_grad)``: value 0 (the total is still ``sum_i w_i L_i``), gradient ``grad_w L_grad`` for the
     user's backward; :meth:`step` takes the Adam step on ``w`` and renormalises the weights of the parts present
     so that their sum is unchanged (so ``sum_i w_i = T`` over all parts, the paper's convention; factor 1).
-    ``L_grad`` and the norms and targets are in ``info``.
+    ``L_grad`` and the norms and targets are in ``info``. A batch with a single part present (nothing to
+    balance, no shared layer to find) returns that part's current weight without a GradNorm update and is
+    counted in ``info["gradnorm/single_part_batches"]``.
 
     Args:
         alpha: asymmetry (1.5, LibMTL's default; the paper tunes it per data set).
@@ -400,8 +402,10 @@ class GradNorm(LearnedBalancer):
         self._auto = layer is None
         self._initial: dict[str, float]
         self._present: list[str]
+        self._single_part_batches: int  # batches with one part present: passed through, not balanced
         self.add_state("_initial", {})
         self.add_state("_present", [])
+        self.add_state("_single_part_batches", 0)
 
     def _shared_layer(self, losses: Losses) -> list[Tensor]:
         if self._layer is not None:
@@ -429,6 +433,11 @@ class GradNorm(LearnedBalancer):
         for k, v in vals.items():
             _positive("GradNorm", k, v, "its training rates are ratios L_i / L_i(0)")
             self._initial.setdefault(k, v)
+        if len(names) == 1:  # nothing to balance (e.g. a batch with one labelled part): its weight, no update
+            self._single_part_batches += 1
+            self._present = []
+            self.info["gradnorm/single_part_batches"] = float(self._single_part_batches)
+            return b
         layer = self._shared_layer(losses)
         rows = []
         for k in names:  # the part's gradient on W, flattened (zeros where its graph does not reach W)
