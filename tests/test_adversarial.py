@@ -68,7 +68,9 @@ BALANCERS = sorted(
     {
         name
         for name, cls in _REGISTRY.items()
-        if issubclass(cls, GramianBalancer) and cls.__module__ != "lossport.balance.surgery"
+        # the methods whose weights are a function of the Gramian alone (surgery methods and ExcessMTL need the
+        # gradients themselves)
+        if issubclass(cls, GramianBalancer) and cls.kind == "gramian" and not hasattr(cls, "weigh_jacobian")
     }
 )
 

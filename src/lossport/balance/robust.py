@@ -135,7 +135,7 @@ class TrimmedMean(_Surgery):
     ones are the plain sum."""
 
     name = "trimmed_mean"
-    kind: ClassVar[str] = "gramian"
+    kind: ClassVar[str] = "surgery"  # needs the gradients themselves (a correction term)
 
     def __init__(self, trim_number: int = 1, **engine: Any) -> None:
         super().__init__(**engine)

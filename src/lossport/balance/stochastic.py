@@ -257,7 +257,7 @@ class MoCo(_Surgery):
     A missing part keeps its track and its ``lambda``; the softmax runs over the parts present."""
 
     name = "moco"
-    kind: ClassVar[str] = "gramian"
+    kind: ClassVar[str] = "surgery"  # tracks the gradients themselves (a correction term)
 
     def __init__(
         self,
