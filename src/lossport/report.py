@@ -284,9 +284,20 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
     the figure behind it. ``available``: the registered balancer names (the suggestions name only those)."""
     from .balance import suggest
 
-    out: list[str] = []
     scale_names = suggest(("loss", "learned"), among=available)
     grad_names = suggest(("gramian",), among=available)
+    return [
+        *_advise_labels(r),
+        *_advise_modules(r),
+        *_advise_zero_paths(r),
+        *_advise_balance(r, scale_names),
+        *_advise_conflict(r, grad_names),
+    ]
+
+
+def _advise_labels(r: Report) -> list[str]:
+    """Parts with missing labels in some or all batches, and parts that reach nothing."""
+    out: list[str] = []
     for p in r.parts:
         k = r.missing.get(p, 0)
         if k == r.batches:
@@ -302,12 +313,18 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 f"{(r.batches - k) / r.batches:.2g} of what was set; its figures here come from the other "
                 f"{r.batches - k} batches."
             )
-    for p in r.measured:
-        if not r.reach.get(p):
-            out.append(
-                f"'{p}' reaches no trainable parameter (its reach is empty): training cannot reduce it; "
-                "check that its output does not come from frozen or detached layers only."
-            )
+    out.extend(
+        f"'{p}' reaches no trainable parameter (its reach is empty): training cannot reduce it; "
+        "check that its output does not come from frozen or detached layers only."
+        for p in r.measured
+        if not r.reach.get(p)
+    )
+    return out
+
+
+def _advise_modules(r: Report) -> list[str]:
+    """Modules that never train: not reached, feeding no loss, or never called."""
+    out: list[str] = []
     for m in r.modules:
         params = f" ({_count(m.trainable)} trainable parameters)"
         if m.members > 1:
@@ -329,11 +346,17 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
                 f"{what} {calls} never called in the forward of the measured batches: it never trains (and makes "
                 "DistributedDataParallel need find_unused_parameters=True)."
             )
+    return out
+
+
+def _advise_zero_paths(r: Report) -> list[str]:
+    """Modules a part reaches with an exactly zero gradient in every batch."""
     zero_by: dict[tuple[str, ...], list[str]] = {}  # modules a part reaches with a zero gradient -> the parts
     for p in r.measured:
         zero = tuple(m for m, v in r.pull.get(p, {}).items() if v == 0)
         if zero and len(zero) < len(r.pull.get(p, {})):
             zero_by.setdefault(zero, []).append(p)
+    out: list[str] = []
     for zero, ps in zero_by.items():
         who = " and ".join(f"'{p}'" for p in ps)
         names = ", ".join(f"'{m}'" for m in zero[:4]) + (f" and {len(zero) - 4} more" if len(zero) > 4 else "")
@@ -342,77 +365,70 @@ def advise(r: Report, available: Sequence[str] = ()) -> list[str]:
             "measured batch: the path is switched off on these examples (ReLUs off, a feature level no example "
             "uses, a zero gate), so those parameters learn nothing from it here."
         )
-    meas = [p for p in r.measured if p in r.trunk_norm]
+    return out
+
+
+def _advise_balance(r: Report, scale_names: Sequence[str]) -> list[str]:
+    """Separate parameters (nothing to balance), or one part pulling much harder on the shared trunk."""
     if len(r.measured) >= 2 and not r.shared:
-        out.append(
+        return [
             "no module is reached by two parts: the parts train separate parameters, so they cannot conflict "
             "and a balancer only changes each part's effective learning rate."
+        ]
+    meas = [p for p in r.measured if p in r.trunk_norm]
+    eff = r.effective_norm
+    pos = [p for p in meas if eff[p] > 0]
+    if len(meas) < 2 or len(pos) < 2:
+        return []
+    hi = max(pos, key=lambda p: eff[p])
+    lo = min(pos, key=lambda p: eff[p])
+    ratio = eff[hi] / eff[lo]
+    if ratio < IMBALANCE:
+        return []
+    weighted = any(abs(r.weights.get(p, 1.0) - 1.0) > 1e-12 for p in meas)
+    what = "gradient norms times applied weights" if weighted else "gradient norms"
+    # w_p proportional to 1 / ||g_p||, scaled to keep the sum of the applied weights
+    tot = sum(r.weights.get(p, 1.0) for p in pos)
+    inv = {p: 1.0 / r.trunk_norm[p] for p in pos}
+    sugg = ", ".join(f"'{p}': {_sig(tot * inv[p] / sum(inv.values()))}" for p in pos)
+    how = (
+        "try balance=" + " or ".join(repr(n) for n in scale_names[:2]) + " (loss scales), or "
+        if scale_names
+        else "try "
+    )
+    return [
+        f"'{hi}' pulls {_times(ratio)}x harder than '{lo}' on the shared trunk ({what} "
+        f"{_num(eff[hi])} vs {_num(eff[lo])}): the trunk is trained mostly for '{hi}'; {how}"
+        f"static weights={{{sugg}}}, which equalise the trunk pulls on these batches."
+    ]
+
+
+def _advise_conflict(r: Report, grad_names: Sequence[str]) -> list[str]:
+    """The worst conflicting pair on the shared trunk, or the statement that no pair conflicts."""
+    if len([p for p in r.measured if p in r.trunk_norm]) < 2:
+        return []
+    pairs = [(i, j) for i in range(len(r.parts)) for j in range(i + 1, len(r.parts))]
+    cosines = [(r.trunk_cos[i][j], r.parts[i], r.parts[j]) for i, j in pairs if not math.isnan(r.trunk_cos[i][j])]
+    conflicts = [c for c in cosines if c[0] < CONFLICT]
+    if conflicts:
+        c, a, b = min(conflicts, key=lambda x: x[0])
+        more = f" ({len(conflicts)} conflicting pairs in all)" if len(conflicts) > 1 else ""
+        meth = (
+            f"a gradient method ({', '.join(repr(n) for n in grad_names[:3])}) removes the conflicting "
+            "component instead of letting the larger gradient win"
+            if grad_names
+            else "a gradient-level balancer removes the conflicting component"
         )
-    if len(meas) >= 2:
-        eff = r.effective_norm
-        pos = [p for p in meas if eff[p] > 0]
-        if len(pos) >= 2:
-            hi = max(pos, key=lambda p: eff[p])
-            lo = min(pos, key=lambda p: eff[p])
-            ratio = eff[hi] / eff[lo]
-            if ratio >= IMBALANCE:
-                weighted = any(abs(r.weights.get(p, 1.0) - 1.0) > 1e-12 for p in meas)
-                what = "gradient norms times applied weights" if weighted else "gradient norms"
-                # w_p proportional to 1 / ||g_p||, scaled to keep the sum of the applied weights
-                tot = sum(r.weights.get(p, 1.0) for p in pos)
-                inv = {p: 1.0 / r.trunk_norm[p] for p in pos}
-                sugg = ", ".join(f"'{p}': {_sig(tot * inv[p] / sum(inv.values()))}" for p in pos)
-                if scale_names:
-                    how = "try balance=" + " or ".join(repr(n) for n in scale_names[:2]) + " (loss scales), or "
-                else:
-                    how = "try "
-                out.append(
-                    f"'{hi}' pulls {_times(ratio)}x harder than '{lo}' on the shared trunk ({what} "
-                    f"{_num(eff[hi])} vs {_num(eff[lo])}): the trunk is trained mostly for '{hi}'; {how}"
-                    f"static weights={{{sugg}}}, which equalise the trunk pulls on these batches."
-                )
-        worst: tuple[float, str, str] | None = None
-        for i, a in enumerate(r.parts):
-            for j in range(i + 1, len(r.parts)):
-                c = r.trunk_cos[i][j]
-                if not math.isnan(c) and c < CONFLICT and (worst is None or c < worst[0]):
-                    worst = (c, a, r.parts[j])
-        if worst is not None:
-            c, a, b = worst
-            n_neg = sum(
-                1
-                for i in range(len(r.parts))
-                for j in range(i + 1, len(r.parts))
-                if not math.isnan(r.trunk_cos[i][j]) and r.trunk_cos[i][j] < CONFLICT
-            )
-            more = f" ({n_neg} conflicting pairs in all)" if n_neg > 1 else ""
-            meth = (
-                f"a gradient method ({', '.join(repr(n) for n in grad_names[:3])}) removes the conflicting "
-                "component instead of letting the larger gradient win"
-                if grad_names
-                else "a gradient-level balancer removes the conflicting component"
-            )
-            out.append(
-                f"'{a}' and '{b}' conflict on the shared trunk (mean cosine {c:.2f}){more}: a step that "
-                f"reduces one tends to increase the other; {meth}."
-            )
-        elif len(meas) >= 2 and all(
-            math.isnan(r.trunk_cos[i][j]) or r.trunk_cos[i][j] >= 0
-            for i in range(len(r.parts))
-            for j in range(i + 1, len(r.parts))
-        ):
-            cs = [
-                r.trunk_cos[i][j]
-                for i in range(len(r.parts))
-                for j in range(i + 1, len(r.parts))
-                if not math.isnan(r.trunk_cos[i][j])
-            ]
-            if cs:
-                out.append(
-                    f"no pair of parts conflicts on the shared trunk (lowest mean cosine {min(cs):.2f}): "
-                    "gradient-conflict methods have little to remove; balancing the scales matters more."
-                )
-    return out
+        return [
+            f"'{a}' and '{b}' conflict on the shared trunk (mean cosine {c:.2f}){more}: a step that "
+            f"reduces one tends to increase the other; {meth}."
+        ]
+    if cosines and all(c[0] >= 0 for c in cosines):
+        return [
+            f"no pair of parts conflicts on the shared trunk (lowest mean cosine {min(c[0] for c in cosines):.2f}): "
+            "gradient-conflict methods have little to remove; balancing the scales matters more."
+        ]
+    return []
 
 
 # -- formatting helpers --------------------------------------------------------------------------------------
