@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from multihead import MultiHead, multihead_batch
 from torchjd.aggregation import ExcessMTLWeighting, KrumWeighting
 from torchjd.aggregation import TrimmedMean as TJTrimmedMean
 
@@ -18,24 +18,12 @@ NAMES = ["a", "b", "c", "d", "e"]
 SPEC = dict.fromkeys(NAMES, "mse")
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.heads = nn.ModuleDict({k: nn.Linear(8, 1) for k in NAMES})
-
-    def forward(self, x):
-        h = self.trunk(x)
-        return {**{k: m(h) for k, m in self.heads.items()}, "h": h}
+def Net() -> MultiHead:
+    return MultiHead(NAMES)
 
 
-def batch(seed=0, n=32):
-    g = torch.Generator().manual_seed(seed)
-    out = {"x": torch.randn(n, 4, generator=g)}
-    for i, k in enumerate(NAMES):
-        out[k] = (1 + 3 * i) * torch.randn(n, 1, generator=g) + i
-    return out
+def batch(seed: int = 0, n: int = 32) -> dict[str, torch.Tensor]:
+    return multihead_batch(NAMES, seed, n, spread=3.0)
 
 
 def jacobian_and_parts(net, x, spec=SPEC):
