@@ -145,6 +145,22 @@ def test_registered_balancers_never_hang_nor_return_nan(case, name):
     check(lambda: bal.weigh(G, losses), kind, G)
 
 
+@pytest.mark.parametrize("name", BALANCERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_every_gramian_balancer_refuses_a_non_finite_gramian(name: str, bad: float) -> None:
+    """Deterministic companion of the property test above (which found MoDo returning NaN weights from a NaN
+    Gramian): each method's weigh checks its Gramian, for T = 1 and T = 5."""
+    for T in (1, 5):
+        G = torch.eye(T, dtype=torch.float64)
+        G[0, 0] = bad
+        names = [f"p{i}" for i in range(T)]
+        losses = Losses(
+            parts={k: torch.tensor(1.0 + i) for i, k in enumerate(names)}, weights=dict.fromkeys(names, 1.0)
+        )
+        with pytest.raises(FloatingPointError, match="NaN or inf"):
+            resolve(name).weigh(G, losses)
+
+
 def test_time_limit_catches_a_hang():
     def spin() -> None:
         while True:

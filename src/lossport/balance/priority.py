@@ -25,6 +25,7 @@ from ..result_types import Losses
 from ..solvers import SolverWarning, box_qp
 from .base import register
 from .gramian_base import GramianBalancer
+from .weighting import check_gramian
 
 _MAX_ENUMERATED = 16  # parts; the exact fallback enumerates 2^(T-1) active sets
 
@@ -183,6 +184,7 @@ class PCD(GramianBalancer):
         return float(self.tau.get(name, 0.02)) if isinstance(self.tau, dict) else self.tau
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        G = check_gramian(G, "PCD")
         names = losses.names
         if isinstance(self.tau, dict) and (unknown := sorted(set(self.tau) - set(losses.parts) - set(losses.missing))):
             raise ValueError(f"PCD: tau names {unknown}, which are not parts of this objective ({names})")

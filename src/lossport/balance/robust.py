@@ -24,6 +24,7 @@ from ..result_types import Losses
 from .base import register
 from .gramian_base import GramianBalancer
 from .surgery import _BLOCK, _Surgery
+from .weighting import check_gramian
 
 _DISTANCES = ("squared", "euclidean")
 
@@ -104,6 +105,7 @@ class Krum(GramianBalancer):
         self.distance = distance
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        G = check_gramian(G, "Krum")
         T = G.shape[0]
         if self.f + 3 > T or self.m > T:
             raise ValueError(

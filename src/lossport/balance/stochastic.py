@@ -32,6 +32,7 @@ from ..solvers import project_simplex
 from .base import register, resolve
 from .gramian_base import GramianBalancer
 from .surgery import _Surgery
+from .weighting import check_gramian
 
 C = TypeVar("C", bound="CRMOGM")
 
@@ -135,6 +136,7 @@ class _CarriedSimplex(GramianBalancer):
         raise NotImplementedError
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
+        G = check_gramian(G, type(self).__name__)
         names = losses.names
         T = len(names)
         if all(k in self._w for k in names) and (mass := sum(self._w[k] for k in names)) > 0:

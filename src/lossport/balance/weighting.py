@@ -28,11 +28,10 @@ def _f64(G: Tensor) -> Tensor:
     return G.detach().to(torch.float64)
 
 
-def _gram(G: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """``(G / s, s)`` in float64 with ``s = max_ij |G_ij|`` per matrix (``s = 1`` for a zero matrix): every
-    weighting solves on a Gramian of largest entry 1, so gradients of any finite scale give the same steps.
-    ``FloatingPointError`` for NaN/inf entries, ``ValueError`` for a matrix that is not square or has a
-    negative diagonal entry (a Gramian's diagonal holds squared norms)."""
+def check_gramian(G: Tensor, what: str) -> Tensor:
+    """``G`` in float64, checked: ``FloatingPointError`` for NaN/inf entries, ``ValueError`` for a matrix that is
+    not square or has a negative diagonal entry (a Gramian's diagonal holds squared norms). Every weighting, and
+    every balancer's ``weigh``, starts here."""
     G = _f64(G)
     if G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"{what}: the Gramian must be (*batch, T, T), not {tuple(G.shape)}")
@@ -43,6 +42,14 @@ def _gram(G: Tensor, what: str) -> tuple[Tensor, Tensor]:
         )
     if bool((G.diagonal(dim1=-2, dim2=-1) < 0).any()):
         raise ValueError(f"{what}: negative diagonal entries: not a Gramian (G_ii = ||g_i||^2 >= 0)")
+    return G
+
+
+def _gram(G: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """``(G / s, s)`` in float64 with ``s = max_ij |G_ij|`` per matrix (``s = 1`` for a zero matrix), after
+    :func:`check_gramian`: every weighting solves on a Gramian of largest entry 1, so gradients of any finite scale
+    give the same steps."""
+    G = check_gramian(G, what)
     s = G.abs().amax((-2, -1))
     s = torch.where(s > 0, s, torch.ones_like(s))
     return G / s[..., None, None], s
