@@ -44,12 +44,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from lossport import Losses
 from lossport.balance import FAMO, MGDA, NashMTL, Uncertainty, UPGrad
 from lossport.balance import weighting as W
 from lossport.balance.gramian_base import GramianBalancer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/gramian.py, also when loaded by path
+from gramian import Model as TorchJDModel
 
 TASKS = (8, 32, 128, 512, 1024)
 GRAMIAN_METHODS = {"upgrad": UPGrad, "mgda": MGDA, "nash_mtl": NashMTL}
@@ -76,35 +77,18 @@ WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # ------------------------------------------------------------------------------------------------------------
 # the model and the steps
 # ------------------------------------------------------------------------------------------------------------
-class Model:
-    """Shared trunk, ``T`` one-output linear heads, one MSE loss per head (fixed batch of 64)."""
+class Model(TorchJDModel):
+    """``benchmarks/gramian.py``'s model (shared trunk, ``T`` one-output linear heads, one MSE loss per head, a fixed
+    batch, 64 by default) with targets of a shared low-rank structure, so that the tasks are related as in
+    multi-label data."""
 
     def __init__(self, T: int, seed: int = 0, batch: int = 64) -> None:
+        super().__init__(T, seed)
         g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        self.T = T
-        self.trunk = nn.Sequential(
-            nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU()
-        )
-        self.heads = nn.ModuleList([nn.Linear(512, 1) for _ in range(T)])
-        self.x = torch.randn(batch, 256, generator=g)
+        self.x = torch.randn(batch, 256, generator=g)  # batch = 64: the parent's inputs
         A = torch.randn(256, 8, generator=g) / 16
         B = torch.randn(8, T, generator=g)
         self.y = torch.tanh(self.x @ A) @ B + 0.1 * torch.randn(batch, T, generator=g)
-        self.params = [*self.trunk.parameters(), *self.heads.parameters()]
-
-    def zero(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = self.trunk(self.x)
-        return h, [nn.functional.mse_loss(self.heads[t](h).squeeze(1), self.y[:, t]) for t in range(self.T)]
-
-    def losses(self) -> Losses:
-        h, ls = self.forward()
-        parts = {f"task{t}": v for t, v in enumerate(ls)}
-        return Losses(parts=parts, weights=dict.fromkeys(parts, 1.0), outputs={"h": h})
 
 
 def make_balancer(name: str) -> object:
