@@ -547,3 +547,31 @@ def test_advice_names_modules_reached_with_a_zero_gradient():
     assert "F" in r.reach["y1"] and r.pull["y1"]["F"] == 0.0
     assert any(a.startswith("'y1' reaches 'F' but the gradient there is exactly 0") for a in r.advice)
     assert not any("'y2' reach" in a for a in r.advice)
+
+
+def test_a_deep_net_prints_compact_rows_and_detail_prints_each():
+    """More than COMPACT rows: consecutive rows reached by the same parts print as one (pull = norm over all),
+    per-module cosines move to detail=True; the report's figures are unchanged."""
+    from lossport.report import COMPACT
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(COMPACT + 2)])
+            self.y1, self.y2 = nn.Linear(6, 1), nn.Linear(6, 1)
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return {"y1": self.y1(h), "y2": self.y2(h)}
+
+    g = torch.Generator().manual_seed(0)
+    data = {"x": torch.randn(32, 6, generator=g), "y1": torch.randn(32, 1, generator=g), "y2": torch.randn(32, 1)}
+    r = inspect(Deep(), data, {"y1": "mse", "y2": "mse"}, batches=2, batch_size=16)
+    assert len(r.modules) == COMPACT + 4
+    short, full = r.table(), r.table(detail=True)
+    assert "trunk.* (14)" in short and f"({COMPACT + 4} rows shown as 3" in short
+    assert "Cosine per shared module: 14 rows" in short and "trunk.13.0" in full and "trunk.13.0" not in short
+    merged = math.sqrt(sum(v * v for m, v in r.pull["y1"].items() if m.startswith("trunk.")))
+    row = next(line for line in short.splitlines() if "trunk.* (14)" in line)
+    assert f"{merged:.3g}" in row

@@ -198,6 +198,9 @@ def test_inspect_faster_rcnn_groups_its_modules():
     section = text.split("Reach and pull")[1].split("Conflict")[0].splitlines()
     assert len(section) <= MAX_ROWS + 5  # one block: the parts' columns are numbered to fit 100 characters
     assert max(len(line) for line in text.splitlines()) <= 100
+    assert len(text.splitlines()) <= 40  # rows reached alike are merged by default (issue 13: ~40 lines)
+    full = report.table(detail=True)
+    assert all(m.name[-20:] in full for m in report.modules) and len(full.splitlines()) > 80
 
 
 def test_features_gramian_on_the_fpn_levels():

@@ -18,6 +18,7 @@ Figures (all measured with the autograd graph of a few batches, see :mod:`losspo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ IMBALANCE = 10.0
 CONFLICT = -0.1
 """Mean trunk cosine below which the advice calls two parts conflicting."""
 WIDTH = 100
+COMPACT = 12  # rows beyond which Report.table() merges rows reached alike and leaves out per-module cosines
 """Width of the terminal table."""
 
 
@@ -136,8 +138,11 @@ class Report:
             }
         )
 
-    def table(self, width: int = WIDTH) -> str:
-        """The terminal table: parts, reach and pull by module, trunk cosines and ratios, advice."""
+    def table(self, width: int = WIDTH, *, detail: bool = False) -> str:
+        """The terminal table: parts, reach and pull by module, trunk cosines and ratios, advice. For a net of more
+        than :data:`COMPACT` rows (a detector, a backbone) consecutive rows reached by the same parts are printed as
+        one (its pull is the gradient norm over all their parameters) and the per-module cosines are left out, so
+        that the table stays about 40 lines; ``detail=True`` prints every row and section."""
         P = self.parts
         n_shared = sum(self.module(m).params for m in self.shared)
         bal = f", balance={self.balance}" if self.balance else ""
@@ -162,13 +167,10 @@ class Report:
             )
         lines += _columns(rows)
         lines += ["", "Reach and pull: gradient norm of each part on each module ('.' = not reached)"]
-        labels = [
-            (_short(m.name, 24), m.kind[:12], _count(m.params), "" if m.status == "reached" else m.status)
-            for m in self.modules
-        ]
-        cells = [
-            [_num(self.pull[p][m.name]) if m.name in self.pull.get(p, {}) else "." for p in P] for m in self.modules
-        ]
+        runs = self._runs(compact=not detail and len(self.modules) > COMPACT)
+        labels = [_run_label(run) for run in runs]
+        cells = [[self._run_pull(run, p) for p in P] for run in runs]
+        marks = ["*" if run[0].name in self.shared else " " for run in runs]
         heads = list(P)
         if len(_blocks(["module", "type", "params", "status"], labels, heads, cells, width, True)) > 1:
             heads = [f"[{i + 1}]" for i in range(len(P))]  # numbered columns keep one block of rows
@@ -176,7 +178,11 @@ class Report:
                 lines += _wrap("parts: " + ", ".join(f"{h} {p}" for h, p in zip(heads, P)), width, indent="  ")
             else:
                 heads = list(P)
-        lines += _grid(["module", "type", "params", "status"], labels, heads, cells, width, mark=self._shared_marks())
+        lines += _grid(["module", "type", "params", "status"], labels, heads, cells, width, mark=marks)
+        if len(runs) < len(self.modules):
+            lines.append(
+                f"  ({len(self.modules)} rows shown as {len(runs)}: consecutive rows reached by the same parts)"
+            )
         if len(self.measured) >= 2 and self.shared:
             lines += ["", "Conflict on the shared trunk: mean cosine of the parts' gradients"]
             lines += _grid(
@@ -186,9 +192,12 @@ class Report:
                 [[_num(c, cos=True) for c in r] for r in self.trunk_cos],
                 width,
             )
-            lines += ["", "Pull ratio on the shared trunk: |g| of the row part / |g| of the column part"]
-            lines += _grid(["part"], [(p,) for p in P], P, [[_num(c) for c in r] for r in self.ratios()], width)
-            if len(self.shared) > 1:
+            if detail or len(self.modules) <= COMPACT:  # else the |g| trunk column above gives the ratios
+                lines += ["", "Pull ratio on the shared trunk: |g| of the row part / |g| of the column part"]
+                lines += _grid(["part"], [(p,) for p in P], P, [[_num(c) for c in r] for r in self.ratios()], width)
+            if len(self.shared) > COMPACT and not detail:
+                lines += ["", f"Cosine per shared module: {len(self.shared)} rows, in report.table(detail=True)"]
+            elif len(self.shared) > 1:
                 lines += ["", "Cosine per shared module (pairs of parts)"]
                 pairs = [(i, j) for i in range(len(P)) for j in range(i + 1, len(P))]
                 heads = [f"{P[i]}~{P[j]}" for i, j in pairs]
@@ -209,8 +218,24 @@ class Report:
     def __str__(self) -> str:
         return self.table()
 
-    def _shared_marks(self) -> list[str]:
-        return ["*" if m.name in self.shared else " " for m in self.modules]
+    def _runs(self, compact: bool) -> list[list[ModuleInfo]]:
+        """The rows in order, consecutive ones with the same status, shared mark and reaching parts together
+        (``compact``), else one row each."""
+        runs: list[list[ModuleInfo]] = []
+        key = None
+        for m in self.modules:
+            k = (m.status, m.name in self.shared, tuple(m.name in self.pull.get(p, {}) for p in self.parts))
+            if compact and runs and k == key:
+                runs[-1].append(m)
+            else:
+                runs.append([m])
+            key = k
+        return runs
+
+    def _run_pull(self, run: list[ModuleInfo], p: str) -> str:
+        """A part's gradient norm over all the parameters of a run of rows (``.``: not reached)."""
+        vals = [self.pull[p][m.name] for m in run if m.name in self.pull.get(p, {})]
+        return _num(math.sqrt(sum(v * v for v in vals))) if vals else "."
 
     def plot(self, *, figsize: tuple[float, float] | None = None) -> Any:
         """A matplotlib ``Figure``: left, the parts x modules heatmap of ``log10`` gradient norms, unreached
@@ -461,6 +486,19 @@ def _count(n: int) -> str:
     if n >= 1000:
         return f"{n / 1e3:.1f}k"
     return str(n)
+
+
+def _run_label(run: list[ModuleInfo]) -> tuple[str, str, str, str]:
+    """Name, type, parameter count and status of a run of rows (their common dotted prefix for several)."""
+    m = run[0]
+    status = "" if m.status == "reached" else m.status
+    if len(run) == 1:
+        return _short(m.name, 24), m.kind[:12], _count(m.params), status
+    parts = [r.name.split(".") for r in run]
+    common = [col[0] for col in itertools.takewhile(lambda col: len(set(col)) == 1, zip(*parts))]
+    name = ".".join(common) + ".*" if common else "*"
+    members = sum(r.members for r in run)
+    return _short(f"{name} ({len(run)})", 24), f"{members} modules"[:12], _count(sum(r.params for r in run)), status
 
 
 def _short(s: str, n: int) -> str:
