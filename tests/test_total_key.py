@@ -71,3 +71,29 @@ def test_history_and_table_show_one_total():
     table = result.table()
     assert sum(line.split()[0] == "total" for line in table.splitlines() if line.split()) == 1
     assert "loss/port" in table
+
+
+def test_auto_refuses_a_total_loss_beside_its_components():
+    """DETR-style outputs (its total `loss` and the components under `loss_dict`): 'auto' would train both and
+    count the components twice; it is an error naming them, and either choice then works."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from lossport import LossSpecError, Objective
+
+    class Detr(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Linear(3, 1)
+
+        def forward(self, x):
+            a, b = self.w(x).pow(2).mean(), self.w(x).abs().mean()
+            return {"loss": a + 5 * b, "loss_dict": {"ce": a, "l1": b}}
+
+    net, batch = Detr(), {"x": torch.randn(4, 3)}
+    with pytest.raises(LossSpecError, match=r"own total 'loss' and other scalars .*loss_dict/ce"):
+        Objective("auto")(net, batch)
+    total = Objective("loss")(net, batch)
+    parts = Objective(["loss_dict/ce", "loss_dict/l1"], weights=[1.0, 5.0])(net, batch)
+    assert torch.allclose(total.total, parts.total)

@@ -377,6 +377,14 @@ class _Compiler:
             raise self.err("no loss: loss=None. Give 'auto', an output name, a loss, a dict {output: loss} or a list")
         if isinstance(spec, str):
             if spec == "auto":
+                others = [o for o in self.scalars if o != TOTAL_KEY]
+                if TOTAL_KEY in self.scalars and others:
+                    raise self.err(
+                        f"'auto' takes every scalar output as a loss, but the net returns its own total "
+                        f"{TOTAL_KEY!r} and other scalars ({_fmt(others)}): the total would count its components "
+                        f"twice. Say which to train: loss={TOTAL_KEY!r} (the model's own total) or a list of the "
+                        "components"
+                    )
                 if self.scalars:
                     for o in self.scalars:
                         self.terms.append(
