@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +78,11 @@ def has_compiled_node(parts: Sequence[Tensor]) -> bool:
 
 
 def _has_compiled(roots: Sequence[object]) -> bool:
+    return any(type(node).__name__ == _COMPILED for node in _walk(roots))
+
+
+def _walk(roots: Sequence[object]) -> Iterator[object]:
+    """Every autograd node reachable from ``roots``, once each (depth first)."""
     seen: set[int] = set()
     stack = list(roots)
     while stack:
@@ -85,10 +90,8 @@ def _has_compiled(roots: Sequence[object]) -> bool:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__ == _COMPILED:
-            return True
+        yield node
         stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
-    return False
 
 
 _FREE: weakref.WeakSet[type] = weakref.WeakSet()  # compiled graphs known to donate no buffer to their backward
@@ -138,17 +141,10 @@ def _roots(outputs: Any) -> list[object]:
 def _compiled_graphs(roots: Sequence[object]) -> list[type]:
     """The compiled-function classes of the compiled nodes below ``roots`` (one per compiled graph)."""
     found: list[type] = []
-    seen: set[int] = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in _walk(roots):
         if type(node).__name__ == _COMPILED:
             cls = getattr(node, "_forward_cls", None)
             found.append(cls if isinstance(cls, type) else type(node))
-        stack.extend(n for n, _ in node.next_functions if n is not None)  # type: ignore[attr-defined]
     return found
 
 

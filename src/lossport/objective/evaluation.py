@@ -100,7 +100,9 @@ def evaluate_terms(
     examples: dict[str, Tensor] = {}
     found: dict[str, tuple[str, ...]] = {}
     bsize = batch_size(outputs, source)
-    batch_n = batch_size({k: v for k, v in source.items() if isinstance(v, Tensor)}, outputs)  # the batch's own
+    # the batch's own size, for outputs that already are losses (only they need it: not on every call)
+    has_ports = any(t.kind is TermKind.PORT for t in plan.terms)
+    batch_n = batch_size({k: v for k, v in source.items() if isinstance(v, Tensor)}, outputs) if has_ports else 0
     for t in plan.terms:
         if t.kind is TermKind.REG:
             if net is None:
