@@ -9,7 +9,7 @@ import torch
 from multihead import MultiHead, multihead_batch
 
 import lossport
-from lossport.balance import NTKMTL, NTKMTLSR, CRMOGM, resolve
+from lossport.balance import CRMOGM, NTKMTL, NTKMTLSR, resolve
 from lossport.balance.ntk import ntk_weights
 from lossport.graph import shared_parameters
 
@@ -39,7 +39,7 @@ def authors_ntkmtl(net: MultiHead, data: dict, ntk_exp: float, max_norm: float) 
     h = net.trunk(data["x"])
     losses = [((net.heads[k](h) - data[k]) ** 2).mean() for k in NAMES]
     grads = []
-    for i, loss in enumerate(losses):
+    for loss in losses:
         gs = torch.autograd.grad(loss, shared, retain_graph=True)
         grads.append(torch.cat([g.flatten() for g in gs]))
     Gm = torch.stack(grads, dim=1)  # P x T, as their `grads`
@@ -64,7 +64,9 @@ def authors_sr_weights(net: MultiHead, data: dict, n: int, ntk_exp: float) -> to
     chunks = torch.stack([c.mean(0) for c in torch.chunk(per, n, dim=0)])  # n x T
     lam = []
     for i in range(T):
-        J = torch.stack([torch.autograd.grad(chunks[j, i], z, retain_graph=True)[0].flatten() for j in range(len(chunks))])
+        J = torch.stack(
+            [torch.autograd.grad(chunks[j, i], z, retain_graph=True)[0].flatten() for j in range(len(chunks))]
+        )
         lam.append(torch.linalg.eigvalsh((J @ J.T).double())[-1])
     lam_t = torch.stack(lam)
     return (lam_t.sum() / lam_t) ** ntk_exp
@@ -194,7 +196,7 @@ def test_sr_needs_a_batch_dimension_shared_by_the_representation():
             return {"a": self.w * x.sum(), "b": self.w * x.sum() ** 2}  # both parts straight off a shared scalar
 
     data = {"x": torch.randn(8), "a": torch.tensor(1.0), "b": torch.tensor(2.0)}
-    with pytest.raises(ValueError, match="NTKMTL-SR: .*give features="):
+    with pytest.raises(ValueError, match=r"NTKMTL-SR: .*give features="):
         lossport.Objective({"a": "mse", "b": "mse"}, balance=NTKMTLSR())(Scalar(), data)
 
 

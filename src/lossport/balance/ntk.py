@@ -54,7 +54,9 @@ def ntk_weights(lam: Tensor, ntk_exp: float = 0.5) -> Tensor:
 
 def _check_exp(ntk_exp: float) -> float:
     if not (ntk_exp >= 0 and math.isfinite(ntk_exp)):
-        raise ValueError(f"NTKMTL: ntk_exp (the exponent of the eigenvalue ratio) must be finite and >= 0, not {ntk_exp!r}")
+        raise ValueError(
+            f"NTKMTL: ntk_exp (the exponent of the eigenvalue ratio) must be finite and >= 0, not {ntk_exp!r}"
+        )
     return float(ntk_exp)
 
 
@@ -93,7 +95,7 @@ class NTKMTL(GramianBalancer):
         b = ntk_weights(G.diagonal(), self.ntk_exp)
         self.info.update({f"ntk/lambda/{k}": float(v) for k, v in zip(losses.names, G.diagonal().tolist())})
         if self.max_norm > 0:
-            scale = float((G.abs().max()))
+            scale = float(G.abs().max())
             norm = math.sqrt(max(float(b @ (G / scale) @ b), 0.0)) * math.sqrt(scale) if scale > 0 else 0.0
             if norm > self.max_norm:
                 b = b * (self.max_norm / norm)

@@ -117,7 +117,9 @@ class COSMOS(Balancer):
             rl = sum(a * b for a, b in zip(r, L))
             cos = rl / (norm_r * norm_L)
             self.info["cosmos/cos"] = cos
-            grad = [ri - self.lambda_ * (ri / (norm_r * norm_L) - rl * li / (norm_r * norm_L**3)) for ri, li in zip(r, L)]
+            grad = [
+                ri - self.lambda_ * (ri / (norm_r * norm_L) - rl * li / (norm_r * norm_L**3)) for ri, li in zip(r, L)
+            ]
         return {k: T * g for k, g in zip(names, grad, strict=True)}
 
     def __repr__(self) -> str:
@@ -161,7 +163,9 @@ class PBI(Balancer):
     ) -> None:
         super().__init__()
         if not (theta >= 0 and math.isfinite(theta)):
-            raise ValueError(f"PBI: theta (the penalty on the distance to the ray) must be finite and >= 0, not {theta!r}")
+            raise ValueError(
+                f"PBI: theta (the penalty on the distance to the ray) must be finite and >= 0, not {theta!r}"
+            )
         self.theta = float(theta)
         self.ray = _check_ray("PBI", ray)
         if isinstance(reference, str):
