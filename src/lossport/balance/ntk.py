@@ -25,7 +25,7 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import distributed
 from ..gramian import _split, batched_grads, check_reached
@@ -92,8 +92,7 @@ class NTKMTL(GramianBalancer):
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
         G = check_gramian(G, type(self).__name__)
-        b = ntk_weights(G.diagonal(), self.ntk_exp)
-        self.info.update({f"ntk/lambda/{k}": float(v) for k, v in zip(losses.names, G.diagonal().tolist())})
+        b = ntk_weights(G.diagonal(), self.ntk_exp)  # the engine reports sqrt(G_ii) as info["norm/<part>"]
         if self.max_norm > 0:
             scale = float(G.abs().max())
             norm = math.sqrt(max(float(b @ (G / scale) @ b), 0.0)) * math.sqrt(scale) if scale > 0 else 0.0
@@ -141,10 +140,8 @@ class NTKMTLSR(NTKMTL):
     name = "ntkmtl_sr"
 
     def __init__(
-        self, n: int = 4, ntk_exp: float = 0.5, features: Any = None, every: int = 1, params: Any = None
+        self, n: int = 4, ntk_exp: float = 0.5, features: str | nn.Module | None = None, every: int = 1
     ) -> None:
-        if params is not None:
-            raise ValueError("NTKMTL-SR works on the shared representation; params= is for NTKMTL (gramian='params')")
         if features is None:
             super().__init__(ntk_exp=ntk_exp, every=every)
         else:

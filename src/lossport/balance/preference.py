@@ -111,6 +111,7 @@ class COSMOS(Balancer):
         T = len(names)
         norm_r = math.sqrt(sum(v * v for v in r))
         norm_L = math.sqrt(sum(v * v for v in L))
+        self.info = {}
         if self.lambda_ == 0 or norm_L == 0:
             grad = r
         else:
@@ -209,7 +210,7 @@ class PBI(Balancer):
         d1 = sum(a * b for a, b in zip(f, w))
         p = [fi - d1 * wi for fi, wi in zip(f, w)]
         d2 = math.sqrt(sum(v * v for v in p) + _PBI_EPS)
-        self.info.update({"pbi/d1": d1, "pbi/d2": d2})
+        self.info = {"pbi/d1": d1, "pbi/d2": d2}
         c = math.sqrt(len(names))
         return {k: c * (wi + self.theta * pi / d2) for k, wi, pi in zip(names, w, p, strict=True)}
 
