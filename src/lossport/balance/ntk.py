@@ -67,8 +67,8 @@ class NTKMTL(GramianBalancer):
     docstring). Parts with a zero gradient get ``b_i = 1`` and are left out of the mean (:func:`ntk_weights`).
     With ``gramian="features"`` this is NTKMTL-SR with ``n = 1`` (the authors' NYUv2 and Cityscapes setting).
 
-    :param ntk_exp: the exponent (0.5, the paper's square root; the authors' README suggests trying up to
-        0.75, used in their NYUv2 run script).
+    :param ntk_exp: the exponent (0.5, the paper's square root; the authors' README recommends trying slightly
+        larger values such as 0.75, which their NYUv2 run script uses).
     :param max_norm: ``> 0``: scale ``b`` down so that the shared update ``||J^T b|| = sqrt(b^T G b)`` is at most
         ``max_norm`` (the authors clip the shared gradient to norm 1.0 after weighting); default ``0.0``: no
         clipping (use the trainer's ``grad_clip`` to clip every parameter instead). The heads' gradients are

@@ -137,7 +137,8 @@ class PBI(Balancer):
     """Penalty-based boundary intersection (Zhang & Li, MOEA/D, IEEE TEVC 2007): with ``f = L - z*`` (``z*`` the
     reference, ideal point) and the unit ray ``w = r / ||r||``,
     ``d_1 = f^T w`` (the distance along the ray), ``d_2 = ||f - d_1 w||`` (the distance to it),
-    ``S = d_1 + theta d_2``.
+    ``S = d_1 + theta d_2`` (MOEA/D writes ``d_1 = |f^T w|``; the same wherever ``f^T w >= 0``, e.g. for
+    ``L >= z*``, as with the ideal point; TorchJD and lossport use ``f^T w``).
 
     Gradient (closed form): ``dS/dL = w + theta p / sqrt(||p||^2 + eps)`` with ``p = f - d_1 w`` and
     ``eps = 1e-12`` (as TorchJD, so that the gradient is finite on the ray); ``b_i = sqrt(T) dS/dL_i``.
