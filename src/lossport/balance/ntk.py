@@ -211,13 +211,15 @@ class NTKMTLSR(NTKMTL):
 
 def _chunk_sq_norms(rows: list[Tensor], n: int) -> Tensor:
     """``T x n``: entry ``(i, k)`` is ``(B / |chunk k|)^2 ||rows_i[chunk k]||^2`` summed over the tensors (zero for a
-    chunk ``torch.chunk`` does not make), in float64."""
+    chunk ``torch.chunk`` does not make), in float64. Each example's row norm is taken in the rows' dtype, then
+    squared and summed by chunk in float64 (no float64 copy of the ``T x B x dim(z)`` rows)."""
     T, B = rows[0].shape[0], rows[0].shape[1]
-    out = torch.zeros(T, n, dtype=torch.float64, device=rows[0].device)
+    per = torch.zeros(T, B, dtype=torch.float64, device=rows[0].device)
     for r in rows:
-        flat = r.detach().to(torch.float64).reshape(T, B, -1)
-        for k, c in enumerate(torch.chunk(flat, n, dim=1)):
-            out[:, k] += (B / c.shape[1]) ** 2 * c.pow(2).sum(dim=(1, 2))
+        per += torch.linalg.vector_norm(r.detach().reshape(T, B, -1), dim=2).to(torch.float64) ** 2
+    out = torch.zeros(T, n, dtype=torch.float64, device=per.device)
+    for k, c in enumerate(torch.chunk(per, n, dim=1)):
+        out[:, k] = (B / c.shape[1]) ** 2 * c.sum(dim=1)
     return out
 
 
