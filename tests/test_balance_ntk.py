@@ -144,8 +144,8 @@ def test_errors_and_crmogm_base():
         NTKMTL(max_norm=-1.0)
     with pytest.raises(ValueError, match="n \\(the number of mini-batch chunks\\)"):
         NTKMTLSR(n=0)
-    with pytest.raises(TypeError, match="params"):
-        NTKMTLSR(params=[torch.zeros(1)])  # the representation, not the parameters
+    with pytest.raises(ValueError, match="not on parameters: drop params=, or use 'ntkmtl'"):
+        NTKMTLSR(params=[torch.zeros(1)])
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         NTKMTL().weigh(torch.tensor([[float("nan")]]), fake_losses(["a"]))
     CRMOGM(base="ntkmtl")  # a function of the Gramian

@@ -22,6 +22,7 @@ The weights are recomputed at each step from the current batch (no state carried
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -140,8 +141,18 @@ class NTKMTLSR(NTKMTL):
     name = "ntkmtl_sr"
 
     def __init__(
-        self, n: int = 4, ntk_exp: float = 0.5, features: str | nn.Module | None = None, every: int = 1
+        self,
+        n: int = 4,
+        ntk_exp: float = 0.5,
+        features: str | nn.Module | None = None,
+        every: int = 1,
+        params: Iterable[Tensor] | None = None,
     ) -> None:
+        if params is not None:  # the toy problem and hand loops pass params= to every gradient-level method
+            raise ValueError(
+                "NTKMTL-SR takes the kernel on a shared representation (a batch of examples), not on parameters: "
+                "drop params=, or use 'ntkmtl' for the kernel on the parameters"
+            )
         if features is None:
             super().__init__(ntk_exp=ntk_exp, every=every)
         else:
