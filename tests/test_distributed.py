@@ -102,6 +102,8 @@ METHODS = [
     "moco",
     "go4align",
     "ldc_mtl",
+    "ntkmtl",
+    "ntkmtl_sr",
 ]
 
 

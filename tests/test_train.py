@@ -549,6 +549,8 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
         "moco",
         "go4align",
         "ldc_mtl",
+        "ntkmtl",
+        "ntkmtl_sr",
     ],
 )
 def test_resume_restores_balancer_state_and_randomness(tmp_path: Path, name: str) -> None:

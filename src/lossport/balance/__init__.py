@@ -61,3 +61,11 @@ from .bilevel import LDCMTL  # noqa: E402
 from .group import GO4Align  # noqa: E402
 
 __all__ += ["LDCMTL", "GO4Align"]
+
+from .preference import COSMOS, PBI  # noqa: E402
+
+__all__ += ["COSMOS", "PBI"]
+
+from .ntk import NTKMTL, NTKMTLSR  # noqa: E402
+
+__all__ += ["NTKMTL", "NTKMTLSR"]
