@@ -8,7 +8,7 @@ from multihead import MultiHead, multihead_batch
 from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, MoDoWeighting, SDMGradWeighting, UPGradWeighting
 
 import lossport
-from lossport.balance import CRMOGM, MoCo, MoDo, SDMGrad, UPGrad, resolve
+from lossport.balance import CRMOGM, Context, MoCo, MoDo, SDMGrad, UPGrad, resolve
 from lossport.graph import shared_parameters
 
 NAMES = ["a", "b", "c"]
@@ -156,20 +156,28 @@ def test_carried_simplex_methods_equal_torchjd_times_T_over_three_steps(seed, mi
         assert interior, kind  # the weights are not just a vertex of the simplex
 
 
+def ctx_of(obj, net, s):
+    """A Context with two extra batches (other seeds) for the step on batch(s)."""
+    return Context(extra=(lambda: obj.evaluate(net, batch(100 + s)), lambda: obj.evaluate(net, batch(200 + s))))
+
+
 def test_sdmgrad_with_lambda_large_tends_to_the_mean_and_state_round_trip():
     net = Net()
-    w = lossport.Objective(SPEC, balance=SDMGrad(lambda_=1e6))(net, batch()).weights
+    obj0 = lossport.Objective(SPEC, balance=SDMGrad(lambda_=1e6))
+    w = obj0(net, batch(), context=ctx_of(obj0, net, 0)).weights
     assert w == pytest.approx(dict.fromkeys(NAMES, 1.0), rel=1e-4)
     for name in ("sdmgrad", "modo"):
         bal = resolve(name, every=2)
         obj = lossport.Objective(SPEC, balance=bal)
-        ws = [obj(net, batch(s)).weights for s in range(3)]
+        ws = [obj(net, batch(s), context=ctx_of(obj, net, s)).weights for s in range(3)]
         assert ws[0] == ws[1]
         twin = resolve(name, every=2)
         twin.load_state_dict(bal.state_dict())
         obj2 = lossport.Objective(SPEC, balance=twin)
         for s in range(3, 7):
-            assert obj(net, batch(s)).weights == obj2(net, batch(s)).weights
+            assert obj(net, batch(s), context=ctx_of(obj, net, s)).weights == obj2(
+                net, batch(s), context=ctx_of(obj2, net, s)
+            ).weights
 
 
 def test_carried_weights_of_a_missing_part_are_kept():

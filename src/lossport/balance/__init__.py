@@ -1,6 +1,6 @@
 """Balancers: turn the loss parts of a batch into weights (see :mod:`lossport.balance.base`)."""
 
-from .base import KINDS, PREFERENCE, Balancer, aliases, available, kind_of, register, resolve, suggest
+from .base import KINDS, PREFERENCE, Balancer, Context, aliases, available, kind_of, register, resolve, suggest
 from .gradient import IMTLG, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradVac, NashMTL, PCGrad, UPGrad
 from .gramian_base import GramianBalancer
 from .learned import FAMO, IMTLL, GradNorm, LearnedBalancer, Uncertainty
@@ -24,6 +24,7 @@ __all__ = [
     "AlignedMTL",
     "Balancer",
     "CAGrad",
+    "Context",
     "CoV",
     "ConFIG",
     "DualProj",
