@@ -175,9 +175,10 @@ def test_sdmgrad_with_lambda_large_tends_to_the_mean_and_state_round_trip():
         twin.load_state_dict(bal.state_dict())
         obj2 = lossport.Objective(SPEC, balance=twin)
         for s in range(3, 7):
-            assert obj(net, batch(s), context=ctx_of(obj, net, s)).weights == obj2(
-                net, batch(s), context=ctx_of(obj2, net, s)
-            ).weights
+            assert (
+                obj(net, batch(s), context=ctx_of(obj, net, s)).weights
+                == obj2(net, batch(s), context=ctx_of(obj2, net, s)).weights
+            )
 
 
 def test_carried_weights_of_a_missing_part_are_kept():

@@ -24,9 +24,9 @@ __all__ = [
     "AlignedMTL",
     "Balancer",
     "CAGrad",
-    "Context",
     "CoV",
     "ConFIG",
+    "Context",
     "DualProj",
     "EqualWeights",
     "FairGrad",
@@ -58,7 +58,7 @@ from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
 
 __all__ += ["CRMOGM", "PCD", "MoCo", "MoDo", "SDMGrad"]
 
-from .bilevel import LDCMTL  # noqa: E402
+from .bilevel import LDCMTL, AutoLambda  # noqa: E402
 from .group import GO4Align  # noqa: E402
 
-__all__ += ["LDCMTL", "GO4Align"]
+__all__ += ["LDCMTL", "AutoLambda", "GO4Align"]
