@@ -102,6 +102,7 @@ METHODS = [
     "moco",
     "go4align",
     "ldc_mtl",
+    "auto_lambda",
 ]
 
 
