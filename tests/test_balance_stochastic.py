@@ -300,3 +300,36 @@ def test_moco_tracks_take_the_dtype_asked_by_to():
     assert all(v.dtype == torch.float32 for v in plain.state_dict()["y"].values())
     plain.to(torch.float64)
     assert all(v.dtype == torch.float64 for v in plain._y.values())
+
+
+# ------------------------------------------------------------------------------------------------ three batches
+@pytest.mark.parametrize(("mine", "ref"), [(SDMGrad, SDMGradWeighting), (MoDo, MoDoWeighting)])
+def test_three_batch_mode_weighs_the_cross_matrix_of_the_two_extra_batches(mine, ref):
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    params = shared_parameters([obj(net, batch(0)).parts[k] for k in NAMES])
+
+    def jac(b):
+        parts = obj(net, b).parts
+        return torch.stack([flat_grad(parts[k], params) for k in NAMES]).double()
+
+    cross = jac(batch(11)) @ jac(batch(12)).T
+    assert not torch.allclose(cross, cross.T)  # not a Gramian: two batches
+    a, r = mine(), ref()
+    for main in (0, 1, 2):  # the main batch does not enter the weights, only the update
+        ctx = Context(extra=(lambda: obj(net, batch(11)), lambda: obj(net, batch(12))))
+        w = a(obj(net, batch(main)), ctx).weights
+        expected = 3 * r(cross)
+        assert torch.allclose(torch.tensor([w[k] for k in NAMES], dtype=torch.float64), expected, rtol=1e-5)
+    one = mine(batches=1)(obj(net, batch(0))).weights  # one batch's Gramian: other weights
+    assert one != a(obj(net, batch(0)), ctx).weights
+
+
+def test_three_batch_mode_errors():
+    with pytest.raises(ValueError, match="batches must be 3 .* or 1"):
+        SDMGrad(batches=2)
+    with pytest.raises(ValueError, match="MoDo: the cross matrix J_1 J_2\\^T of two batches exists on the shared"):
+        MoDo(gramian="features", features="h")
+    assert MoDo(gramian="features", features="h", batches=1).batches == 1
+    with pytest.raises(ValueError, match="SDMGrad uses 3 independent training batches per step and got 1 extra"):
+        SDMGrad()(fake_losses(NAMES), Context(extra=(lambda: fake_losses(NAMES),)))
