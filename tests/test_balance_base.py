@@ -284,7 +284,7 @@ def test_a_method_that_needs_extra_batches_or_a_meta_batch_refuses_a_call_withou
     bal = NeedsTwo()
     with pytest.raises(ValueError, match="NeedsTwo uses 2 independent training batches per step and got 0 extra"):
         bal(losses_of([1.0, 2.0]))
-    with pytest.raises(TypeError, match="context must be a lossport.balance.Context, not dict"):
+    with pytest.raises(TypeError, match=r"context must be a lossport\.balance\.Context, not dict"):
         bal(losses_of([1.0, 2.0]), {"extra": ()})  # type: ignore[arg-type]
     out = bal(losses_of([1.0, 2.0]), Context(extra=(lambda: losses_of([3.0, 5.0]),)))
     assert out.weights == {"a": 3.0, "b": 5.0}

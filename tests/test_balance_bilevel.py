@@ -3,12 +3,13 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import lossport
-from lossport.balance import LDCMTL, AutoLambda, Context, resolve
+from lossport.balance import LDCMTL, MOML, AutoLambda, Context, resolve
 from lossport.balance.bilevel import discrepancy_objective
 
 NAMES = ["a", "b", "c"]
@@ -307,3 +308,113 @@ def test_auto_lambda_trains_resumes_bit_identically_and_takes_meta_data(tmp_path
     assert r_meta.history["weight/a"] != r_full.history["weight/a"][:1]
     with pytest.raises(ValueError, match="meta_data= is given but the run's balancer \\(LDCMTL\\) uses no meta batch"):
         lossport.train(Net(), data, SPEC, balance="ldc_mtl", epochs=1, progress=False, meta_data=data)
+
+
+# ------------------------------------------------------------------------------------------------ MOML
+def min_norm_scipy(rows):
+    """The min-norm point of the rows' convex hull, by scipy's SLSQP (independent of lossport's solver)."""
+    from scipy.optimize import minimize
+
+    G = (rows @ rows.T).numpy()
+    T = G.shape[0]
+    res = minimize(
+        lambda w: w @ G @ w,
+        np.full(T, 1.0 / T),
+        jac=lambda w: 2 * G @ w,
+        bounds=[(0, 1)] * T,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return torch.tensor(res.x, dtype=torch.float64)
+
+
+def libmtl_moml(steps, inner_lr=0.1, lr=1e-2):
+    """LibMTL's bacth_forward_MOML written out (inner batch i_s, outer batch o_s, main batch b_s), with the net
+    stepped on T softmax(alpha) (lossport's factor T) and an independent min-norm solver."""
+    net = Net().double()
+    alpha = torch.full((3,), 1 / 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    a_opt = torch.optim.Adam([alpha], lr=lr)
+
+    def jac(model, data):
+        out = model(data["x"])
+        rows = []
+        for k in NAMES:
+            ps = list(model.parameters())
+            g = torch.autograd.grad(((out[k] - data[k]) ** 2).mean(), ps, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(q) if x is None else x).reshape(-1) for x, q in zip(g, ps)]))
+        return torch.stack(rows)
+
+    history = []
+    for s in range(steps):
+        b, i, o = dbl(batch(s)), dbl(batch(300 + s)), dbl(batch(100 + s))
+        meta_model = copy.deepcopy(net)
+        g_f = jac(meta_model, i)
+        p = torch.softmax(alpha.detach(), -1)
+        with torch.no_grad():
+            beg = 0
+            for q in meta_model.parameters():
+                q -= inner_lr * (p @ g_f[:, beg : beg + q.numel()]).view(q.shape)
+                beg += q.numel()
+        g_s = torch.autograd.functional.jacobian(lambda x: torch.softmax(x, -1), alpha.detach())
+        H = -inner_lr * jac(meta_model, o) @ g_f.T @ g_s
+        H = H / H.norm(dim=1, keepdim=True)
+        c = min_norm_scipy(H)
+        a_opt.zero_grad()
+        alpha.grad = c @ H
+        a_opt.step()
+        out = net(b["x"])
+        w = 3 * torch.softmax(alpha.detach(), -1)
+        opt.zero_grad()
+        sum(w[j] * ((out[k] - b[k]) ** 2).mean() for j, k in enumerate(NAMES)).backward()
+        opt.step()
+        history.append(3 * torch.softmax(alpha.detach(), -1))
+    return net, history
+
+
+def test_moml_follows_libmtls_update_over_four_steps():
+    ref_net, ref = libmtl_moml(4)
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    bal = MOML(lr=1e-2)
+    obj = lossport.Objective(SPEC)
+    for s in range(4):
+        b, i, o = dbl(batch(s)), dbl(batch(300 + s)), dbl(batch(100 + s))
+        ctx = Context(
+            extra=(lambda i=i: obj(net, i),), meta=lambda o=o: obj(net, o), train=lambda b=b: obj(net, b), optimizer=opt
+        )
+        out = bal(obj(net, b), ctx)
+        got = torch.tensor([float(out.weights[k]) for k in NAMES], dtype=torch.float64)
+        assert torch.allclose(got, ref[s], rtol=1e-6, atol=1e-9), (s, got, ref[s])
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    assert not torch.allclose(ref[-1], torch.ones(3, dtype=torch.float64))  # the weights moved
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9)
+
+
+def test_moml_trains_resumes_bit_identically_and_refuses_bad_options(tmp_path):
+    data = batch(7, n=48)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        net = Net()
+        r = lossport.train(
+            net, data, SPEC, balance=MOML(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0, **kw
+        )
+        return net, r
+
+    full, r_full = run(3)
+    run(2, checkpoint=tmp_path)
+    resumed, _ = run(3, checkpoint=tmp_path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    assert sum(r_full.history[f"weight/{k}"][-1] for k in NAMES) == pytest.approx(3.0)
+    assert len(set(r_full.history["weight/a"])) == 3
+    with pytest.raises(ValueError, match="inner_lr must be > 0"):
+        MOML(inner_lr=0.0)
+    with pytest.raises(ValueError, match="normalization must be 'l2' or 'none'"):
+        MOML(normalization="loss")
+    with pytest.raises(ValueError, match="MOML uses 2 independent training batches per step and got 0 extra"):
+        MOML()(lossport.Objective(SPEC)(Net(), batch()))

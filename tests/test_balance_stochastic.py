@@ -326,7 +326,7 @@ def test_three_batch_mode_weighs_the_cross_matrix_of_the_two_extra_batches(mine,
 
 
 def test_three_batch_mode_errors():
-    with pytest.raises(ValueError, match="batches must be 3 .* or 1"):
+    with pytest.raises(ValueError, match=r"batches must be 3 .* or 1"):
         SDMGrad(batches=2)
     with pytest.raises(ValueError, match="MoDo: the cross matrix J_1 J_2\\^T of two batches exists on the shared"):
         MoDo(gramian="features", features="h")

@@ -103,6 +103,7 @@ METHODS = [
     "go4align",
     "ldc_mtl",
     "auto_lambda",
+    "moml",
 ]
 
 

@@ -58,7 +58,7 @@ from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
 
 __all__ += ["CRMOGM", "PCD", "MoCo", "MoDo", "SDMGrad"]
 
-from .bilevel import LDCMTL, AutoLambda  # noqa: E402
+from .bilevel import LDCMTL, MOML, AutoLambda  # noqa: E402
 from .group import GO4Align  # noqa: E402
 
-__all__ += ["LDCMTL", "AutoLambda", "GO4Align"]
+__all__ += ["LDCMTL", "MOML", "AutoLambda", "GO4Align"]

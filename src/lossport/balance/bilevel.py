@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..gramian import jacobian
 from ..result_types import Losses
+from ..solvers import min_norm_simplex
 from .base import Context, register
 from .learned import LearnedBalancer
 from .loss_level import _training
@@ -288,6 +290,116 @@ class AutoLambda(LearnedBalancer):
         return f"AutoLambda(init={self.init}, lr={self.lr}, primary={self.primary})"
 
 
+@register("moml")
+class MOML(LearnedBalancer):
+    """MOML (Ye, Lin, Zhang, Kwok, "Multi-Objective Meta Learning", NeurIPS 2021; AIJ 2024), in the one-inner-step
+    form of LibMTL's bilevel trainer (``bacth_forward_MOML``). The weights are ``p = softmax(alpha)``; each task's
+    meta loss is an upper-level objective, and their hypergradients are combined by MGDA. At each step, before the
+    net's update, with ``L_i`` the parts of an *inner* batch (an extra independent training batch) and ``M_i``
+    those of the meta batch:
+
+    1. ``g_f = [s_i grad_theta L_i]`` (``T x P``, every parameter of the net's optimizer);
+    2. look ahead one plain SGD step: ``theta' = theta - inner_lr p^T g_f``;
+    3. ``g_F = [s_i grad_theta' M_i]`` at ``theta'``; the hypergradient of task ``i`` is row ``i`` of
+       ``H = -inner_lr g_F g_f^T (diag(p) - p p^T)`` (the last factor: the softmax's Jacobian);
+    4. rows normalised to unit length (``normalization="l2"``, LibMTL's), ``c`` = their min-norm convex combination
+       (MGDA, Sener & Koltun 2018, solved exactly), one Adam step (``lr``) on ``alpha`` along ``c^T H``;
+    5. the net steps on the main batch with ``b = T softmax(alpha)``.
+
+    :param inner_lr: the look-ahead's step size (LibMTL's ``--inner_lr`` 0.1); not the net's learning rate.
+    :param lr: the weights' Adam learning rate (LibMTL's ``--outer_lr`` 1e-3).
+    :param normalization: ``"l2"`` (LibMTL) or ``"none"`` for the hypergradients before MGDA.
+
+    Factor ``T``: LibMTL's weights ``softmax(alpha)`` sum to 1. The logits start equal (LibMTL: ``1/T`` each, the
+    same softmax). Per step: three forwards with gradients (main, inner, meta) and ``2 T`` backward passes for the
+    two explicit Jacobians (memory ``2 T P``, ``P`` the net's parameter count: every parameter, as LibMTL). A part
+    missing from the inner or meta batch has a zero row there. The inner and meta batches come from other
+    shuffles of the training data under :func:`lossport.train` (LibMTL draws both from one loader of half the batch
+    size; ``meta_data=`` gives the meta batches another source); under torchrun the Jacobians are the global
+    batches' (averaged over the ranks). LibMTL's Frank-Wolfe solver stops at a change below ``1e-5``; lossport's
+    min-norm point is exact, so the two differ by that tolerance.
+    """
+
+    name = "moml"
+    kind: ClassVar[str] = "learned"
+    batches = 2
+    meta = True
+
+    def __init__(self, inner_lr: float = 0.1, lr: float = 1e-3, normalization: str = "l2") -> None:
+        super().__init__(lr=lr, init=0.0)
+        if not inner_lr > 0:
+            raise ValueError(f"MOML: inner_lr must be > 0, not {inner_lr!r}")
+        if normalization not in ("l2", "none"):
+            raise ValueError(f"MOML: normalization must be 'l2' or 'none', not {normalization!r}")
+        self.inner_lr = float(inner_lr)
+        self.normalization = normalization
+
+    def step(self, recompute: Callable[[], Losses] | None = None) -> None:
+        """Nothing: the weights' Adam step is taken in the call, before the net's update (LibMTL's order)."""
+
+    def balance(self, losses: Losses) -> dict[str, Tensor]:
+        self._ensure(losses)
+        names = losses.names
+        if torch.is_grad_enabled() and len(names) > 1:
+            grad = self.hypergradient(losses)
+            if bool(torch.isfinite(grad).all()):
+                for k, g in zip(names, grad.tolist()):
+                    self._params[k].grad = torch.full_like(self._params[k], g)
+                assert self._opt is not None
+                self._opt.step()
+            for p in self._params.values():
+                p.grad = None
+        soft = torch.softmax(torch.stack([self._params[k].detach() for k in names]), 0)
+        for k, v in zip(names, soft.tolist()):
+            self.info[f"moml/weight/{k}"] = v
+        return {k: len(names) * soft[i] for i, k in enumerate(names)}
+
+    def hypergradient(self, losses: Losses) -> Tensor:
+        """``c^T H`` of the class docstring (steps 1-4), float64, for the parts present in ``losses``."""
+        ctx = self.context
+        assert ctx is not None and ctx.optimizer is not None and ctx.meta is not None
+        names = losses.names
+        params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        logits = torch.stack([self._params[k].detach() for k in names]).to(torch.float64)
+        p = torch.softmax(logits, 0)
+        g_f = _rows_of(ctx.extra[0](), losses, names, params)
+        ahead = _unflatten(torch.cat([x.detach().reshape(-1) for x in params]).to(torch.float64)
+                           - self.inner_lr * (p.to(g_f.device) @ g_f), params)  # fmt: skip
+        saved = [x.data for x in params]
+        try:
+            _assign(params, ahead)
+            g_F = _rows_of(ctx.meta(), losses, names, params)
+        finally:
+            _assign(params, saved)
+        soft = (torch.diag(p) - torch.outer(p, p)).to(g_f.device)
+        H = -self.inner_lr * (g_F @ g_f.T) @ soft
+        if self.normalization == "l2":
+            norms = H.norm(dim=1, keepdim=True)
+            H = torch.where(norms > 0, H / norms.clamp_min(1e-300), H)
+        c = min_norm_simplex(H @ H.T)
+        self.info["moml/hypergradient_norm"] = float((c @ H).norm())
+        return (c @ H).cpu()
+
+    def __repr__(self) -> str:
+        return f"MOML(inner_lr={self.inner_lr}, lr={self.lr}, normalization={self.normalization!r})"
+
+
+def _rows_of(other: Losses, ref: Losses, names: list[str], params: list[Tensor]) -> Tensor:
+    """The ``T x P`` Jacobian (float64) of ``s_i`` times the parts ``names`` of another batch on ``params`` (zero
+    rows for the parts it lacks; ``s_i`` the static weights of ``ref``), averaged over the ranks under torchrun."""
+    present = [k for k in names if k in other.parts]
+    J = torch.zeros(len(names), sum(x.numel() for x in params), dtype=torch.float64, device=params[0].device)
+    if present:
+        rows = jacobian([_static(ref, k) * other.parts[k] for k in present], params).to(torch.float64)
+        J[[names.index(k) for k in present]] = rows
+    return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+
+
+def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into tensors shaped (and typed) as ``params``."""
+    return [x.view_as(p).to(p.dtype) for x, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
 def _static(losses: Losses, k: str) -> float:
     w = losses.weights.get(k, 1.0)
     return float(w.detach()) if isinstance(w, Tensor) else float(w)
@@ -338,4 +450,4 @@ def _mean_over_ranks(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> 
     return [x.view_as(p) for x, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
 
-__all__ = ["LDCMTL", "AutoLambda", "discrepancy_objective"]
+__all__ = ["LDCMTL", "MOML", "AutoLambda", "discrepancy_objective"]
