@@ -14,20 +14,21 @@ What a method needs per step, besides the batch, is declared on its class (insta
   evaluate the objective (with gradients) on other batches drawn independently from the training data
   (SDMGrad and MoDo: ``batches = 3``, the cross matrix ``J_1 J_2^T`` of two of them)::
 
+      ev = objective.evaluate                            # the unbalanced parts, with gradients
       b2, b3 = next(extra_a), next(extra_b)              # independent draws (other shuffles of the data)
-      ctx = Context(extra=(lambda: objective(net, b2), lambda: objective(net, b3)))
-      losses = balancer(objective(net, batch), ctx)
+      ctx = Context(extra=(lambda: ev(net, b2), lambda: ev(net, b3)))
+      losses = balancer(ev(net, batch), ctx)
       losses.total.backward(); optimizer.step(); optimizer.zero_grad()
 
-* ``meta`` (default ``False``): the method is bilevel and needs a meta batch (Auto-Lambda): ``Context.meta``
+* ``meta`` (default ``False``): the method is bilevel and needs a meta batch (Auto-Lambda, MOML): ``Context.meta``
   evaluates the objective on it, ``Context.train`` evaluates it again on the main batch (at whatever parameters
   the net holds when called: the finite-difference look-ahead moves them and puts them back), and
   ``Context.optimizer`` is the net's optimizer (its learning rate, momentum and weight decay define the
   look-ahead step ``theta' = theta - lr * (grad + ...)``)::
 
-      m = next(meta_batches)                             # Auto-Lambda's authors: another shuffle of the training data
-      ctx = Context(meta=lambda: objective(net, m), train=lambda: objective(net, batch), optimizer=optimizer)
-      losses = balancer(objective(net, batch), ctx)
+      m = next(meta_batches)                             # Auto-Lambda's code: another shuffle of the training data
+      ctx = Context(meta=lambda: ev(net, m), train=lambda: ev(net, batch), optimizer=optimizer)
+      losses = balancer(ev(net, batch), ctx)             # MOML also takes one extra batch: Context(extra=..., meta=...)
       losses.total.backward(); optimizer.step(); optimizer.zero_grad()
 
 A balancer that needs a context and gets none (or too few extra batches, or no meta batch) raises a
