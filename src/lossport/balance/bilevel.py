@@ -31,12 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..gramian import jacobian
 from ..result_types import Losses
 from ..solvers import min_norm_simplex
 from .base import Context, register
 from .learned import LearnedBalancer
 from .loss_level import _training
+from .stochastic import cross, jacobian_rows
 
 _NORMALIZATIONS = ("initial", "log", "none")
 
@@ -362,17 +362,18 @@ class MOML(LearnedBalancer):
         params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
         logits = torch.stack([self._params[k].detach() for k in names]).to(torch.float64)
         p = torch.softmax(logits, 0)
-        g_f = _rows_of(ctx.extra[0](), losses, names, params)
-        ahead = _unflatten(torch.cat([x.detach().reshape(-1) for x in params]).to(torch.float64)
-                           - self.inner_lr * (p.to(g_f.device) @ g_f), params)  # fmt: skip
+        g_f = jacobian_rows(ctx.extra[0](), names, params, scale=losses)
+        step = (p.to(g_f.device, g_f.dtype) @ g_f).to(torch.float64)
+        flat = torch.cat([x.detach().reshape(-1) for x in params]).to(torch.float64)
+        ahead = _unflatten(flat - self.inner_lr * step, params)
         saved = [x.data for x in params]
         try:
             _assign(params, ahead)
-            g_F = _rows_of(ctx.meta(), losses, names, params)
+            g_F = jacobian_rows(ctx.meta(), names, params, scale=losses)
         finally:
             _assign(params, saved)
         soft = (torch.diag(p) - torch.outer(p, p)).to(g_f.device)
-        H = -self.inner_lr * (g_F @ g_f.T) @ soft
+        H = -self.inner_lr * cross(g_F, g_f) @ soft
         if self.normalization == "l2":
             norms = H.norm(dim=1, keepdim=True)
             H = torch.where(norms > 0, H / norms.clamp_min(1e-300), H)
@@ -382,17 +383,6 @@ class MOML(LearnedBalancer):
 
     def __repr__(self) -> str:
         return f"MOML(inner_lr={self.inner_lr}, lr={self.lr}, normalization={self.normalization!r})"
-
-
-def _rows_of(other: Losses, ref: Losses, names: list[str], params: list[Tensor]) -> Tensor:
-    """The ``T x P`` Jacobian (float64) of ``s_i`` times the parts ``names`` of another batch on ``params`` (zero
-    rows for the parts it lacks; ``s_i`` the static weights of ``ref``), averaged over the ranks under torchrun."""
-    present = [k for k in names if k in other.parts]
-    J = torch.zeros(len(names), sum(x.numel() for x in params), dtype=torch.float64, device=params[0].device)
-    if present:
-        rows = jacobian([_static(ref, k) * other.parts[k] for k in present], params).to(torch.float64)
-        J[[names.index(k) for k in present]] = rows
-    return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
 
 
 def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:

@@ -164,18 +164,8 @@ class _CarriedSimplex(GramianBalancer):
             return super().compute_gramian(losses)
         assert self.context is not None  # checked by __call__
         params = self.shared(losses)
-        J1, J2 = (self._rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
-        return J1 @ J2.T
-
-    def _rows(self, other: Losses, names: list[str], params: list[Tensor]) -> Tensor:
-        """The ``T x P`` Jacobian (float64) of an extra batch's parts ``names`` on ``params``; zero rows for the
-        parts that batch lacks."""
-        present = [k for k in names if k in other.parts]
-        J = torch.zeros(len(names), sum(p.numel() for p in params), dtype=torch.float64, device=params[0].device)
-        if present:
-            rows = jacobian([other.parts[k] for k in present], params).to(torch.float64)
-            J[[names.index(k) for k in present]] = rows
-        return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+        J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
+        return cross(J1, J2)
 
     def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(new w, output weights)`` (both on the simplex) from ``G`` and the current ``w`` of the parts present."""
@@ -193,6 +183,39 @@ class _CarriedSimplex(GramianBalancer):
         new, out = self.update(G.detach().to(torch.float64), w0)
         self._w.update({k: mass * float(v) for k, v in zip(names, new.tolist())})
         return T * out
+
+
+def jacobian_rows(other: Losses, names: list[str], params: list[Tensor], scale: Losses | None = None) -> Tensor:
+    """The ``T x P`` Jacobian of another batch's parts ``names`` on ``params`` (in the parameters' dtype; float64
+    under torchrun, where it is averaged over the ranks), rows in ``names`` order, zero rows for the parts that
+    batch lacks; with ``scale``, each row times the static weight ``scale.weights[name]``."""
+    present = [k for k in names if k in other.parts]
+    parts = [other.parts[k] * _static(scale, k) if scale is not None else other.parts[k] for k in present]
+    rows = jacobian(parts, params) if present else None
+    dtype = rows.dtype if rows is not None else params[0].dtype
+    if distributed.is_distributed():
+        dtype = torch.float64
+    if rows is not None and len(present) == len(names) and rows.dtype == dtype:
+        J = rows
+    else:
+        J = torch.zeros(len(names), sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        if rows is not None:
+            J[[names.index(k) for k in present]] = rows.to(dtype)
+    return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+
+
+def cross(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """``A B^T`` in float64, accumulated over column blocks of ``chunk`` (no float64 copy of the whole ``T x P``
+    matrices)."""
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], chunk):
+        out += A[:, c : c + chunk].to(torch.float64) @ B[:, c : c + chunk].to(torch.float64).T
+    return out
+
+
+def _static(losses: Losses, k: str) -> float:
+    w = losses.weights.get(k, 1.0)
+    return float(w.detach()) if isinstance(w, Tensor) else float(w)
 
 
 def _check_cross(M: Tensor, what: str) -> Tensor:
