@@ -171,11 +171,12 @@ class AutoLambda(LearnedBalancer):
     authors' code does ("a copy of train_loader with different data order"); ``train(meta_data=...)`` gives a
     held-out set instead. Per parameter group, ``alpha`` is that group's learning rate (the authors' one group:
     the same). Differences from the authors' code, each exact to rounding: the look-ahead gradient reuses the main
-    batch's forward (theirs runs it again, so dropout masks differ), the parameters are restored from a copy after
-    the finite differences (theirs adds and subtracts ``eps d``), and the buffers (BatchNorm statistics) are
-    restored after the meta forward (theirs runs it on a copy of the net). Cost per step: the main forward and
-    backward, one backward through the look-ahead gradient, a forward and backward of the meta batch, two
-    forwards without gradient; memory: two copies of the parameters. The context (:class:`Context`) must hold
+    batch's forward (theirs runs it again, so dropout masks differ), the parameters get their own tensors back
+    after the finite differences (theirs adds and subtracts ``eps d``), and the buffers (BatchNorm statistics) are
+    restored after the meta forward (theirs runs it on a copy of the net; lossport restores them when the balancer
+    is attached to the net, i.e. used through an :class:`~lossport.Objective` or :func:`lossport.train`). Cost per
+    step: the main forward and backward, one backward through the look-ahead gradient, a forward and backward of
+    the meta batch, two forwards without gradient; memory: two copies of the parameters. The context (:class:`Context`) must hold
     ``meta``, ``train`` and ``optimizer``: :func:`lossport.train` provides them; under torchrun the gradients are
     averaged over the ranks (the parts are the global batch's).
     """
