@@ -175,10 +175,10 @@ class AutoLambda(LearnedBalancer):
     after the finite differences (theirs adds and subtracts ``eps d``), and the buffers (BatchNorm statistics) are
     restored after the meta forward (theirs runs it on a copy of the net; lossport restores them when the balancer
     is attached to the net, i.e. used through an :class:`~lossport.Objective` or :func:`lossport.train`). Cost per
-    step: the main forward and backward, one backward through the look-ahead gradient, a forward and backward of
-    the meta batch, two forwards without gradient; memory: two copies of the parameters. The context (:class:`Context`) must hold
-    ``meta``, ``train`` and ``optimizer``: :func:`lossport.train` provides them; under torchrun the gradients are
-    averaged over the ranks (the parts are the global batch's).
+    step: the main forward and backward, one backward through the look-ahead gradient, a forward and backward of the
+    meta batch, two forwards without gradient; memory: two copies of the parameters. The context (:class:`Context`)
+    must hold ``meta``, ``train`` and ``optimizer``: :func:`lossport.train` provides them; under torchrun the
+    gradients are averaged over the ranks (the parts are the global batch's).
     """
 
     name = "auto_lambda"
