@@ -17,6 +17,8 @@ from lossport.balance import (
     KINDS,
     PREFERENCE,
     Balancer,
+    Context,
+    EqualWeights,
     PCGrad,
     Uncertainty,
     available,
@@ -265,3 +267,33 @@ def test_a_call_brings_the_state_to_the_parts_device():
     bal = Holder()
     out = bal(Losses(parts={"a": torch.zeros((), device="meta")}, weights={"a": 1.0}))
     assert out.total.device.type == "meta" and bal._avg["a"].device.type == "meta"
+
+
+# -- what a method needs per step: the Context ------------------------------------------------------------------
+class NeedsTwo(Balancer):
+    kind = "static"
+    batches = 2
+
+    def balance(self, losses: Losses) -> dict[str, float]:
+        assert self.context is not None
+        other = self.context.extra[0]()
+        return {k: float(other.parts[k]) for k in losses.parts}
+
+
+def test_a_method_that_needs_extra_batches_or_a_meta_batch_refuses_a_call_without_them():
+    bal = NeedsTwo()
+    with pytest.raises(ValueError, match="NeedsTwo uses 2 independent training batches per step and got 0 extra"):
+        bal(losses_of([1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"context must be a lossport\.balance\.Context, not dict"):
+        bal(losses_of([1.0, 2.0]), {"extra": ()})  # type: ignore[arg-type]
+    out = bal(losses_of([1.0, 2.0]), Context(extra=(lambda: losses_of([3.0, 5.0]),)))
+    assert out.weights == {"a": 3.0, "b": 5.0}
+    assert bal.context is None  # the context lives for its call only
+
+    class Bilevel(NeedsTwo):
+        batches = 1
+        meta = True
+
+    with pytest.raises(ValueError, match=r"Bilevel is bilevel: .*\['train', 'optimizer'\] missing"):
+        Bilevel()(losses_of([1.0]), Context(meta=lambda: losses_of([1.0])))
+    assert EqualWeights()(losses_of([1.0, 2.0]), Context()).weights == {"a": 1.0, "b": 1.0}  # unused: accepted

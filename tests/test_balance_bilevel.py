@@ -1,13 +1,15 @@
 """LDC-MTL (lossport.balance.bilevel): the authors' penalised objective, stepped by hand over three steps."""
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import lossport
-from lossport.balance import LDCMTL, resolve
+from lossport.balance import LDCMTL, MOML, AutoLambda, Context, resolve
 from lossport.balance.bilevel import discrepancy_objective
 
 NAMES = ["a", "b", "c"]
@@ -153,3 +155,266 @@ def test_train_three_steps_with_finite_weights():
     assert len(r.history.batch_values("loss")) == 3
     assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ Auto-Lambda
+def authors_auto_lambda(steps, lr_meta, init=0.1, primary=NAMES):
+    """The authors' procedure (auto_lambda.py, trainer_dense.py), written out: a copy of the net takes the virtual
+    SGD step (momentum buffer and weight decay included), the meta loss's gradient there gives the finite
+    differences on the net (moved by +eps d, -2 eps d, +eps d), the weights take an Adam step, then the net steps
+    on sum_i lambda_i L_i. Float64, with meta batch m_s and training batch b_s at step s."""
+    net = Net().double()
+    copy_ = copy.deepcopy(net)
+    lam = torch.tensor([init] * 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    meta_opt = torch.optim.Adam([lam], lr=lr_meta)
+
+    def parts(model, data):
+        out = model(data["x"])
+        return [((out[k] - data[k]) ** 2).mean() for k in NAMES]
+
+    history = []
+    for s in range(steps):
+        b, m = dbl(batch(s)), dbl(batch(100 + s))
+        alpha = opt.param_groups[0]["lr"]
+        grads = torch.autograd.grad(sum(w * l for w, l in zip(lam, parts(net, b))), list(net.parameters()))
+        with torch.no_grad():
+            for p, p_, g in zip(net.parameters(), copy_.parameters(), grads):
+                mom = opt.state[p].get("momentum_buffer", 0.0) * 0.9
+                p_.copy_(p - alpha * (mom + g + 1e-4 * p))
+        val = sum(l for k, l in zip(NAMES, parts(copy_, m)) if k in primary)
+        d = torch.autograd.grad(val, list(copy_.parameters()), allow_unused=True)
+        d = [torch.zeros_like(p) if x is None else x for x, p in zip(d, copy_.parameters())]  # heads not in val
+        eps = 0.01 / torch.cat([x.reshape(-1) for x in d]).norm()
+        with torch.no_grad():
+            for p, x in zip(net.parameters(), d):
+                p += eps * x
+        gp = torch.autograd.grad(sum(w * l for w, l in zip(lam, parts(net, b))), lam)[0]
+        with torch.no_grad():
+            for p, x in zip(net.parameters(), d):
+                p -= 2 * eps * x
+        gn = torch.autograd.grad(sum(w * l for w, l in zip(lam, parts(net, b))), lam)[0]
+        with torch.no_grad():
+            for p, x in zip(net.parameters(), d):
+                p += eps * x
+        meta_opt.zero_grad()
+        lam.grad = -alpha * (gp - gn) / (2 * eps)
+        meta_opt.step()
+        opt.zero_grad()
+        sum(w * l for w, l in zip(lam.detach(), parts(net, b))).backward()
+        opt.step()
+        history.append(lam.detach().clone())
+    return net, history
+
+
+def dbl(data):
+    return {k: v.double() for k, v in data.items()}
+
+
+def lossport_auto_lambda(steps, lr_meta, **kw):
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    bal = AutoLambda(lr=lr_meta, **kw)
+    obj = lossport.Objective(SPEC)
+    history = []
+    for s in range(steps):
+        b, m = dbl(batch(s)), dbl(batch(100 + s))
+        ctx = Context(meta=lambda m=m: obj(net, m), train=lambda b=b: obj(net, b), optimizer=opt)
+        out = bal(obj(net, b), ctx)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        bal.step()
+        history.append(torch.tensor([bal.values[k] for k in NAMES], dtype=torch.float64))
+    return net, history, bal
+
+
+@pytest.mark.parametrize("primary", [None, ["b"]])
+def test_auto_lambda_follows_the_authors_update_over_four_steps(primary):
+    ref_net, ref = authors_auto_lambda(4, 1e-2, primary=primary or NAMES)
+    net, mine, bal = lossport_auto_lambda(4, 1e-2, primary=primary)
+    for s, (a, b) in enumerate(zip(mine, ref)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), (s, a, b)
+    assert not torch.allclose(ref[-1], torch.full((3,), 0.1, dtype=torch.float64))  # the weights moved
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9)
+    assert bal.info["auto_lambda/meta_loss"] > 0
+
+
+def test_auto_lambda_hypergradient_is_the_look_ahead_derivative():
+    """The finite difference approximates d L_meta(theta - alpha grad sum_i lambda_i L_i) / d lambda_i, which
+    autograd gives exactly through the look-ahead (plain SGD, one parameter group)."""
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    obj = lossport.Objective(SPEC)
+    b, m = dbl(batch(1)), dbl(batch(2))
+    bal = AutoLambda(init=0.7)
+    bal._ensure(obj(net, b))
+    got = bal.hypergradient(obj(net, b), Context(meta=lambda: obj(net, m), train=lambda: obj(net, b), optimizer=opt))
+    lam = torch.full((3,), 0.7, dtype=torch.float64, requires_grad=True)
+    params = dict(net.named_parameters())
+    losses = obj(net, b)
+    inner = sum(lam[i] * losses.parts[k] for i, k in enumerate(NAMES))
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+    ahead = {n: p - 0.05 * g for (n, p), g in zip(params.items(), grads)}
+    out = torch.func.functional_call(net, ahead, (m["x"],))
+    meta = sum(((out[k] - m[k]) ** 2).mean() for k in NAMES)
+    exact = torch.autograd.grad(meta, lam)[0]
+    assert torch.allclose(torch.tensor([got[k] for k in NAMES], dtype=torch.float64), exact, rtol=1e-4)
+
+
+def test_auto_lambda_leaves_the_net_as_it_was_and_needs_its_context():
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    bal = AutoLambda()
+    with pytest.raises(ValueError, match=r"AutoLambda is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
+        bal(obj(net, batch()))
+    out = bal(
+        obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt)
+    )
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    out.total.backward()  # the main batch's graph is intact
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="primary parts \\['z'\\] are not parts"):
+        AutoLambda(primary=["z"])(
+            obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt)
+        )
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        AutoLambda(eps=0.0)
+    assert resolve("autol").__class__ is AutoLambda and lossport.balance.kind_of("auto_lambda") == "learned"
+
+
+def test_auto_lambda_trains_resumes_bit_identically_and_takes_meta_data(tmp_path):
+    data = batch(7, n=48)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        net = Net()
+        r = lossport.train(
+            net, data, SPEC, balance=AutoLambda(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0,
+            optimizer="sgd", lr=0.05, **kw,
+        )  # fmt: skip
+        return net, r
+
+    full, r_full = run(3)
+    run(2, checkpoint=tmp_path)
+    resumed, r_res = run(3, checkpoint=tmp_path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    assert r_full.history["weight/a"] == r_res.history["weight/a"]
+    assert len(set(r_full.history["weight/b"])) == 3  # the weights move round by round
+    _, r_meta = run(1, meta_data=batch(9, n=32))
+    assert r_meta.history["weight/a"] != r_full.history["weight/a"][:1]
+    with pytest.raises(ValueError, match="meta_data= is given but the run's balancer \\(LDCMTL\\) uses no meta batch"):
+        lossport.train(Net(), data, SPEC, balance="ldc_mtl", epochs=1, progress=False, meta_data=data)
+
+
+# ------------------------------------------------------------------------------------------------ MOML
+def min_norm_scipy(rows):
+    """The min-norm point of the rows' convex hull, by scipy's SLSQP (independent of lossport's solver)."""
+    from scipy.optimize import minimize
+
+    G = (rows @ rows.T).numpy()
+    T = G.shape[0]
+    res = minimize(
+        lambda w: w @ G @ w,
+        np.full(T, 1.0 / T),
+        jac=lambda w: 2 * G @ w,
+        bounds=[(0, 1)] * T,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return torch.tensor(res.x, dtype=torch.float64)
+
+
+def libmtl_moml(steps, inner_lr=0.1, lr=1e-2):
+    """LibMTL's bacth_forward_MOML written out (inner batch i_s, outer batch o_s, main batch b_s), with the net
+    stepped on T softmax(alpha) (lossport's factor T) and an independent min-norm solver."""
+    net = Net().double()
+    alpha = torch.full((3,), 1 / 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    a_opt = torch.optim.Adam([alpha], lr=lr)
+
+    def jac(model, data):
+        out = model(data["x"])
+        rows = []
+        for k in NAMES:
+            ps = list(model.parameters())
+            g = torch.autograd.grad(((out[k] - data[k]) ** 2).mean(), ps, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(q) if x is None else x).reshape(-1) for x, q in zip(g, ps)]))
+        return torch.stack(rows)
+
+    history = []
+    for s in range(steps):
+        b, i, o = dbl(batch(s)), dbl(batch(300 + s)), dbl(batch(100 + s))
+        meta_model = copy.deepcopy(net)
+        g_f = jac(meta_model, i)
+        p = torch.softmax(alpha.detach(), -1)
+        with torch.no_grad():
+            beg = 0
+            for q in meta_model.parameters():
+                q -= inner_lr * (p @ g_f[:, beg : beg + q.numel()]).view(q.shape)
+                beg += q.numel()
+        g_s = torch.autograd.functional.jacobian(lambda x: torch.softmax(x, -1), alpha.detach())
+        H = -inner_lr * jac(meta_model, o) @ g_f.T @ g_s
+        H = H / H.norm(dim=1, keepdim=True)
+        c = min_norm_scipy(H)
+        a_opt.zero_grad()
+        alpha.grad = c @ H
+        a_opt.step()
+        out = net(b["x"])
+        w = 3 * torch.softmax(alpha.detach(), -1)
+        opt.zero_grad()
+        sum(w[j] * ((out[k] - b[k]) ** 2).mean() for j, k in enumerate(NAMES)).backward()
+        opt.step()
+        history.append(3 * torch.softmax(alpha.detach(), -1))
+    return net, history
+
+
+def test_moml_follows_libmtls_update_over_four_steps():
+    ref_net, ref = libmtl_moml(4)
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    bal = MOML(lr=1e-2)
+    obj = lossport.Objective(SPEC)
+    for s in range(4):
+        b, i, o = dbl(batch(s)), dbl(batch(300 + s)), dbl(batch(100 + s))
+        ctx = Context(
+            extra=(lambda i=i: obj(net, i),), meta=lambda o=o: obj(net, o), train=lambda b=b: obj(net, b), optimizer=opt
+        )
+        out = bal(obj(net, b), ctx)
+        got = torch.tensor([float(out.weights[k]) for k in NAMES], dtype=torch.float64)
+        assert torch.allclose(got, ref[s], rtol=1e-6, atol=1e-9), (s, got, ref[s])
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    assert not torch.allclose(ref[-1], torch.ones(3, dtype=torch.float64))  # the weights moved
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9)
+
+
+def test_moml_trains_resumes_bit_identically_and_refuses_bad_options(tmp_path):
+    data = batch(7, n=48)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        net = Net()
+        r = lossport.train(
+            net, data, SPEC, balance=MOML(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0, **kw
+        )
+        return net, r
+
+    full, r_full = run(3)
+    run(2, checkpoint=tmp_path)
+    resumed, _ = run(3, checkpoint=tmp_path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    assert sum(r_full.history[f"weight/{k}"][-1] for k in NAMES) == pytest.approx(3.0)
+    assert len(set(r_full.history["weight/a"])) == 3
+    with pytest.raises(ValueError, match="inner_lr must be > 0"):
+        MOML(inner_lr=0.0)
+    with pytest.raises(ValueError, match="normalization must be 'l2' or 'none'"):
+        MOML(normalization="loss")
+    with pytest.raises(ValueError, match="MOML uses 2 independent training batches per step and got 0 extra"):
+        MOML()(lossport.Objective(SPEC)(Net(), batch()))

@@ -8,7 +8,7 @@ from multihead import MultiHead, multihead_batch
 from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, MoDoWeighting, SDMGradWeighting, UPGradWeighting
 
 import lossport
-from lossport.balance import CRMOGM, MoCo, MoDo, SDMGrad, UPGrad, resolve
+from lossport.balance import CRMOGM, Context, MoCo, MoDo, SDMGrad, UPGrad, resolve
 from lossport.graph import shared_parameters
 
 NAMES = ["a", "b", "c"]
@@ -156,20 +156,29 @@ def test_carried_simplex_methods_equal_torchjd_times_T_over_three_steps(seed, mi
         assert interior, kind  # the weights are not just a vertex of the simplex
 
 
+def ctx_of(obj, net, s):
+    """A Context with two extra batches (other seeds) for the step on batch(s)."""
+    return Context(extra=(lambda: obj.evaluate(net, batch(100 + s)), lambda: obj.evaluate(net, batch(200 + s))))
+
+
 def test_sdmgrad_with_lambda_large_tends_to_the_mean_and_state_round_trip():
     net = Net()
-    w = lossport.Objective(SPEC, balance=SDMGrad(lambda_=1e6))(net, batch()).weights
+    obj0 = lossport.Objective(SPEC, balance=SDMGrad(lambda_=1e6))
+    w = obj0(net, batch(), context=ctx_of(obj0, net, 0)).weights
     assert w == pytest.approx(dict.fromkeys(NAMES, 1.0), rel=1e-4)
     for name in ("sdmgrad", "modo"):
         bal = resolve(name, every=2)
         obj = lossport.Objective(SPEC, balance=bal)
-        ws = [obj(net, batch(s)).weights for s in range(3)]
+        ws = [obj(net, batch(s), context=ctx_of(obj, net, s)).weights for s in range(3)]
         assert ws[0] == ws[1]
         twin = resolve(name, every=2)
         twin.load_state_dict(bal.state_dict())
         obj2 = lossport.Objective(SPEC, balance=twin)
         for s in range(3, 7):
-            assert obj(net, batch(s)).weights == obj2(net, batch(s)).weights
+            assert (
+                obj(net, batch(s), context=ctx_of(obj, net, s)).weights
+                == obj2(net, batch(s), context=ctx_of(obj2, net, s)).weights
+            )
 
 
 def test_carried_weights_of_a_missing_part_are_kept():
@@ -291,3 +300,36 @@ def test_moco_tracks_take_the_dtype_asked_by_to():
     assert all(v.dtype == torch.float32 for v in plain.state_dict()["y"].values())
     plain.to(torch.float64)
     assert all(v.dtype == torch.float64 for v in plain._y.values())
+
+
+# ------------------------------------------------------------------------------------------------ three batches
+@pytest.mark.parametrize(("mine", "ref"), [(SDMGrad, SDMGradWeighting), (MoDo, MoDoWeighting)])
+def test_three_batch_mode_weighs_the_cross_matrix_of_the_two_extra_batches(mine, ref):
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    params = shared_parameters([obj(net, batch(0)).parts[k] for k in NAMES])
+
+    def jac(b):
+        parts = obj(net, b).parts
+        return torch.stack([flat_grad(parts[k], params) for k in NAMES]).double()
+
+    cross = jac(batch(11)) @ jac(batch(12)).T
+    assert not torch.allclose(cross, cross.T)  # not a Gramian: two batches
+    a, r = mine(), ref()
+    for main in (0, 1, 2):  # the main batch does not enter the weights, only the update
+        ctx = Context(extra=(lambda: obj(net, batch(11)), lambda: obj(net, batch(12))))
+        w = a(obj(net, batch(main)), ctx).weights
+        expected = 3 * r(cross)
+        assert torch.allclose(torch.tensor([w[k] for k in NAMES], dtype=torch.float64), expected, rtol=1e-5)
+    one = mine(batches=1)(obj(net, batch(0))).weights  # one batch's Gramian: other weights
+    assert one != a(obj(net, batch(0)), ctx).weights
+
+
+def test_three_batch_mode_errors():
+    with pytest.raises(ValueError, match=r"batches must be 3 .* or 1"):
+        SDMGrad(batches=2)
+    with pytest.raises(ValueError, match="MoDo: the cross matrix J_1 J_2\\^T of two batches exists on the shared"):
+        MoDo(gramian="features", features="h")
+    assert MoDo(gramian="features", features="h", batches=1).batches == 1
+    with pytest.raises(ValueError, match="SDMGrad uses 3 independent training batches per step and got 1 extra"):
+        SDMGrad()(fake_losses(NAMES), Context(extra=(lambda: fake_losses(NAMES),)))

@@ -28,7 +28,7 @@ from torch.utils._device import _device_constructors
 
 import lossport
 from lossport import Losses
-from lossport.balance import available, resolve
+from lossport.balance import Context, available, resolve
 
 SRC = str(Path(lossport.__file__).resolve().parent)
 FACTORIES = _device_constructors()
@@ -92,7 +92,15 @@ def train(bal: Any, net: Net, steps: int, dtype: torch.dtype) -> list[Losses]:
     seen = []
     for t in range(steps):
         b = batch(dtype, seed=t)
-        out = bal(evaluate(net, b))
+        ctx = Context(
+            extra=tuple(
+                (lambda s=s, t=t: evaluate(net, batch(dtype, seed=100 * s + t))) for s in range(1, bal.batches)
+            ),
+            meta=lambda t=t: evaluate(net, batch(dtype, seed=1000 + t)),
+            train=lambda b=b: evaluate(net, b),
+            optimizer=opt,
+        )
+        out = bal(evaluate(net, b), ctx)
         opt.zero_grad()
         out.total.backward()
         opt.step()

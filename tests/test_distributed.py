@@ -104,6 +104,8 @@ METHODS = [
     "ldc_mtl",
     "ntkmtl",
     "ntkmtl_sr",
+    "auto_lambda",
+    "moml",
 ]
 
 

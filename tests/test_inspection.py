@@ -575,3 +575,14 @@ def test_a_deep_net_prints_compact_rows_and_detail_prints_each():
     merged = math.sqrt(sum(v * v for m, v in r.pull["y1"].items() if m.startswith("trunk.")))
     row = next(line for line in short.splitlines() if "trunk.* (14)" in line)
     assert f"{merged:.3g}" in row
+
+
+def test_a_balancer_with_extra_batches_takes_the_next_inspected_batches():
+    from lossport.balance import MoDo
+
+    bal = MoDo()
+    r = inspect(SeedNet(), seed_data(), SPEC, balance=bal, batch_size=16, batches=4)
+    assert set(r.parts) == {"y1", "y2"}
+    assert set(bal.state_dict()["w"]) == {"y1", "y2"}  # MoDo weighed on the cross matrix, four times
+    with pytest.raises(ValueError, match="inspect: SDMGrad uses 3 batches per step; inspect at least batches=3"):
+        inspect(SeedNet(), seed_data(), SPEC, balance="sdmgrad", batch_size=16, batches=2)

@@ -153,3 +153,15 @@ if __name__ == "__main__":  # the protocol figures: python tests/test_toy.py [st
                 f"L1/0.1 {float(l1) / 0.1:.4f} L2 {float(l2):.4f} residual {toy.pareto_residual(end):.1e}"
             )
         print(f"{m}: {warned} steps warned, {time.time() - t0:.0f} s", flush=True)
+
+
+def test_methods_with_extra_or_meta_batches_run_on_the_toy_where_every_batch_is_the_same():
+    """The toy's losses have no data: SDMGrad's and MoDo's extra batches are the same two losses, so their cross
+    matrix is the Gramian and the three-batch trajectory is the one-batch one, exactly."""
+    for name in ("sdmgrad", "modo"):
+        three = toy.run(name, (9.0, 9.0), steps=150, lr=2e-2)
+        one = toy.run(name, (9.0, 9.0), steps=150, lr=2e-2, batches=1)
+        assert torch.equal(three.xs, one.xs), name
+    for name in ("auto_lambda", "moml"):
+        t = toy.run(name, (-8.5, 7.5), steps=150, lr=2e-2)
+        assert bool(torch.isfinite(t.xs).all()) and not torch.equal(t.xs[-1], t.xs[0]), name

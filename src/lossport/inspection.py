@@ -50,6 +50,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .balance import Context
 from .errors import LossSpecError
 from .graph import reached_parameters, shared_parameters
 from .objective import Objective, unwrap
@@ -275,11 +276,11 @@ def inspect(
     batch_list = first_batches(data, batches, batch_size)
     acc = _Accumulator()
     try:
-        for batch in batch_list:
+        for i, batch in enumerate(batch_list):
             with eager_compiled():
                 losses = objective.evaluate(net, batch)
             if balancer is not None and len(losses.parts) > 0:
-                losses = balancer(losses)
+                losses = balancer(losses, _context(balancer, objective, net, batch_list, i))
             acc.add(losses, owner, pname, rows)
     finally:
         for h in handles:
@@ -293,6 +294,27 @@ def inspect(
     report.grouping = grouping
     report.advice = advise(report, available())
     return report
+
+
+def _context(balancer: Any, objective: Objective, net: nn.Module, batch_list: list[Any], i: int) -> Context | None:
+    """For a balancer that declares extra batches or a meta batch: the next batches of the inspected ones (in
+    turn) as its extra and meta batches; no optimizer (a bilevel method's look-ahead needs the net's: it raises)."""
+    if balancer.batches == 1 and not balancer.meta:
+        return None
+    need = balancer.batches + int(balancer.meta)
+    if len(batch_list) < need:
+        raise ValueError(
+            f"inspect: {type(balancer).__name__} uses {need} batches per step; inspect at least batches={need}"
+        )
+
+    def on(j: int) -> Callable[[], Losses]:
+        return lambda: objective.evaluate(net, batch_list[(i + j) % len(batch_list)])
+
+    return Context(
+        extra=tuple(on(j) for j in range(1, balancer.batches)),
+        meta=on(balancer.batches) if balancer.meta else None,
+        train=on(0),
+    )
 
 
 def _name_of(spec: Any, balancer: Any) -> str | None:

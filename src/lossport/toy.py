@@ -19,14 +19,14 @@ norm of the min-norm convex combination of the two gradients (0 exactly at Paret
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .balance import Balancer, resolve
+from .balance import Balancer, Context, resolve
 from .result_types import Losses
 
 LOWER = 5e-6
@@ -110,12 +110,13 @@ def run(
         with torch.no_grad():
             return evaluate()
 
+    context = _context(balancer, evaluate, opt)
     xs, ls = [x.detach().clone()], []
     for _ in range(steps):
         out = evaluate()
         ls.append(torch.stack([out.parts["f1"].detach(), out.parts["f2"].detach()]))
         if balancer is not None:
-            out = balancer(out)
+            out = balancer(out, context)
         opt.zero_grad()
         out.total.backward()
         opt.step()
@@ -125,6 +126,16 @@ def run(
     last = evaluate()
     ls.append(torch.stack([last.parts["f1"].detach(), last.parts["f2"].detach()]))
     return Trajectory(str(name), (float(start[0]), float(start[1])), torch.stack(xs), torch.stack(ls))
+
+
+def _context(balancer: Balancer | None, evaluate: Callable[[], Losses], opt: torch.optim.Optimizer) -> Context | None:
+    """The toy's :class:`~lossport.balance.Context`: its losses are deterministic functions of ``x`` (no data), so
+    every extra batch and the meta batch are the same two losses; SDMGrad's and MoDo's cross matrix is then the
+    Gramian, and Auto-Lambda's meta loss is the sum of the two losses."""
+    if balancer is None or (balancer.batches == 1 and not balancer.meta):
+        return None
+    extra = (evaluate,) * (balancer.batches - 1)
+    return Context(extra=extra, meta=evaluate, train=evaluate, optimizer=opt)
 
 
 def plot(trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path: str | None = None) -> Any:

@@ -1,6 +1,6 @@
 """Balancers: turn the loss parts of a batch into weights (see :mod:`lossport.balance.base`)."""
 
-from .base import KINDS, PREFERENCE, Balancer, aliases, available, kind_of, register, resolve, suggest
+from .base import KINDS, PREFERENCE, Balancer, Context, aliases, available, kind_of, register, resolve, suggest
 from .gradient import IMTLG, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradVac, NashMTL, PCGrad, UPGrad
 from .gramian_base import GramianBalancer
 from .learned import FAMO, IMTLL, GradNorm, LearnedBalancer, Uncertainty
@@ -26,6 +26,7 @@ __all__ = [
     "CAGrad",
     "CoV",
     "ConFIG",
+    "Context",
     "DualProj",
     "EqualWeights",
     "FairGrad",
@@ -57,10 +58,10 @@ from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
 
 __all__ += ["CRMOGM", "PCD", "MoCo", "MoDo", "SDMGrad"]
 
-from .bilevel import LDCMTL  # noqa: E402
+from .bilevel import LDCMTL, MOML, AutoLambda  # noqa: E402
 from .group import GO4Align  # noqa: E402
 
-__all__ += ["LDCMTL", "GO4Align"]
+__all__ += ["LDCMTL", "MOML", "AutoLambda", "GO4Align"]
 
 from .preference import COSMOS, PBI  # noqa: E402
 

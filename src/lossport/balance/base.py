@@ -7,6 +7,35 @@ hand-written loop it is three lines::
     losses.total.backward(); optimizer.step(); optimizer.zero_grad()
     balancer.step(lambda: objective(net, batch))        # own parameters, FAMO's post-step update
 
+What a method needs per step, besides the batch, is declared on its class (instances may override it):
+
+* ``batches`` (default 1): the number of *independent* training batches per step. The main batch is the one
+  whose weighted total is backpropagated; ``batches - 1`` more come in a :class:`Context` as closures that
+  evaluate the objective (with gradients) on other batches drawn independently from the training data
+  (SDMGrad and MoDo: ``batches = 3``, the cross matrix ``J_1 J_2^T`` of two of them)::
+
+      ev = objective.evaluate                            # the unbalanced parts, with gradients
+      b2, b3 = next(extra_a), next(extra_b)              # independent draws (other shuffles of the data)
+      ctx = Context(extra=(lambda: ev(net, b2), lambda: ev(net, b3)))
+      losses = balancer(ev(net, batch), ctx)
+      losses.total.backward(); optimizer.step(); optimizer.zero_grad()
+
+* ``meta`` (default ``False``): the method is bilevel and needs a meta batch (Auto-Lambda, MOML): ``Context.meta``
+  evaluates the objective on it, ``Context.train`` evaluates it again on the main batch (at whatever parameters
+  the net holds when called: the finite-difference look-ahead moves them and puts them back), and
+  ``Context.optimizer`` is the net's optimizer (its learning rate, momentum and weight decay define the
+  look-ahead step ``theta' = theta - lr * (grad + ...)``)::
+
+      m = next(meta_batches)                             # Auto-Lambda's code: another shuffle of the training data
+      ctx = Context(meta=lambda: ev(net, m), train=lambda: ev(net, batch), optimizer=optimizer)
+      losses = balancer(ev(net, batch), ctx)             # MOML also takes one extra batch: Context(extra=..., meta=...)
+      losses.total.backward(); optimizer.step(); optimizer.zero_grad()
+
+A balancer that needs a context and gets none (or too few extra batches, or no meta batch) raises a
+``ValueError`` at its call, before any backward. :func:`lossport.train` provides everything: the extra batches
+and (by default) the meta batch from independent shuffles of the training data, with their random generators
+in the checkpoint (``meta_data=`` gives the meta batches another source).
+
 Weight convention (all methods): the balancer's weight ``b_i`` multiplies the static weight ``s_i`` of the
 spec (``weights=`` times ``Scaled``), so the applied weight is ``w_i = s_i * b_i`` and the total is
 ``sum_i w_i L_i + extra``. Equal weighting is ``b = 1`` (the plain sum of the parts, as Keras and LibMTL's EW);
@@ -43,6 +72,7 @@ the Gramian of the parts' gradients), ``"surgery"`` (edits the gradients themsel
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -131,6 +161,23 @@ def resolve(spec: str | Balancer | None, **kwargs: Any) -> Balancer | None:
     raise TypeError(f"balance must be a name, a Balancer or None, not {type(spec).__name__}")
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a balancer that declares ``batches > 1`` or ``meta`` receives with its call (module docstring).
+
+    :param extra: one closure per extra independent training batch; each evaluates the objective (unbalanced
+        parts, gradients enabled, static weights) on its batch at the net's current parameters.
+    :param meta: evaluates the objective on the meta batch (bilevel methods).
+    :param train: evaluates the objective again on the main batch (bilevel methods' finite differences).
+    :param optimizer: the net's optimizer (bilevel methods' look-ahead step; its parameters are the net's).
+    """
+
+    extra: tuple[Callable[[], Losses], ...] = ()
+    meta: Callable[[], Losses] | None = None
+    train: Callable[[], Losses] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+
 class Balancer:
     """Base class of every balancing method (see the module docstring for the protocol and the state)."""
 
@@ -141,6 +188,13 @@ class Balancer:
     """Version of the state format; bump it when the meaning or the keys of the state change."""
     needs_recompute: ClassVar[bool] = False
     """True when :meth:`step` needs the ``recompute`` closure (FAMO's extra no-grad forward)."""
+    batches: int = 1
+    """Independent training batches the method uses per step (the main one included); ``batches - 1`` come in
+    :attr:`Context.extra`."""
+    meta: bool = False
+    """True for bilevel methods: each call needs :attr:`Context.meta`, ``train`` and ``optimizer``."""
+    context: Context | None = None
+    """The :class:`Context` of the call in progress (``None`` outside a call or when none was given)."""
 
     _device: torch.device | None = None
     """The device the state lives on (``None`` until the first call or :meth:`to`)."""
@@ -164,10 +218,16 @@ class Balancer:
         raise NotImplementedError
 
     # -- protocol ----------------------------------------------------------------------------------------
-    def __call__(self, losses: Losses) -> Losses:
-        """``losses`` with the applied weights ``s_i * b_i`` and the recomputed total."""
+    def __call__(self, losses: Losses, context: Context | None = None) -> Losses:
+        """``losses`` with the applied weights ``s_i * b_i`` and the recomputed total. ``context`` carries the
+        extra batches and the meta batch a method declares it needs (module docstring)."""
+        self.check_context(context)
         self.follow(losses)
-        out = self.balance(losses)
+        self.context = context
+        try:
+            out = self.balance(losses)
+        finally:
+            self.context = None
         if isinstance(out, tuple):
             b, extra = out
         else:
@@ -178,6 +238,29 @@ class Balancer:
             raise RuntimeError(f"{type(self).__name__} returned weights for {sorted(b)}, parts are {losses.names}")
         weights = {k: _mul(losses.weights[k], b[k]) for k in losses.parts}
         return losses.reweighted(weights, extra)
+
+    def check_context(self, context: Context | None) -> None:
+        """``ValueError`` unless ``context`` holds what this method declared it needs (``batches``, ``meta``)."""
+        mine = type(self).__name__
+        if context is not None and not isinstance(context, Context):
+            raise TypeError(f"{mine}: context must be a lossport.balance.Context, not {type(context).__name__}")
+        have = 0 if context is None else len(context.extra)
+        if self.batches > 1 and have < self.batches - 1:
+            raise ValueError(
+                f"{mine} uses {self.batches} independent training batches per step and got {have} extra: call it as "
+                f"balancer(losses, Context(extra=(...))) with {self.batches - 1} closures evaluating the objective "
+                "on other batches drawn independently from the training data (lossport.train does this), or "
+                "build it with batches=1 where the method offers it"
+            )
+        if self.meta:
+            lacks = [k for k in ("meta", "train", "optimizer") if context is None or getattr(context, k) is None]
+            if lacks:
+                raise ValueError(
+                    f"{mine} is bilevel: each call needs Context(meta=..., train=..., optimizer=...) (the objective "
+                    f"on a meta batch, on the main batch again, and the net's optimizer); {lacks} missing. "
+                    "lossport.train provides them (meta batches from another shuffle of the training data, or "
+                    "meta_data=)"
+                )
 
     def attach(self, net: torch.nn.Module) -> None:
         """Called by :class:`~lossport.Objective` with the (unwrapped) net before the first forward it runs with

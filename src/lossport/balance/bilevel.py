@@ -1,4 +1,11 @@
-"""LDC-MTL: loss discrepancy control by a learned router, from a penalised bilevel problem.
+"""Bilevel balancers: LDC-MTL (a penalised single-level form) and Auto-Lambda (a look-ahead on a meta batch).
+
+**Auto-Lambda** (:class:`AutoLambda`; Liu, Johns, Davison, "Auto-Lambda: Disentangling Dynamic Task Relationships",
+TMLR 2022; code github.com/lorenmt/auto-lambda): the weights ``lambda`` minimise the meta loss after one
+look-ahead step of the net, ``min_lambda L_meta(theta - alpha grad_theta sum_i lambda_i L_i(theta))``, by one Adam
+step per training step on the finite-difference approximation of its gradient (see the class).
+
+**LDC-MTL**: loss discrepancy control by a learned router, from a penalised bilevel problem.
 
 Xiao, Dong, Zou, Ji, "LDC-MTL: Balancing Multi-Task Learning through Scalable Loss Discrepancy Control" (arXiv
 2502.08585, 2025). The rule below is that of the authors' code (github.com/OptMN-Lab/LDC-MTL,
@@ -16,15 +23,20 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import ClassVar
+import weakref
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .. import distributed
 from ..result_types import Losses
-from .base import register
+from ..solvers import min_norm_simplex
+from .base import Context, register
 from .learned import LearnedBalancer
 from .loss_level import _training
+from .stochastic import cross, jacobian_rows
 
 _NORMALIZATIONS = ("initial", "log", "none")
 
@@ -132,4 +144,301 @@ class LDCMTL(LearnedBalancer):
         return f"LDCMTL(lamb={self.lamb}, normalization={self.normalization!r}, lr={self.lr})"
 
 
-__all__ = ["LDCMTL", "discrepancy_objective"]
+@register("auto_lambda", "autol")
+class AutoLambda(LearnedBalancer):
+    """Auto-Lambda (Liu, Johns, Davison, TMLR 2022), by the authors' code (``auto_lambda.py``,
+    ``trainer_dense.py``). At each step, before the net's update, with ``L_i`` the parts of the main batch,
+    ``s_i`` their static weights and ``alpha`` the net's learning rate:
+
+    1. look ahead: ``theta' = theta - alpha (grad_theta sum_i s_i lambda_i L_i + m + wd theta)`` (``m`` the SGD
+       momentum buffer times the momentum, ``wd`` the weight decay of the net's optimizer, as the authors' code);
+    2. ``d = grad_theta' L_meta(theta')``, ``L_meta = sum_{i in primary} s_i L_i^meta`` on the meta batch;
+    3. finite differences (``eps = 0.01 / ||alpha d||``):
+       ``dL_meta/dlambda_i ~ -s_i (L_i(theta + eps alpha d) - L_i(theta - eps alpha d)) / (2 eps)``
+       on the main batch (the second-order term of the look-ahead; the first-order term is zero: ``lambda``
+       enters ``L_meta`` only through ``theta'``);
+    4. one Adam step (``lr``) on ``lambda``; the net then steps on ``sum_i s_i lambda_i L_i``.
+
+    :param init: the initial weights (the authors' ``--autol_init`` 0.1).
+    :param lr: the weights' Adam learning rate (the authors' ``--autol_lr``: 1e-4 on NYUv2 and Cityscapes,
+        3e-5 on CIFAR-100).
+    :param primary: the parts of the meta loss (``None``: every part, the multi-task setting; a subset gives the
+        authors' auxiliary-learning setting).
+    :param eps: the finite difference's step ``0.01`` (times ``1 / ||alpha d||``).
+
+    Factor 1: the applied weight is ``s_i lambda_i``, the authors' ``lambda_i`` (unconstrained, as theirs). The
+    meta batch: by default :func:`lossport.train` draws it from another shuffle of the training data, as the
+    authors' code does ("a copy of train_loader with different data order"); ``train(meta_data=...)`` gives a
+    held-out set instead. Per parameter group, ``alpha`` is that group's learning rate (the authors' one group:
+    the same). Differences from the authors' code, each exact to rounding: the look-ahead gradient reuses the main
+    batch's forward (theirs runs it again, so dropout masks differ), the parameters get their own tensors back
+    after the finite differences (theirs adds and subtracts ``eps d``), and the buffers (BatchNorm statistics) are
+    restored after the meta forward (theirs runs it on a copy of the net; lossport restores them when the balancer
+    is attached to the net, i.e. used through an :class:`~lossport.Objective` or :func:`lossport.train`). Cost per
+    step: the main forward and backward, one backward through the look-ahead gradient, a forward and backward of the
+    meta batch, two forwards without gradient; memory: two copies of the parameters. The context (:class:`Context`)
+    must hold ``meta``, ``train`` and ``optimizer``: :func:`lossport.train` provides them; under torchrun the
+    gradients are averaged over the ranks (the parts are the global batch's).
+    """
+
+    name = "auto_lambda"
+    kind: ClassVar[str] = "learned"
+    meta = True
+
+    def __init__(
+        self, init: float = 0.1, lr: float = 1e-4, primary: list[str] | None = None, eps: float = 0.01
+    ) -> None:
+        super().__init__(lr=lr, init=init)
+        if not eps > 0:
+            raise ValueError(f"AutoLambda: eps must be > 0, not {eps!r}")
+        if primary is not None and (isinstance(primary, str) or not list(primary)):
+            raise ValueError(f"AutoLambda: primary must be a non-empty list of part names or None, not {primary!r}")
+        self.primary = None if primary is None else list(primary)
+        self.eps = float(eps)
+        self._net: Any = None  # a weak reference to the net (its buffers are restored after the meta forward)
+
+    def attach(self, net: nn.Module) -> None:
+        self._net = weakref.ref(net)
+
+    def step(self, recompute: Callable[[], Losses] | None = None) -> None:
+        """Nothing: the weights' Adam step is taken in the call, before the net's update (the authors' order)."""
+
+    def balance(self, losses: Losses) -> dict[str, Tensor]:
+        self._ensure(losses)
+        names = losses.names
+        if self.primary is not None:
+            unknown = [k for k in self.primary if k not in self._names]
+            if unknown:
+                raise ValueError(f"AutoLambda: primary parts {unknown} are not parts of the objective {self._names}")
+        ctx = self.context
+        assert ctx is not None and ctx.optimizer is not None  # checked by __call__
+        if torch.is_grad_enabled() and names:
+            hyper = self.hypergradient(losses, ctx)
+            if all(map(math.isfinite, hyper.values())):
+                for k, g in hyper.items():
+                    p = self._params[k]
+                    p.grad = torch.full_like(p, g)
+                assert self._opt is not None
+                self._opt.step()
+                self.info.pop("auto_lambda/skipped_nonfinite", None)
+            else:
+                self.info["auto_lambda/skipped_nonfinite"] = 1.0
+            for p in self._params.values():
+                p.grad = None
+        for k in self._names:
+            self.info[f"auto_lambda/lambda/{k}"] = float(self._params[k].detach())
+        return {k: self._params[k].detach().clone() for k in names}
+
+    def hypergradient(self, losses: Losses, ctx: Context) -> dict[str, float]:
+        """``dL_meta(theta')/dlambda_i`` of the parts present, by the class docstring's steps 1-3."""
+        assert ctx.optimizer is not None and ctx.meta is not None and ctx.train is not None
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in ctx.optimizer.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        lam = {k: float(self._params[k].detach()) for k in losses.names}
+        inner = torch.stack([_static(losses, k) * lam[k] * losses.parts[k] for k in losses.names]).sum()
+        for term in losses.extra.values():
+            inner = inner + term
+        grads = _mean_over_ranks(torch.autograd.grad(inner, params, retain_graph=True, allow_unused=True), params)
+        saved = [p.data for p in params]  # the parameters' own tensors, put back as they are (no arithmetic)
+        ahead = _regroup(groups, grads, ctx.optimizer)
+        buffers = self._buffers()
+        try:
+            _assign(params, ahead)
+            meta = ctx.meta()
+            primary = [k for k in meta.parts if self.primary is None or k in self.primary]
+            if not primary:
+                raise ValueError(
+                    f"AutoLambda: the meta batch has no labelled example of the primary parts "
+                    f"{self.primary or self._names}; the meta loss is empty"
+                )
+            lmeta = torch.stack([_static(meta, k) * meta.parts[k] for k in primary]).sum()
+            d = _mean_over_ranks(torch.autograd.grad(lmeta, params, allow_unused=True), params)
+        finally:
+            _assign(params, saved)
+            self._restore(buffers)
+        v = [g_lr * x for g_lr, x in zip(_lrs(groups), d)]
+        norm = math.sqrt(sum(float((x.to(torch.float64) ** 2).sum()) for x in v))
+        self.info["auto_lambda/meta_loss"] = float(lmeta.detach())
+        if not norm > 0:
+            return dict.fromkeys(losses.names, 0.0)
+        eps = self.eps / norm
+        values = []
+        try:
+            for sign in (1.0, -1.0):
+                _assign(params, [t + sign * eps * x for t, x in zip(saved, v)])
+                with torch.no_grad():
+                    out = ctx.train()
+                values.append({k: float(out.parts[k]) for k in out.parts})
+        finally:
+            _assign(params, saved)
+        plus, minus = values
+        return {
+            k: -_static(losses, k) * (plus[k] - minus[k]) / (2 * eps) if k in plus and k in minus else 0.0
+            for k in losses.names
+        }
+
+    def _buffers(self) -> list[tuple[Tensor, Tensor]]:
+        net = self._net() if self._net is not None else None
+        return [] if net is None else [(b, b.detach().clone()) for b in net.buffers()]
+
+    @staticmethod
+    def _restore(buffers: list[tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+    def __repr__(self) -> str:
+        return f"AutoLambda(init={self.init}, lr={self.lr}, primary={self.primary})"
+
+
+@register("moml")
+class MOML(LearnedBalancer):
+    """MOML (Ye, Lin, Zhang, Kwok, "Multi-Objective Meta Learning", NeurIPS 2021; AIJ 2024), in the one-inner-step
+    form of LibMTL's bilevel trainer (``bacth_forward_MOML``). The weights are ``p = softmax(alpha)``; each task's
+    meta loss is an upper-level objective, and their hypergradients are combined by MGDA. At each step, before the
+    net's update, with ``L_i`` the parts of an *inner* batch (an extra independent training batch) and ``M_i``
+    those of the meta batch:
+
+    1. ``g_f = [s_i grad_theta L_i]`` (``T x P``, every parameter of the net's optimizer);
+    2. look ahead one plain SGD step: ``theta' = theta - inner_lr p^T g_f``;
+    3. ``g_F = [s_i grad_theta' M_i]`` at ``theta'``; the hypergradient of task ``i`` is row ``i`` of
+       ``H = -inner_lr g_F g_f^T (diag(p) - p p^T)`` (the last factor: the softmax's Jacobian);
+    4. rows normalised to unit length (``normalization="l2"``, LibMTL's), ``c`` = their min-norm convex combination
+       (MGDA, Sener & Koltun 2018, solved exactly), one Adam step (``lr``) on ``alpha`` along ``c^T H``;
+    5. the net steps on the main batch with ``b = T softmax(alpha)``.
+
+    :param inner_lr: the look-ahead's step size (LibMTL's ``--inner_lr`` 0.1); not the net's learning rate.
+    :param lr: the weights' Adam learning rate (LibMTL's ``--outer_lr`` 1e-3).
+    :param normalization: ``"l2"`` (LibMTL) or ``"none"`` for the hypergradients before MGDA.
+
+    Factor ``T``: LibMTL's weights ``softmax(alpha)`` sum to 1. The logits start equal (LibMTL: ``1/T`` each, the
+    same softmax). Per step: three forwards with gradients (main, inner, meta) and ``2 T`` backward passes for the
+    two explicit Jacobians (memory ``2 T P``, ``P`` the net's parameter count: every parameter, as LibMTL). A part
+    missing from the inner or meta batch has a zero row there. The inner and meta batches come from other
+    shuffles of the training data under :func:`lossport.train` (LibMTL draws both from one loader of half the batch
+    size; ``meta_data=`` gives the meta batches another source); under torchrun the Jacobians are the global
+    batches' (averaged over the ranks). LibMTL's Frank-Wolfe solver stops at a change below ``1e-5``; lossport's
+    min-norm point is exact, so the two differ by that tolerance.
+    """
+
+    name = "moml"
+    kind: ClassVar[str] = "learned"
+    batches = 2
+    meta = True
+
+    def __init__(self, inner_lr: float = 0.1, lr: float = 1e-3, normalization: str = "l2") -> None:
+        super().__init__(lr=lr, init=0.0)
+        if not inner_lr > 0:
+            raise ValueError(f"MOML: inner_lr must be > 0, not {inner_lr!r}")
+        if normalization not in ("l2", "none"):
+            raise ValueError(f"MOML: normalization must be 'l2' or 'none', not {normalization!r}")
+        self.inner_lr = float(inner_lr)
+        self.normalization = normalization
+
+    def step(self, recompute: Callable[[], Losses] | None = None) -> None:
+        """Nothing: the weights' Adam step is taken in the call, before the net's update (LibMTL's order)."""
+
+    def balance(self, losses: Losses) -> dict[str, Tensor]:
+        self._ensure(losses)
+        names = losses.names
+        if torch.is_grad_enabled() and len(names) > 1:
+            grad = self.hypergradient(losses)
+            if bool(torch.isfinite(grad).all()):
+                for k, g in zip(names, grad.tolist()):
+                    self._params[k].grad = torch.full_like(self._params[k], g)
+                assert self._opt is not None
+                self._opt.step()
+            for p in self._params.values():
+                p.grad = None
+        soft = torch.softmax(torch.stack([self._params[k].detach() for k in names]), 0)
+        for k, v in zip(names, soft.tolist()):
+            self.info[f"moml/weight/{k}"] = v
+        return {k: len(names) * soft[i] for i, k in enumerate(names)}
+
+    def hypergradient(self, losses: Losses) -> Tensor:
+        """``c^T H`` of the class docstring (steps 1-4), float64, for the parts present in ``losses``."""
+        ctx = self.context
+        assert ctx is not None and ctx.optimizer is not None and ctx.meta is not None
+        names = losses.names
+        params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        logits = torch.stack([self._params[k].detach() for k in names]).to(torch.float64)
+        p = torch.softmax(logits, 0)
+        g_f = jacobian_rows(ctx.extra[0](), names, params, scale=losses)
+        step = (p.to(g_f.device, g_f.dtype) @ g_f).to(torch.float64)
+        flat = torch.cat([x.detach().reshape(-1) for x in params]).to(torch.float64)
+        ahead = _unflatten(flat - self.inner_lr * step, params)
+        saved = [x.data for x in params]
+        try:
+            _assign(params, ahead)
+            g_F = jacobian_rows(ctx.meta(), names, params, scale=losses)
+        finally:
+            _assign(params, saved)
+        soft = (torch.diag(p) - torch.outer(p, p)).to(g_f.device)
+        H = -self.inner_lr * cross(g_F, g_f) @ soft
+        if self.normalization == "l2":
+            norms = H.norm(dim=1, keepdim=True)
+            H = torch.where(norms > 0, H / norms.clamp_min(1e-300), H)
+        c = min_norm_simplex(H @ H.T)
+        self.info["moml/hypergradient_norm"] = float((c @ H).norm())
+        return (c @ H).cpu()
+
+    def __repr__(self) -> str:
+        return f"MOML(inner_lr={self.inner_lr}, lr={self.lr}, normalization={self.normalization!r})"
+
+
+def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into tensors shaped (and typed) as ``params``."""
+    return [x.view_as(p).to(p.dtype) for x, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
+def _static(losses: Losses, k: str) -> float:
+    w = losses.weights.get(k, 1.0)
+    return float(w.detach()) if isinstance(w, Tensor) else float(w)
+
+
+def _lrs(groups: list[tuple[dict[str, Any], list[Tensor]]]) -> list[float]:
+    """Each parameter's learning rate, in the order of the parameters."""
+    return [float(g["lr"]) for g, ps in groups for _ in ps]
+
+
+def _regroup(
+    groups: list[tuple[dict[str, Any], list[Tensor]]], grads: list[Tensor], opt: torch.optim.Optimizer
+) -> list[Tensor]:
+    """``theta'`` of every parameter (step 1 of :class:`AutoLambda`), group by group."""
+    out, i = [], 0
+    with torch.no_grad():
+        for g, ps in groups:
+            for p in ps:
+                out.append(_look_ahead(p, grads[i], g, opt))
+                i += 1
+    return out
+
+
+def _look_ahead(p: Tensor, grad: Tensor, group: dict[str, Any], opt: torch.optim.Optimizer) -> Tensor:
+    """``p - lr (m + grad + wd p)``: the authors' virtual step (``m``: SGD's momentum buffer times momentum)."""
+    step = grad + float(group.get("weight_decay", 0.0)) * p
+    if "momentum" in group:
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            step = step + float(group["momentum"]) * buf
+    return p - float(group["lr"]) * step
+
+
+def _assign(params: list[Tensor], values: list[Tensor]) -> None:
+    """Give each parameter the tensor ``values[i]`` as its data (not an in-place write: the main batch's graph,
+    which saved the parameters, stays valid once the original tensors are put back)."""
+    for p, v in zip(params, values):
+        p.data = v
+
+
+def _mean_over_ranks(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> list[Tensor]:
+    """The gradients (zeros where ``None``), averaged over the ranks under torchrun (the surrogate parts'
+    gradients average to the global batch's)."""
+    out = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+    if not distributed.is_distributed() or not out:
+        return out
+    flat = distributed.all_reduce_jacobian(torch.cat([g.reshape(-1) for g in out])[None])[0]
+    return [x.view_as(p) for x, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
+__all__ = ["LDCMTL", "MOML", "AutoLambda", "discrepancy_objective"]

@@ -6,13 +6,22 @@ step to step.
 * :class:`SDMGrad` (Xiao, Ban, Ji, NeurIPS 2023) and :class:`MoDo` (Chen et al., JMLR 2024): simplex weights
   carried from step to step and moved by a few projected gradient steps on ``w^T G w``-type objectives.
 
-**One batch, not two.** SDMGrad and MoDo are stated with the cross matrix ``J_1 J_2^T`` of the Jacobians of
-two *independent* mini-batches (an unbiased estimate of the true Gramian; TorchJD's ``SDMGradWeighting`` and
-``MoDoWeighting`` take that matrix). A lossport balancer sees one batch, so here the matrix is the Gramian
-``J J^T`` of the current batch: a biased estimate, and the papers' convergence guarantees do not cover it. (The
-official SDMGrad code computes its three batches' gradients into aliases of one tensor, so it too ends up
-using one batch's gradients: see ``/work/shared/reference/balancing-methods.md``.) Given the same matrix the
-weights are TorchJD's, times ``T`` (tested).
+**Three batches, as in the papers.** SDMGrad and MoDo are stated with three independent mini-batches per step:
+the weights move on the cross matrix ``J_1 J_2^T`` of the Jacobians of two of them (an unbiased estimate of
+the true Gramian ``E[J] E[J]^T``, which ``J J^T`` of one batch is not: its diagonal carries the gradients'
+variance), and the update is taken on the third. Here (``batches=3``, the default) the main batch, whose
+weighted total is backpropagated, is the third; the two others come from the :class:`~lossport.balance.base.Context`
+(:func:`lossport.train` draws them from independent shuffles of the training data). The cross matrix needs
+the two explicit ``T x P`` Jacobians on the shared parameters (memory ``2 T P``; ``gramian="params"`` only:
+in features mode the coordinates are one batch's examples, and two batches have different ones); a part absent
+from an extra batch has a zero row there. The diagnostics in ``info`` (``norm/``, ``cos/``) are then those of
+the cross matrix: estimates of the true gradients' norms and cosines. Given the same matrix the weights are
+TorchJD's ``SDMGradWeighting`` / ``MoDoWeighting`` (which take that matrix), times ``T`` (tested).
+
+``batches=1`` keeps one batch's Gramian ``J J^T`` (one forward, no explicit Jacobian): a biased estimate,
+which the papers' convergence guarantees do not cover, for when the three forwards cost too much. (The official
+SDMGrad code computes its three batches' gradients into aliases of one tensor, so it ends up using one batch's
+gradients: see ``/work/shared/reference/balancing-methods.md``.)
 
 Weights carried between steps are kept per part name: a part missing from a batch keeps its weight, the parts
 present are renormalised among themselves for the step and written back with the mass they had. A part never
@@ -27,6 +36,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from .. import distributed
+from ..gramian import jacobian
 from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
@@ -124,19 +135,44 @@ class CRMOGM(GramianBalancer):
 
 class _CarriedSimplex(GramianBalancer):
     """Base of SDMGrad and MoDo: simplex weights ``w`` (per part name) carried from one computed step to the
-    next; :meth:`update` moves the weights of the parts present."""
+    next; :meth:`update` moves the weights of the parts present. With ``batches=3`` the matrix is the cross
+    matrix ``J_1 J_2^T`` of the two extra batches of the :class:`~lossport.balance.base.Context` (module
+    docstring)."""
 
-    def __init__(self, **engine: Any) -> None:
+    def __init__(self, batches: int = 3, **engine: Any) -> None:
         super().__init__(**engine)
+        what = type(self).__name__
+        if batches not in (1, 3):
+            raise ValueError(
+                f"{what}: batches must be 3 (the paper: two batches for the cross matrix J_1 J_2^T, the main one for "
+                f"the update) or 1 (one batch's Gramian, biased), not {batches!r}"
+            )
+        if batches == 3 and self.mode != "params":
+            raise ValueError(
+                f"{what}: the cross matrix J_1 J_2^T of two batches exists on the shared parameters only (in features "
+                "mode each batch has its own examples as coordinates); use gramian='params', or batches=1 for one "
+                "batch's Gramian"
+            )
+        self.batches = batches
         self._w: dict[str, float]
         self.add_state("_w", {})  # the carried simplex weights, per part name (host numbers)
+
+    def compute_gramian(self, losses: Losses) -> Tensor:
+        """``J J^T`` of the main batch (``batches=1``), or the cross matrix ``J_1 J_2^T`` of the two extra batches
+        on the main batch's shared parameters (global under torchrun)."""
+        if self.batches == 1:
+            return super().compute_gramian(losses)
+        assert self.context is not None  # checked by __call__
+        params = self.shared(losses)
+        J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
+        return cross(J1, J2)
 
     def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(new w, output weights)`` (both on the simplex) from ``G`` and the current ``w`` of the parts present."""
         raise NotImplementedError
 
     def weigh(self, G: Tensor, losses: Losses) -> Tensor:
-        G = check_gramian(G, type(self).__name__)
+        G = check_gramian(G, type(self).__name__) if self.batches == 1 else _check_cross(G, type(self).__name__)
         names = losses.names
         T = len(names)
         if all(k in self._w for k in names) and (mass := sum(self._w[k] for k in names)) > 0:
@@ -147,6 +183,49 @@ class _CarriedSimplex(GramianBalancer):
         new, out = self.update(G.detach().to(torch.float64), w0)
         self._w.update({k: mass * float(v) for k, v in zip(names, new.tolist())})
         return T * out
+
+
+def jacobian_rows(other: Losses, names: list[str], params: list[Tensor], scale: Losses | None = None) -> Tensor:
+    """The ``T x P`` Jacobian of another batch's parts ``names`` on ``params`` (in the parameters' dtype; float64
+    under torchrun, where it is averaged over the ranks), rows in ``names`` order, zero rows for the parts that
+    batch lacks; with ``scale``, each row times the static weight ``scale.weights[name]``."""
+    present = [k for k in names if k in other.parts]
+    parts = [other.parts[k] * _static(scale, k) if scale is not None else other.parts[k] for k in present]
+    rows = jacobian(parts, params) if present else None
+    dtype = rows.dtype if rows is not None else params[0].dtype
+    if distributed.is_distributed():
+        dtype = torch.float64
+    if rows is not None and len(present) == len(names) and rows.dtype == dtype:
+        J = rows
+    else:
+        J = torch.zeros(len(names), sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        if rows is not None:
+            J[[names.index(k) for k in present]] = rows.to(dtype)
+    return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+
+
+def cross(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """``A B^T`` in float64, accumulated over column blocks of ``chunk`` (no float64 copy of the whole ``T x P``
+    matrices)."""
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], chunk):
+        out += A[:, c : c + chunk].to(torch.float64) @ B[:, c : c + chunk].to(torch.float64).T
+    return out
+
+
+def _static(losses: Losses, k: str) -> float:
+    w = losses.weights.get(k, 1.0)
+    return float(w.detach()) if isinstance(w, Tensor) else float(w)
+
+
+def _check_cross(M: Tensor, what: str) -> Tensor:
+    """A cross matrix ``J_1 J_2^T`` in float64: square and finite (its diagonal may be negative)."""
+    M = M.to(torch.float64)
+    if M.dim() != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"{what}: the cross matrix must be (T, T), not {tuple(M.shape)}")
+    if not bool(torch.isfinite(M).all()):
+        raise FloatingPointError(f"{what}: the cross matrix J_1 J_2^T has NaN or inf entries")
+    return M
 
 
 @register("sdmgrad")
@@ -161,17 +240,27 @@ class SDMGrad(_CarriedSimplex):
     :param lambda_: the pull towards the mean gradient (0.3, the value of the authors' experiments and LibMTL;
         their class default is 0.6). ``0`` is a stochastic MGDA.
     :param lr: inner step size (10), ``momentum`` (0.5) and ``n_iter`` (20): the authors' inner solver.
+    :param batches: 3 (the paper, Algorithm 1: ``G`` is the cross matrix ``J_xi1 J_xi2^T`` of two independent
+        batches, the update ``J_zeta^T (w + lambda w~) / (1 + lambda)`` on the third, the main batch) or 1 (one
+        batch's Gramian: biased; module docstring).
 
-    Factor ``T``: the paper's and TorchJD's weights ``(w + lambda w~) / (1 + lambda)`` sum to 1. See the module
-    docstring for the single-batch Gramian used here."""
+    Factor ``T``: the paper's and TorchJD's weights ``(w + lambda w~) / (1 + lambda)`` sum to 1. Cost with
+    ``batches=3``: three forwards, two explicit Jacobians (``2 T`` backward passes, memory ``2 T P``) and the
+    backward of the total."""
 
     name = "sdmgrad"
     kind: ClassVar[str] = "gramian"
 
     def __init__(
-        self, lambda_: float = 0.3, lr: float = 10.0, momentum: float = 0.5, n_iter: int = 20, **engine: Any
+        self,
+        lambda_: float = 0.3,
+        lr: float = 10.0,
+        momentum: float = 0.5,
+        n_iter: int = 20,
+        batches: int = 3,
+        **engine: Any,
     ) -> None:
-        super().__init__(**engine)
+        super().__init__(batches=batches, **engine)
         if not lambda_ >= 0:
             raise ValueError(f"SDMGrad: lambda_ must be >= 0, not {lambda_!r}")
         if not lr > 0:
@@ -195,7 +284,10 @@ class SDMGrad(_CarriedSimplex):
         return w, (w + self.lambda_ * pref) / (1 + self.lambda_)
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", lambda_={self.lambda_}, lr={self.lr}, n_iter={self.n_iter})"
+        return (
+            super().__repr__()[:-1] + f", lambda_={self.lambda_}, lr={self.lr}, n_iter={self.n_iter}, "
+            f"batches={self.batches})"
+        )
 
 
 @register("modo")
@@ -209,14 +301,17 @@ class MoDo(_CarriedSimplex):
         relative to the squared gradient norms.
     :param rho: the l2 regulariser of the weights (0.1, TorchJD's default).
 
-    Factor ``T``: the paper's and TorchJD's ``lambda`` sums to 1. See the module docstring for the single-batch
-    Gramian used here (the paper's guarantee needs two independent batches)."""
+    :param batches: 3 (the paper, Algorithm 1: ``lambda`` moves on ``J_1 J_2^T`` of two independent batches
+        ``z_t1, z_t2``, the update ``J_3^T lambda`` is on the third, the main batch) or 1 (one batch's Gramian:
+        biased, outside the paper's guarantee; module docstring).
+
+    Factor ``T``: the paper's and TorchJD's ``lambda`` sums to 1."""
 
     name = "modo"
     kind: ClassVar[str] = "gramian"
 
-    def __init__(self, gamma: float = 0.1, rho: float = 0.1, **engine: Any) -> None:
-        super().__init__(**engine)
+    def __init__(self, gamma: float = 0.1, rho: float = 0.1, batches: int = 3, **engine: Any) -> None:
+        super().__init__(batches=batches, **engine)
         if not gamma > 0:
             raise ValueError(f"MoDo: gamma must be > 0, not {gamma!r}")
         if not rho >= 0:
@@ -228,7 +323,7 @@ class MoDo(_CarriedSimplex):
         return w, w
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", gamma={self.gamma}, rho={self.rho})"
+        return super().__repr__()[:-1] + f", gamma={self.gamma}, rho={self.rho}, batches={self.batches})"
 
 
 @register("moco")

@@ -194,12 +194,13 @@ class Objective:
             losses = global_losses(losses, self.part_names, self.static_weights)
         return losses
 
-    def __call__(self, net: nn.Module, batch: Batch, *, per_example: bool = False) -> Losses:
+    def __call__(self, net: nn.Module, batch: Batch, *, per_example: bool = False, context: Any = None) -> Losses:
         """Forward ``batch`` through ``net`` and return its loss parts, weights and total (balanced if a
-        balancer was given)."""
+        balancer was given; ``context``: the :class:`~lossport.balance.Context` of a balancer that needs extra
+        batches or a meta batch)."""
         losses = self.evaluate(net, batch, per_example=per_example)
         if self.balancer is not None and losses.parts:
-            losses = self.balancer(losses)
+            losses = self.balancer(losses, context)
         return losses
 
     def step(self, net: nn.Module, batch: Batch) -> None:

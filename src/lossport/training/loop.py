@@ -49,6 +49,7 @@ from ..history import History, Result
 from ..metrics import MetricSet, higher_is_better, metric_set
 from ..objective import Objective
 from .data import Source, batch_size_of, make_source, to_device
+from .draws import Draws
 from .evaluate import as_objective, evaluate_source, floats
 from .progress import Progress, RoundStats
 from .setup import (
@@ -100,6 +101,7 @@ class TrainOptions:
     callbacks: Iterable[Any]
     record_batches: bool
     monitor: bool | int
+    meta_data: Any = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accumulate"):
@@ -157,6 +159,7 @@ def train(
     callbacks: Iterable[Any] = (),
     record_batches: bool = True,
     monitor: bool | int = False,
+    meta_data: Any = None,
 ) -> Result:
     """Train ``net`` on ``data`` with a loss per output; return a :class:`~lossport.history.Result`.
 
@@ -201,6 +204,10 @@ def train(
             (:class:`~lossport.inspection.Monitor`, keys ``monitor/...``): ``True`` samples every 10 steps, an
             integer ``K`` every ``K`` steps. Each sample costs about one backward pass per part through the
             trunk; with a Gramian balancer the figures it already computed are reused at no cost.
+        meta_data: the meta batches of a bilevel balancer (``balance="auto_lambda"``), any data form; by default
+            another shuffle of the training data, as the Auto-Lambda authors' code does. Balancers that use
+            extra independent batches per step (SDMGrad, MoDo) get them from other shuffles of the training data
+            (:mod:`lossport.training.draws`); an error if given to a balancer without a meta batch.
     """
     options = TrainOptions(**{k: v for k, v in locals().items() if k not in ("net", "data")})
     return _Run(net, data, options).fit()
@@ -234,6 +241,7 @@ class _Run:
         gen = torch.Generator()
         gen.manual_seed(o.seed if o.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.train_src, self.val_src = self._sources(data, gen)
+        self.draws = Draws(self.balancer, self.train_src, o.meta_data, o.batch_size, gen.initial_seed())
         opt = make_optimizer(o.optimizer, net, o.lr, o.weight_decay, self.balancer)
         self.sched = make_scheduler(o.scheduler, opt)
         self.cbs: list[Callback] = [as_callback(c) for c in o.callbacks] + loggers(log)
@@ -245,7 +253,7 @@ class _Run:
         self.state = TrainingState(
             net=net, optimizer=opt, scheduler=self.sched, scaler=grad_scaler(self.prec, self.dev),
             balancer=self.balancer, monitor=monitor, history=History(), stopper=stopper, best=best,
-            callbacks=self.cbs, generators=self.train_src.generators(),
+            callbacks=self.cbs, generators=self.train_src.generators() + self.draws.generators(),
         )  # fmt: skip
         self.stepper = Stepper(
             model=self.model, objective=self.objective, optimizer=opt, scaler=self.state.scaler,
@@ -360,9 +368,11 @@ class _Run:
             total_batches = None
         self.progress.begin_round(r, total_batches)
         st.optimizer.zero_grad(set_to_none=True)
+        draws = self.draws.round() if self.draws.active else None
         for b, raw_batch in enumerate(self.train_src):
             batch = to_device(raw_batch, self.dev) if self.dev.type != "cpu" else raw_batch
-            out = self.stepper.run(batch, r, b)
+            more = None if draws is None else to_device(next(draws), self.dev)  # extra batches, meta batch
+            out = self.stepper.run(batch, r, b, more)
             if not self.part_order and self.objective.compiled:
                 self.part_order = self.objective.part_names
             if out.kind == "empty":

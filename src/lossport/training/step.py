@@ -15,13 +15,14 @@ says what was and what was not applied, or a skipped batch (``"skip"``) counted 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..balance import Context
 from ..errors import NonFiniteLossError
 from ..objective import Objective, unwrap
 from ..result_types import Losses
@@ -74,10 +75,11 @@ class Stepper:
         self.last_batch: Any = None
         self.params = list(self.inner.parameters())  # walked once: parameters() recurses through the modules
 
-    def run(self, batch: Any, r: int, b: int) -> StepOutcome:
-        """Step on one batch (round ``r``, 0-based batch ``b``)."""
+    def run(self, batch: Any, r: int, b: int, more: tuple[list[Any], Any] | None = None) -> StepOutcome:
+        """Step on one batch (round ``r``, 0-based batch ``b``); ``more``: the extra training batches and the
+        meta batch of a balancer that declares them (:mod:`lossport.training.draws`)."""
         try:
-            return self._run(batch, r, b)
+            return self._run(batch, r, b, more)
         except _Skip as skip:
             if self.on_nonfinite == "raise":
                 self.opt.zero_grad(set_to_none=True)
@@ -96,7 +98,7 @@ class Stepper:
             return StepOutcome("skipped", reason=str(skip))
         return StepOutcome("done")
 
-    def _run(self, batch: Any, r: int, b: int) -> StepOutcome:
+    def _run(self, batch: Any, r: int, b: int, more: tuple[list[Any], Any] | None = None) -> StepOutcome:
         objective, balancer = self.objective, self.objective.balancer
         with autocast(self.precision, self.device):
             raw = objective.evaluate(self.model, batch)
@@ -121,7 +123,7 @@ class Stepper:
             )
         losses = raw
         if balancer is not None and raw.parts:
-            losses = self._balance(raw, r, b)
+            losses = self._balance(raw, r, b, None if more is None else self._context(batch, *more))
             total = float(losses.total.detach())
         if self.monitor is not None:
             self.monitor.observe(losses, balancer)
@@ -133,10 +135,28 @@ class Stepper:
             self._optimizer_step(batch, r, b)
         return StepOutcome("done", raw=raw, losses=losses, total=total, raw_vals=raw_vals, extra_vals=extra_vals)
 
-    def _balance(self, raw: Losses, r: int, b: int) -> Losses:
+    def _context(self, batch: Any, extra: list[Any], meta: Any) -> Context:
+        """The balancer's :class:`~lossport.balance.Context`: the objective on the other batches, through the
+        unwrapped net (no DDP reducer involved; the parts are the global batch's under torchrun)."""
+
+        def on(data: Any) -> Callable[[], Losses]:
+            def evaluate() -> Losses:
+                with autocast(self.precision, self.device):
+                    return self.objective.evaluate(self.inner, data)
+
+            return evaluate
+
+        return Context(
+            extra=tuple(on(x) for x in extra),
+            meta=None if meta is None else on(meta),
+            train=on(batch),
+            optimizer=self.opt,
+        )
+
+    def _balance(self, raw: Losses, r: int, b: int, context: Context | None = None) -> Losses:
         balancer = self.objective.balancer
         try:
-            losses = balancer(raw)  # type: ignore[misc]
+            losses = balancer(raw, context)  # type: ignore[misc]
         except FloatingPointError as err:  # finite parts whose gradients are not (Gramian, surgery)
             self.check_parameters(r, b)
             raise _Skip(

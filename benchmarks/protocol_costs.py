@@ -1,0 +1,90 @@
+"""The cost of one step of the methods that need extra batches or a meta batch (issue 15, item 1).
+
+Model: ``benchmarks/many_tasks.py``'s (TorchJD's benchmark trunk, 656,896 shared parameters, T one-output heads,
+one MSE loss per head, batch 64, one thread). One step = gradients set to None, forward, the balancer's call
+with its :class:`~lossport.balance.Context`, one backward of the weighted total, the balancer's ``step``; no
+optimizer step on the net (as in ``many_tasks.py``). The extra and meta closures evaluate the same batch again:
+the cost of a forward does not depend on which examples it sees.
+
+Variants: ``sum`` (the plain sum), ``sdmgrad`` and ``modo`` with ``batches=1`` (one batch's Gramian) and
+``batches=3`` (the papers' cross matrix of two extra batches: two explicit Jacobians), ``auto_lambda`` (look-ahead
+on a meta batch, finite differences) and ``moml`` (an inner and a meta batch, two explicit Jacobians over every
+parameter). Interleaved rounds; the median of ``reps`` is printed with its ratio to ``sum``.
+
+    .venv/bin/python benchmarks/protocol_costs.py            # T = 8 and 32, ~2 min on the 2-core machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from lossport.balance import MOML, AutoLambda, Balancer, Context, MoDo, SDMGrad
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from many_tasks import Model
+
+VARIANTS: dict[str, Callable[[], Balancer] | None] = {
+    "sum": None,
+    "sdmgrad batches=1": lambda: SDMGrad(batches=1),
+    "sdmgrad batches=3": lambda: SDMGrad(),
+    "modo batches=1": lambda: MoDo(batches=1),
+    "modo batches=3": lambda: MoDo(),
+    "auto_lambda": lambda: AutoLambda(),
+    "moml": lambda: MOML(),
+}
+
+
+def make_step(m: Model, make: Callable[[], Balancer] | None) -> Callable[[], None]:
+    """One step of a variant (module docstring)."""
+    if make is None:
+
+        def plain() -> None:
+            m.zero()
+            _, ls = m.forward()
+            torch.stack(ls).sum().backward()
+
+        return plain
+    bal = make()
+    opt = torch.optim.SGD(m.params, lr=1e-2)  # read by the bilevel methods' look-ahead, never stepped
+    ctx = Context(extra=(m.losses,) * (bal.batches - 1), meta=m.losses, train=m.losses, optimizer=opt)
+
+    def balanced() -> None:
+        m.zero()
+        bal(m.losses(), ctx).total.backward()
+        bal.step(m.losses)
+
+    return balanced
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    for T in args.tasks:
+        m = Model(T)
+        steps = {name: make_step(m, make) for name, make in VARIANTS.items()}
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for f in steps.values():
+            f()  # warm-up
+        for _ in range(args.reps):
+            for k, f in steps.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"T = {T}: median of {args.reps} steps (ms), ratio to the plain sum")
+        for k, v in med.items():
+            print(f"  {k:20s} {1e3 * v:9.1f}  x{v / med['sum']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
