@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
+from .. import distributed, fsdp
 from ..aliases import BalanceSpec, DataLike, LossSpec
 from ..callbacks import Callback, CSVLogger, TrainState, as_callback, loggers
 from ..history import History, Result
@@ -100,6 +100,8 @@ class TrainOptions:
     callbacks: Iterable[Any]
     record_batches: bool
     monitor: bool | int
+    distributed: str = "auto"
+    fsdp_policy: Any = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accumulate"):
@@ -117,6 +119,10 @@ class TrainOptions:
         m = self.monitor
         if not (isinstance(m, bool) or (type(m) is int and m >= 1)):
             raise ValueError(f"monitor must be True, False or a positive integer, not {m!r}")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"distributed must be 'auto', 'ddp' or 'fsdp', not {self.distributed!r}")
+        if self.fsdp_policy is not None and (self.distributed != "fsdp" or not callable(self.fsdp_policy)):
+            raise ValueError("fsdp_policy= is a function module -> bool, used with distributed='fsdp'")
         if isinstance(self.validation, (int, bool)) and not isinstance(self.validation, float):
             raise ValueError(f"validation={self.validation!r}: give validation data or a float fraction like 0.1")
 
@@ -157,6 +163,8 @@ def train(
     callbacks: Iterable[Any] = (),
     record_batches: bool = True,
     monitor: bool | int = False,
+    distributed: str = "auto",
+    fsdp_policy: Any = None,
 ) -> Result:
     """Train ``net`` on ``data`` with a loss per output; return a :class:`~lossport.history.Result`.
 
@@ -201,6 +209,11 @@ def train(
             (:class:`~lossport.inspection.Monitor`, keys ``monitor/...``): ``True`` samples every 10 steps, an
             integer ``K`` every ``K`` steps. Each sample costs about one backward pass per part through the
             trunk; with a Gramian balancer the figures it already computed are reused at no cost.
+        distributed: under ``torchrun`` only (docs/distributed.md). ``"auto"``: DistributedDataParallel, or the
+            net as it is when the user already wrapped it with FSDP2's ``fully_shard``; ``"ddp"``:
+            DistributedDataParallel; ``"fsdp"``: shard the net with ``fully_shard`` (:mod:`lossport.fsdp`).
+        fsdp_policy: with ``"fsdp"``, a function ``module -> bool`` choosing the submodules that get their own
+            ``fully_shard`` (the root is always wrapped); default: each direct child that holds parameters.
     """
     options = TrainOptions(**{k: v for k, v in locals().items() if k not in ("net", "data")})
     return _Run(net, data, options).fit()
@@ -223,18 +236,26 @@ class _Run:
         net.to(self.dev)
         self.net, self.model = net, net
         progress, log = o.progress, o.log
+        self.sharded = False
         if distributed.setup(self.dev):
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+            self.model, self.sharded = _wrap(net, self.dev, o)
+            if self.sharded:
+                fsdp.check_balancer(self.balancer, monitor=monitor is not None)
             if distributed.rank() != 0:  # one voice: progress, logs and checkpoints from rank 0 only
                 progress, log = False, None
+        elif o.distributed != "auto":
+            raise ValueError(
+                f"distributed={o.distributed!r} needs a torchrun launch with more than one process (WORLD_SIZE > 1); "
+                "run e.g. torchrun --nproc_per_node=2 script.py, or leave distributed='auto'"
+            )
         if o.seed is not None:
             torch.manual_seed(o.seed)
         gen = torch.Generator()
         gen.manual_seed(o.seed if o.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.train_src, self.val_src = self._sources(data, gen)
         opt = make_optimizer(o.optimizer, net, o.lr, o.weight_decay, self.balancer)
+        if self.sharded:
+            fsdp.check_optimizer(net, opt)
         self.sched = make_scheduler(o.scheduler, opt)
         self.cbs: list[Callback] = [as_callback(c) for c in o.callbacks] + loggers(log)
         self.ckpt: CheckpointDir | None = None
@@ -495,6 +516,20 @@ class _Run:
             part_names=list(self.part_order),
             balanced=self.balancer is not None,
         )
+
+
+def _wrap(net: nn.Module, dev: torch.device, o: TrainOptions) -> tuple[nn.Module, bool]:
+    """The model a distributed run steps (DDP, or the net sharded with FSDP2) and whether it is sharded."""
+    sharded = fsdp.is_sharded(net)
+    if o.distributed == "fsdp" or (o.distributed == "auto" and sharded):
+        return fsdp.shard(net, o.fsdp_policy), True
+    if sharded:
+        raise ValueError(
+            "distributed='ddp' but the net is wrapped with fully_shard (FSDP2): use distributed='fsdp' or 'auto'"
+        )
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None), False
 
 
 def _check_key(key: str, row: Mapping[str, float], history: History, what: str) -> None:
