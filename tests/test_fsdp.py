@@ -52,6 +52,7 @@ CASES = {
     "upgrad_features": lambda net: UPGrad(gramian="features", features=net.trunk),
     "mgda_features": lambda net: MGDA(gramian="features", features=net.trunk),
 }
+OTHER = {"graddrop": lambda net: "graddrop"}
 
 
 def full(p):
@@ -61,10 +62,13 @@ def full(p):
 
 
 def run_train(case, batch_size, **kw):
+    return run_train_net(Net(), case, batch_size, **kw)
+
+
+def run_train_net(net, case, batch_size, **kw):
     torch.manual_seed(0)
-    net = Net()
     result = lossport.train(
-        net, train_data(), balance=CASES[case](net), epochs=2, batch_size=batch_size, seed=3, progress=False,
+        net, train_data(), balance={**CASES, **OTHER}[case](net), epochs=2, batch_size=batch_size, seed=3, progress=False,
         lr=1e-2, **kw,
     )  # fmt: skip
     weights = [{k: v for k, v in row.items() if k.startswith("weight/")} for row in result.history.rounds]
@@ -106,3 +110,99 @@ def test_two_sharded_ranks_train_like_one_process(case, two_rank_runs):
             for k in w1:
                 assert w[k] == pytest.approx(w1[k], rel=1e-5, abs=1e-6)
         assert losses == pytest.approx(losses1, rel=1e-5)
+
+
+# ------------------------------------------------------------------ nets the user wrapped, a hand loop, refusals
+
+
+def wrapped_net():
+    from torch.distributed.fsdp import fully_shard
+
+    net = Net()
+    for m in (net.trunk, net.a, net.b):
+        fully_shard(m)  # FSDP's default reshard_after_forward=True: parameters freed between forward and backward
+    fully_shard(net)
+    return net
+
+
+def batch_slice(r, world):
+    data = train_data()
+    return {k: v[16 * r // world : 16 * (r + 1) // world] for k, v in data.items()}
+
+
+def hand_loop(net, r, world):
+    """Three SGD steps of a hand-written loop with an Objective balanced by UPGrad (params mode)."""
+    objective = lossport.Objective(balance="upgrad")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        losses = objective(net, batch_slice(r, world))
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+        objective.step(net, batch_slice(r, world))
+    return [full(p) for p in net.parameters()], {k: float(w) for k, w in losses.weights.items()}
+
+
+def refusal(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def misc_worker(r, port, out):
+    launch(r, port)
+    try:
+        res = {"prewrapped_train": run_train_net(wrapped_net(), "upgrad_params", 8)}
+        res["hand_loop"] = hand_loop(wrapped_net(), r, 2)
+        res["graddrop_train"] = refusal(lambda: run_train("graddrop", 8, distributed="fsdp"))
+        res["graddrop_hand"] = refusal(lambda: lossport.Objective(balance="graddrop")(wrapped_net(), batch_slice(r, 2)))
+        res["ddp_on_wrapped"] = refusal(lambda: run_train_net(wrapped_net(), "ew", 8, distributed="ddp"))
+        net = Net()
+        stale = torch.optim.Adam(net.parameters())
+        res["stale_optimizer"] = refusal(lambda: run_train_net(net, "ew", 8, distributed="fsdp", optimizer=stale))
+        out[r] = res
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def misc_runs():
+    out = mp.Manager().dict()
+    mp.spawn(misc_worker, args=(free_port(), out), nprocs=2, join=True)
+    return dict(out)
+
+
+def test_a_net_the_user_wrapped_is_recognised_by_train(misc_runs):
+    params1, weights1, losses1 = run_train("upgrad_params", 16)
+    for r in (0, 1):
+        params, weights, losses = misc_runs[r]["prewrapped_train"]
+        for p, p1 in zip(params, params1, strict=True):
+            assert torch.allclose(p, p1, atol=1e-5)
+        assert losses == pytest.approx(losses1, rel=1e-5)
+
+
+def test_a_hand_loop_on_a_wrapped_net_is_exact(misc_runs):
+    params1, weights1 = hand_loop(Net(), 0, 1)
+    for r in (0, 1):
+        params, weights = misc_runs[r]["hand_loop"]
+        for p, p1 in zip(params, params1, strict=True):
+            assert torch.allclose(p, p1, atol=1e-5)
+        assert weights == pytest.approx(weights1, rel=1e-5)
+
+
+def test_what_cannot_run_sharded_is_refused_before_the_first_step(misc_runs):
+    for r in (0, 1):
+        res = misc_runs[r]
+        for key in ("graddrop_train", "graddrop_hand"):
+            assert "GradDrop needs the per-part gradients themselves" in res[key]
+            assert "gramian='params' or 'features'" in res[key]
+        assert "use distributed='fsdp' or 'auto'" in res["ddp_on_wrapped"]
+        assert "optimizer built before it would train nothing" in res["stale_optimizer"]
+
+
+def test_fsdp_needs_torchrun():
+    with pytest.raises(ValueError, match="needs a torchrun launch"):
+        lossport.train(Net(), train_data(), epochs=1, progress=False, distributed="fsdp")
