@@ -68,8 +68,8 @@ def run_train(case, batch_size, **kw):
 def run_train_net(net, case, batch_size, **kw):
     torch.manual_seed(0)
     result = lossport.train(
-        net, train_data(), balance={**CASES, **OTHER}[case](net), epochs=2, batch_size=batch_size, seed=3, progress=False,
-        lr=1e-2, **kw,
+        net, train_data(), balance={**CASES, **OTHER}[case](net), epochs=kw.pop("epochs", 2), batch_size=batch_size,
+        seed=3, progress=False, lr=1e-2, **kw,
     )  # fmt: skip
     weights = [{k: v for k, v in row.items() if k.startswith("weight/")} for row in result.history.rounds]
     losses = [row["loss"] for row in result.history.rounds]
@@ -181,6 +181,9 @@ def test_a_net_the_user_wrapped_is_recognised_by_train(misc_runs):
         params, weights, losses = misc_runs[r]["prewrapped_train"]
         for p, p1 in zip(params, params1, strict=True):
             assert torch.allclose(p, p1, atol=1e-5)
+        assert [w.keys() for w in weights] == [w.keys() for w in weights1]
+        for w, w1 in zip(weights, weights1, strict=True):
+            assert [w[k] for k in w1] == pytest.approx([w1[k] for k in w1], rel=1e-5)
         assert losses == pytest.approx(losses1, rel=1e-5)
 
 
@@ -206,3 +209,56 @@ def test_what_cannot_run_sharded_is_refused_before_the_first_step(misc_runs):
 def test_fsdp_needs_torchrun():
     with pytest.raises(ValueError, match="needs a torchrun launch"):
         lossport.train(Net(), train_data(), epochs=1, progress=False, distributed="fsdp")
+
+
+# ---------------------------------------------------------------------------------- sharded checkpoints (DCP)
+
+
+def ckpt_run(ckpt, epochs, resume=False):
+    torch.manual_seed(0)
+    net = Net()
+    result = lossport.train(
+        net, train_data(), balance="famo", epochs=epochs, batch_size=6, seed=3, progress=False, lr=1e-2,
+        validation=0.25, checkpoint=ckpt, resume=resume, distributed="fsdp",
+    )  # fmt: skip
+    return [full(p) for p in net.parameters()], result.history.rounds, result.best_reason
+
+
+def ckpt_worker(r, port, tmp, out):
+    launch(r, port)
+    try:
+        straight = ckpt_run(f"{tmp}/straight", 3)
+        ckpt_run(f"{tmp}/cut", 2)
+        resumed = ckpt_run(f"{tmp}/cut", 3, resume=True)
+        out[r] = (straight, resumed)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_checkpoints_resume_bit_identical(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(ckpt_worker, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
+    for r in (0, 1):
+        (p_straight, h_straight, reason), (p_resumed, h_resumed, _) = out[r]
+        for a, b in zip(p_straight, p_resumed, strict=True):
+            assert torch.equal(a, b)
+        drop = ("seconds",)
+        assert [{k: v for k, v in row.items() if k not in drop} for row in h_straight] == [
+            {k: v for k, v in row.items() if k not in drop} for row in h_resumed
+        ]
+        assert "val_loss" in h_straight[-1] and "under FSDP the best round's weights are not kept" in reason
+    # one sharded folder (the last round's) beside checkpoint.pt, which names it; it loads into a plain net
+    import torch.distributed.checkpoint as dcp
+
+    for d in ("straight", "cut"):
+        assert sorted(p.name for p in (tmp_path / d).glob("sharded-round*")) == ["sharded-round3"]
+        ck = lossport.training.state.load_checkpoint(tmp_path / d)
+        assert ck["round"] == 3 and ck["sharded"] == "sharded-round3" and ck["net"] is None
+    plain = Net()
+    sd = {"net": plain.state_dict()}
+    dcp.load(sd, checkpoint_id=str(tmp_path / "straight" / "sharded-round3"))
+    plain.load_state_dict(sd["net"])
+    for a, b in zip(plain.parameters(), out[0][0][0], strict=True):
+        assert torch.equal(a.detach(), b)

@@ -27,8 +27,10 @@ before the first step.
 
 from __future__ import annotations
 
+import shutil
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +225,59 @@ def tie_to_outputs(losses: Any) -> Any:
     return replace(losses, parts=parts, _total=None)
 
 
+SHARDED_PREFIX = "sharded-round"
+"""``DIR/sharded-round<k>``: the net and optimizer of round ``k``, sharded, written by every rank with DCP."""
+
+
+def save_sharded(directory: Path, round_: int, net: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Every rank writes its shards of the net and optimizer states to ``directory/sharded-round<round_>`` with
+    ``torch.distributed.checkpoint`` (a collective); returns that folder's name, which the run's
+    ``checkpoint.pt`` records. A folder of the same name left by an interrupted write is removed first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"{SHARDED_PREFIX}{round_}"
+    path = directory / name
+    if dist.get_rank() == 0 and path.exists():
+        shutil.rmtree(path)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    dcp.save({"net": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
+    return name
+
+
+def remove_older(directory: Path, keep: str) -> None:
+    """Delete the sharded folders other than ``keep`` (after ``checkpoint.pt`` names ``keep``; rank 0 only)."""
+    for old in directory.glob(f"{SHARDED_PREFIX}*"):
+        if old.name != keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_sharded(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the shards :func:`save_sharded` wrote into ``net`` and ``optimizer`` (same world size and wrapping);
+    a folder that is missing or does not fit is a :class:`~lossport.CheckpointError`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from .errors import CheckpointError
+
+    if not (path / ".metadata").exists():
+        raise CheckpointError(
+            f"{path} is missing or incomplete (no .metadata): the sharded net and optimizer of the checkpoint "
+            "cannot be read; start afresh in another checkpoint directory"
+        )
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    sd: dict[str, Any] = {"net": model_sd, "optimizer": optim_sd}
+    try:
+        dcp.load(sd, checkpoint_id=str(path))
+    except Exception as err:  # DCP wraps every rank's failure in one CheckpointException
+        raise CheckpointError(
+            f"{path} does not fit this run's sharded net or optimizer ({type(err).__name__}: {err}); resume with "
+            "the same net, optimizer and wrapping as the interrupted run"
+        ) from err
+    set_state_dict(net, optimizer, model_state_dict=sd["net"], optim_state_dict=sd["optimizer"])
+
+
 class NetRef:
     """A weak reference to the sharded net a balancer was attached to (no cycle through the balancer)."""
 
@@ -244,6 +299,9 @@ __all__ = [
     "default_policy",
     "is_fsdp",
     "is_sharded",
+    "load_sharded",
+    "remove_older",
+    "save_sharded",
     "shard",
     "sharded_gramian",
     "tie_to_outputs",

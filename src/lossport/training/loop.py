@@ -348,6 +348,7 @@ class _Run:
         return self._result()
 
     def _resume_or_refuse(self) -> None:
+        from ..errors import CheckpointError
         from .state import load_checkpoint
 
         assert self.ckpt is not None
@@ -359,7 +360,16 @@ class _Run:
                 f"{path} holds a checkpoint of an earlier run; pass resume=True to continue it, or choose another "
                 "checkpoint directory (or delete it)"
             )
-        st.load_state_dict(load_checkpoint(path), where=str(path))
+        ck = load_checkpoint(path)
+        name = ck.get("sharded")
+        if self.sharded != (name is not None):
+            raise CheckpointError(
+                f"{path} was written by a run {'with' if name else 'without'} FSDP sharding, and this run is "
+                f"{'' if self.sharded else 'not '}sharded: resume with the same distributed= and launch"
+            )
+        if name is not None:
+            fsdp.load_sharded(self.ckpt.dir / name, st.net, st.optimizer)
+        st.load_state_dict(ck, where=str(path), net_loaded=name is not None)
         if st.stopped_because != "completed":
             st.round = max(st.round, self.o.epochs)
 
@@ -468,8 +478,8 @@ class _Run:
             if tracker is not None:
                 _check_key(tracker.key, row, st.history, "best_on" if tracker is st.best else "stop_on")
                 tracker.maximise = self._maximise(tracker.key)
-        if st.best is not None and st.best.update(row.get(st.best.key, math.nan), r):
-            st.keep_best()
+        if st.best is not None and st.best.update(row.get(st.best.key, math.nan), r) and not self.sharded:
+            st.keep_best()  # under FSDP no copy of the sharded weights is kept: Result.net is the final net
         stopper = st.stopper
         if stopper is not None:
             stopper.update(row.get(stopper.key, math.nan), r)
@@ -483,10 +493,24 @@ class _Run:
         if view.stop_reason is not None:
             st.stopped_because = view.stop_reason
         st.round = r
-        if self.ckpt is not None and distributed.rank() == 0:
-            self.ckpt.save(st.state_dict())
+        if self.ckpt is not None:
+            self._save_checkpoint()
         self.progress.end_round(r, row)
         return view.stop_reason is not None
+
+    def _save_checkpoint(self) -> None:
+        """Rank 0 writes ``checkpoint.pt``; under FSDP every rank first writes its shards of the net and optimizer
+        (:func:`lossport.fsdp.save_sharded`), which ``checkpoint.pt`` names."""
+        st, ckpt = self.state, self.ckpt
+        assert ckpt is not None
+        if not self.sharded:
+            if distributed.rank() == 0:
+                ckpt.save(st.state_dict())
+            return
+        name = fsdp.save_sharded(ckpt.dir, st.round, st.net, st.optimizer)
+        if distributed.rank() == 0:
+            ckpt.save({**st.state_dict(), "net": None, "optimizer": None, "sharded": name})
+            fsdp.remove_older(ckpt.dir, keep=name)
 
     def _result(self) -> Result:
         st = self.state
@@ -501,6 +525,8 @@ class _Run:
                 best_net.load_state_dict(st.best_state)
             else:
                 reason += "; Result.net is the final net"
+                if self.sharded:
+                    reason += " (under FSDP the best round's weights are not kept)"
         if not self.part_order and self.objective.compiled:
             self.part_order = self.objective.part_names
         return Result(
