@@ -82,19 +82,30 @@ def launch(r, port, extra=None):
     torch.set_num_threads(1)
 
 
-def train_worker(r, port, out):
+def worker(r, port, tmp, out):
+    """Every two-rank run of this module in one spawn (each spawn costs seconds of start-up)."""
     launch(r, port)
     try:
-        out[r] = {case: run_train(case, 8, distributed="fsdp") for case in CASES}  # 2 x 8 = the batch of 16
+        res = {case: run_train(case, 8, distributed="fsdp") for case in CASES}  # 2 x 8 = the batch of 16
+        res.update(misc_runs(r))
+        res["straight"] = ckpt_run(f"{tmp}/straight", 3)
+        ckpt_run(f"{tmp}/cut", 2)
+        res["resumed"] = ckpt_run(f"{tmp}/cut", 3, resume=True)
+        out[r] = res
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs():
+def tmp_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_dir):
     out = mp.Manager().dict()
-    mp.spawn(train_worker, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), str(tmp_dir), out), nprocs=2, join=True)
     return dict(out)
 
 
@@ -151,34 +162,22 @@ def refusal(fn):
     return "no error"
 
 
-def misc_worker(r, port, out):
-    launch(r, port)
-    try:
-        res = {"prewrapped_train": run_train_net(wrapped_net(), "upgrad_params", 8)}
-        res["hand_loop"] = hand_loop(wrapped_net(), r, 2)
-        res["graddrop_train"] = refusal(lambda: run_train("graddrop", 8, distributed="fsdp"))
-        res["graddrop_hand"] = refusal(lambda: lossport.Objective(balance="graddrop")(wrapped_net(), batch_slice(r, 2)))
-        res["ddp_on_wrapped"] = refusal(lambda: run_train_net(wrapped_net(), "ew", 8, distributed="ddp"))
-        net = Net()
-        stale = torch.optim.Adam(net.parameters())
-        res["stale_optimizer"] = refusal(lambda: run_train_net(net, "ew", 8, distributed="fsdp", optimizer=stale))
-        out[r] = res
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def misc_runs(r):
+    res = {"prewrapped_train": run_train_net(wrapped_net(), "upgrad_params", 8)}
+    res["hand_loop"] = hand_loop(wrapped_net(), r, 2)
+    res["graddrop_train"] = refusal(lambda: run_train("graddrop", 8, distributed="fsdp"))
+    res["graddrop_hand"] = refusal(lambda: lossport.Objective(balance="graddrop")(wrapped_net(), batch_slice(r, 2)))
+    res["ddp_on_wrapped"] = refusal(lambda: run_train_net(wrapped_net(), "ew", 8, distributed="ddp"))
+    net = Net()
+    stale = torch.optim.Adam(net.parameters())
+    res["stale_optimizer"] = refusal(lambda: run_train_net(net, "ew", 8, distributed="fsdp", optimizer=stale))
+    return res
 
 
-@pytest.fixture(scope="module")
-def misc_runs():
-    out = mp.Manager().dict()
-    mp.spawn(misc_worker, args=(free_port(), out), nprocs=2, join=True)
-    return dict(out)
-
-
-def test_a_net_the_user_wrapped_is_recognised_by_train(misc_runs):
+def test_a_net_the_user_wrapped_is_recognised_by_train(two_rank_runs):
     params1, weights1, losses1 = run_train("upgrad_params", 16)
     for r in (0, 1):
-        params, weights, losses = misc_runs[r]["prewrapped_train"]
+        params, weights, losses = two_rank_runs[r]["prewrapped_train"]
         for p, p1 in zip(params, params1, strict=True):
             assert torch.allclose(p, p1, atol=1e-5)
         assert [w.keys() for w in weights] == [w.keys() for w in weights1]
@@ -187,18 +186,18 @@ def test_a_net_the_user_wrapped_is_recognised_by_train(misc_runs):
         assert losses == pytest.approx(losses1, rel=1e-5)
 
 
-def test_a_hand_loop_on_a_wrapped_net_is_exact(misc_runs):
+def test_a_hand_loop_on_a_wrapped_net_is_exact(two_rank_runs):
     params1, weights1 = hand_loop(Net(), 0, 1)
     for r in (0, 1):
-        params, weights = misc_runs[r]["hand_loop"]
+        params, weights = two_rank_runs[r]["hand_loop"]
         for p, p1 in zip(params, params1, strict=True):
             assert torch.allclose(p, p1, atol=1e-5)
         assert weights == pytest.approx(weights1, rel=1e-5)
 
 
-def test_what_cannot_run_sharded_is_refused_before_the_first_step(misc_runs):
+def test_what_cannot_run_sharded_is_refused_before_the_first_step(two_rank_runs):
     for r in (0, 1):
-        res = misc_runs[r]
+        res = two_rank_runs[r]
         for key in ("graddrop_train", "graddrop_hand"):
             assert "GradDrop needs the per-part gradients themselves" in res[key]
             assert "gramian='params' or 'features'" in res[key]
@@ -224,24 +223,14 @@ def ckpt_run(ckpt, epochs, resume=False):
     return [full(p) for p in net.parameters()], result.history.rounds, result.best_reason
 
 
-def ckpt_worker(r, port, tmp, out):
-    launch(r, port)
-    try:
-        straight = ckpt_run(f"{tmp}/straight", 3)
-        ckpt_run(f"{tmp}/cut", 2)
-        resumed = ckpt_run(f"{tmp}/cut", 3, resume=True)
-        out[r] = (straight, resumed)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_sharded_checkpoints_resume_bit_identical(tmp_path):
-    out = mp.Manager().dict()
-    mp.spawn(ckpt_worker, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
+def test_sharded_checkpoints_resume_bit_identical(two_rank_runs, tmp_dir):
+    tmp_path = tmp_dir
     for r in (0, 1):
-        (p_straight, h_straight, reason), (p_resumed, h_resumed, _) = out[r]
+        (p_straight, h_straight, reason), (p_resumed, h_resumed, _) = (
+            two_rank_runs[r]["straight"],
+            two_rank_runs[r]["resumed"],
+        )
         for a, b in zip(p_straight, p_resumed, strict=True):
             assert torch.equal(a, b)
         drop = ("seconds",)
@@ -260,5 +249,52 @@ def test_sharded_checkpoints_resume_bit_identical(tmp_path):
     sd = {"net": plain.state_dict()}
     dcp.load(sd, checkpoint_id=str(tmp_path / "straight" / "sharded-round3"))
     plain.load_state_dict(sd["net"])
-    for a, b in zip(plain.parameters(), out[0][0][0], strict=True):
+    for a, b in zip(plain.parameters(), two_rank_runs[0]["straight"][0], strict=True):
         assert torch.equal(a.detach(), b)
+
+
+def dying_worker(r, port, ckpt, q):
+    launch(r, port, {"LOSSPORT_DIST_TIMEOUT": "10"})
+
+    class Die(lossport.callbacks.Callback):
+        def on_batch_end(self, state):
+            if r == 1 and state.round == 2 and state.batch == 0:
+                os._exit(3)  # a rank that dies mid-round, without a word
+
+    try:
+        lossport.train(
+            Net(), train_data(), balance="upgrad", epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt,
+            callbacks=[Die()], distributed="fsdp",
+        )  # fmt: skip
+        q.put((r, "finished"))
+    except Exception as e:
+        q.put((r, f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_dying_rank_gives_an_error_on_the_others_and_the_sharded_checkpoint_loads(tmp_path):
+    import time
+
+    import torch.distributed.checkpoint as dcp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=dying_worker, args=(r, port, str(tmp_path), q)) for r in (0, 1)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    assert all(not p.is_alive() for p in procs)
+    assert procs[1].exitcode == 3
+    r, msg = q.get(timeout=5)
+    assert r == 0 and msg != "finished", msg
+    assert time.monotonic() - t0 < 90
+    ck = lossport.training.state.load_checkpoint(tmp_path)
+    assert ck["round"] == 1 and ck["sharded"] == "sharded-round1"
+    plain = Net()
+    sd = {"net": plain.state_dict()}
+    dcp.load(sd, checkpoint_id=str(tmp_path / "sharded-round1"))
+    plain.load_state_dict(sd["net"])
+    assert not all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), Net().state_dict().values()))
