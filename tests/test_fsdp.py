@@ -165,6 +165,9 @@ def refusal(fn):
 def misc_runs(r):
     res = {"prewrapped_train": run_train_net(wrapped_net(), "upgrad_params", 8)}
     res["hand_loop"] = hand_loop(wrapped_net(), r, 2)
+    net = Net()
+    res["policy_train"] = run_train_net(net, "upgrad_params", 8, distributed="fsdp", fsdp_policy=is_linear)
+    res["policy_wrapped"] = sorted(name for name, m in net.named_modules() if lossport.fsdp.is_fsdp(m))
     res["graddrop_train"] = refusal(lambda: run_train("graddrop", 8, distributed="fsdp"))
     res["graddrop_hand"] = refusal(lambda: lossport.Objective(balance="graddrop")(wrapped_net(), batch_slice(r, 2)))
     res["ddp_on_wrapped"] = refusal(lambda: run_train_net(wrapped_net(), "ew", 8, distributed="ddp"))
@@ -183,6 +186,20 @@ def test_a_net_the_user_wrapped_is_recognised_by_train(two_rank_runs):
         assert [w.keys() for w in weights] == [w.keys() for w in weights1]
         for w, w1 in zip(weights, weights1, strict=True):
             assert [w[k] for k in w1] == pytest.approx([w1[k] for k in w1], rel=1e-5)
+        assert losses == pytest.approx(losses1, rel=1e-5)
+
+
+def is_linear(m):
+    return isinstance(m, nn.Linear)
+
+
+def test_a_wrapping_policy_chooses_the_sharded_modules(two_rank_runs):
+    params1, _, losses1 = run_train("upgrad_params", 16)
+    for r in (0, 1):
+        params, _, losses = two_rank_runs[r]["policy_train"]
+        assert two_rank_runs[r]["policy_wrapped"] == ["", "a.0", "b", "trunk.0", "trunk.2"]
+        for p, p1 in zip(params, params1, strict=True):
+            assert torch.allclose(p, p1, atol=1e-5)
         assert losses == pytest.approx(losses1, rel=1e-5)
 
 
