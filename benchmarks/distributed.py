@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(SCRIPT)
         script = f.name
-    print(f"{'method':10s} {'1 proc ms/step':>15s} {'2 procs ms/step':>16s} {'ratio':>6s} {'final loss 1 / 2':>20s}")
+    print(f"{'method':16s} {'1 proc ms/step':>15s} {'2 procs ms/step':>16s} {'ratio':>6s} {'final loss 1 / 2':>20s}")
     for m in args.methods.split(","):
         one = run([sys.executable, script, m, "64", "auto"])
         two = run(
@@ -70,7 +70,7 @@ def main() -> None:
             ]
         )
         print(
-            f"{m:10s} {one['seconds_per_step'] * 1e3:15.1f} {two['seconds_per_step'] * 1e3:16.1f} "
+            f"{m:16s} {one['seconds_per_step'] * 1e3:15.1f} {two['seconds_per_step'] * 1e3:16.1f} "
             f"{two['seconds_per_step'] / one['seconds_per_step']:6.2f} {one['loss']:9.4f} / {two['loss']:.4f}"
         )
     os.unlink(script)
