@@ -171,6 +171,8 @@ def misc_runs(r):
     res["graddrop_train"] = refusal(lambda: run_train("graddrop", 8, distributed="fsdp"))
     res["graddrop_hand"] = refusal(lambda: lossport.Objective(balance="graddrop")(wrapped_net(), batch_slice(r, 2)))
     res["ddp_on_wrapped"] = refusal(lambda: run_train_net(wrapped_net(), "ew", 8, distributed="ddp"))
+    res["fp16"] = refusal(lambda: run_train("ew", 8, distributed="fsdp", precision="16-mixed"))
+    res["clip"] = run_train("ew", 8, distributed="fsdp", grad_clip=0.05)
     net = Net()
     stale = torch.optim.Adam(net.parameters())
     res["stale_optimizer"] = refusal(lambda: run_train_net(net, "ew", 8, distributed="fsdp", optimizer=stale))
@@ -220,6 +222,16 @@ def test_what_cannot_run_sharded_is_refused_before_the_first_step(two_rank_runs)
             assert "gramian='params' or 'features'" in res[key]
         assert "use distributed='fsdp' or 'auto'" in res["ddp_on_wrapped"]
         assert "optimizer built before it would train nothing" in res["stale_optimizer"]
+        assert "precision='16-mixed' (a GradScaler) is not supported with distributed='fsdp'" in res["fp16"]
+
+
+def test_gradient_clipping_is_exact_under_fsdp(two_rank_runs):
+    params1, _, losses1 = run_train("ew", 16, grad_clip=0.05)
+    for r in (0, 1):
+        params, _, losses = two_rank_runs[r]["clip"]
+        for p, p1 in zip(params, params1, strict=True):
+            assert torch.allclose(p, p1, atol=1e-5)
+        assert losses == pytest.approx(losses1, rel=1e-5)
 
 
 def test_fsdp_needs_torchrun():

@@ -241,6 +241,11 @@ class _Run:
             self.model, self.sharded = _wrap(net, self.dev, o)
             if self.sharded:
                 fsdp.check_balancer(self.balancer, monitor=monitor is not None)
+                if self.prec == "16-mixed":
+                    raise ValueError(
+                        "precision='16-mixed' (a GradScaler) is not supported with distributed='fsdp': its skipped "
+                        "steps are not verified to agree across the shards; use precision='bf16' (no scaler) or '32'"
+                    )
             if distributed.rank() != 0:  # one voice: progress, logs and checkpoints from rank 0 only
                 progress, log = False, None
         elif o.distributed != "auto":
