@@ -162,8 +162,22 @@ def refusal(fn):
     return "no error"
 
 
+def gramian_of_the_batch(net, batch):
+    """The params-mode Gramian of a batch's parts: per-shard under FSDP, the plain one on one process."""
+    from lossport.gramian import gramian
+    from lossport.graph import shared_parameters
+
+    losses = lossport.Objective().evaluate(net, batch)
+    parts = [losses.parts[k] for k in losses.names]
+    if lossport.fsdp.is_fsdp(net):
+        shard_sizes = [p.to_local().numel() for p in net.parameters()]
+        return lossport.fsdp.sharded_gramian(parts, net), shard_sizes
+    return gramian(parts, shared_parameters(parts)), [p.numel() for p in net.parameters()]
+
+
 def misc_runs(r):
-    res = {"prewrapped_train": run_train_net(wrapped_net(), "upgrad_params", 8)}
+    res = {"gramian": gramian_of_the_batch(wrapped_net(), batch_slice(r, 2))}
+    res["prewrapped_train"] = run_train_net(wrapped_net(), "upgrad_params", 8)
     res["hand_loop"] = hand_loop(wrapped_net(), r, 2)
     net = Net()
     res["policy_train"] = run_train_net(net, "upgrad_params", 8, distributed="fsdp", fsdp_policy=is_linear)
@@ -189,6 +203,14 @@ def test_a_net_the_user_wrapped_is_recognised_by_train(two_rank_runs):
         for w, w1 in zip(weights, weights1, strict=True):
             assert [w[k] for k in w1] == pytest.approx([w1[k] for k in w1], rel=1e-5)
         assert losses == pytest.approx(losses1, rel=1e-5)
+
+
+def test_the_per_shard_gramian_is_the_global_one(two_rank_runs):
+    G1, sizes1 = gramian_of_the_batch(Net(), batch_slice(0, 1))
+    (G0, sizes0), (Gr1, sizes_r1) = two_rank_runs[0]["gramian"], two_rank_runs[1]["gramian"]
+    assert torch.equal(G0, Gr1)  # the same all-reduced matrix on every rank
+    assert torch.allclose(G0, G1, rtol=1e-5, atol=1e-8), (G0, G1)
+    assert [a + b for a, b in zip(sizes0, sizes_r1, strict=True)] == sizes1  # each rank holds its shard only
 
 
 def is_linear(m):
