@@ -52,7 +52,7 @@ CASES = {
     "upgrad_features": lambda net: UPGrad(gramian="features", features=net.trunk),
     "mgda_features": lambda net: MGDA(gramian="features", features=net.trunk),
 }
-OTHER = {"graddrop": lambda net: "graddrop"}
+OTHER = {"graddrop": lambda net: "graddrop", "upgrad_trunk": lambda net: UPGrad(params=list(net.trunk.parameters()))}
 
 
 def full(p):
@@ -185,6 +185,7 @@ def misc_runs(r):
     res["graddrop_train"] = refusal(lambda: run_train("graddrop", 8, distributed="fsdp"))
     res["graddrop_hand"] = refusal(lambda: lossport.Objective(balance="graddrop")(wrapped_net(), batch_slice(r, 2)))
     res["ddp_on_wrapped"] = refusal(lambda: run_train_net(wrapped_net(), "ew", 8, distributed="ddp"))
+    res["stale_params"] = refusal(lambda: run_train("upgrad_trunk", 8, distributed="fsdp"))
     res["fp16"] = refusal(lambda: run_train("ew", 8, distributed="fsdp", precision="16-mixed"))
     res["clip"] = run_train("ew", 8, distributed="fsdp", grad_clip=0.05)
     net = Net()
@@ -244,6 +245,7 @@ def test_what_cannot_run_sharded_is_refused_before_the_first_step(two_rank_runs)
             assert "gramian='params' or 'features'" in res[key]
         assert "use distributed='fsdp' or 'auto'" in res["ddp_on_wrapped"]
         assert "optimizer built before it would train nothing" in res["stale_optimizer"]
+        assert "params= holds tensors that are not parameters of the sharded net" in res["stale_params"]
         assert "precision='16-mixed' (a GradScaler) is not supported with distributed='fsdp'" in res["fp16"]
 
 

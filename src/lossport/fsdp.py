@@ -160,6 +160,12 @@ def sharded_gramian(parts: Sequence[Tensor], net: nn.Module, params: Iterable[Te
     than one part, or ``params`` (sharded parameters of ``net``) when given. The parameters' ``.grad`` (e.g.
     accumulated over earlier batches) are left as they were."""
     cand = [p for p in net.parameters() if p.requires_grad] if params is None else list(params)
+    if params is not None and not {id(p) for p in cand} <= {id(p) for p in net.parameters()}:
+        raise ValueError(
+            "params= holds tensors that are not parameters of the sharded net: fully_shard replaced the net's "
+            "parameters, so give params= from the net after the sharding (e.g. list(net.trunk.parameters())): wrap the "
+            "net with fully_shard yourself before building the balancer"
+        )
     saved = [p.grad for p in cand]
     rows: list[list[Tensor | None]] = []
     try:
