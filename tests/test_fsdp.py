@@ -91,6 +91,10 @@ def worker(r, port, tmp, out):
         res["straight"] = ckpt_run(f"{tmp}/straight", 3)
         ckpt_run(f"{tmp}/cut", 2)
         res["resumed"] = ckpt_run(f"{tmp}/cut", 3, resume=True)
+        run_train("ew", 8, distributed="ddp", checkpoint=f"{tmp}/ddp", epochs=1)
+        res["ddp_resumed_sharded"] = refusal(
+            lambda: run_train("ew", 8, distributed="fsdp", checkpoint=f"{tmp}/ddp", epochs=2, resume=True)
+        )
         out[r] = res
     finally:
         if dist.is_initialized():
@@ -290,6 +294,9 @@ def test_sharded_checkpoints_resume_bit_identical(two_rank_runs, tmp_dir):
         assert [{k: v for k, v in row.items() if k not in drop} for row in h_straight] == [
             {k: v for k, v in row.items() if k not in drop} for row in h_resumed
         ]
+        assert (
+            "written by a run without FSDP sharding, and this run is sharded" in two_rank_runs[r]["ddp_resumed_sharded"]
+        )
         assert "val_loss" in h_straight[-1] and "under FSDP the best round's weights are not kept" in reason
     # one sharded folder (the last round's) beside checkpoint.pt, which names it; it loads into a plain net
     import torch.distributed.checkpoint as dcp

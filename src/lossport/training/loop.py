@@ -505,17 +505,21 @@ class _Run:
 
     def _save_checkpoint(self) -> None:
         """Rank 0 writes ``checkpoint.pt``; under FSDP every rank first writes its shards of the net and optimizer
-        (:func:`lossport.fsdp.save_sharded`), which ``checkpoint.pt`` names."""
+        (:func:`lossport.fsdp.save_sharded`), which ``checkpoint.pt`` names. Under torchrun every rank returns once
+        the checkpoint is complete (a barrier), so that no rank reads a half-replaced pair (e.g. a next run's resume
+        in the same process group)."""
         st, ckpt = self.state, self.ckpt
         assert ckpt is not None
         if not self.sharded:
             if distributed.rank() == 0:
                 ckpt.save(st.state_dict())
-            return
-        name = fsdp.save_sharded(ckpt.dir, st.round, st.net, st.optimizer)
-        if distributed.rank() == 0:
-            ckpt.save({**st.state_dict(), "net": None, "optimizer": None, "sharded": name})
-            fsdp.remove_older(ckpt.dir, keep=name)
+        else:
+            name = fsdp.save_sharded(ckpt.dir, st.round, st.net, st.optimizer)
+            if distributed.rank() == 0:
+                ckpt.save({**st.state_dict(), "net": None, "optimizer": None, "sharded": name})
+                fsdp.remove_older(ckpt.dir, keep=name)
+        if distributed.is_distributed():
+            torch.distributed.barrier()
 
     def _result(self) -> Result:
         st = self.state
