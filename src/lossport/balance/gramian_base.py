@@ -111,6 +111,7 @@ class GramianBalancer(Balancer):
         self._net_hook: Any = None
         self._ran: list[str] = []  # the net's modules (two levels down) that ran in the last forward
         self._ran_hooks: list[Any] = []
+        self._sharded: Any = None  # the fully_shard-ed net, when there is one (lossport.fsdp)
         if isinstance(features, nn.Module):
             me = weakref.ref(self)
 
@@ -135,6 +136,9 @@ class GramianBalancer(Balancer):
     def attach(self, net: nn.Module) -> None:
         """Called by :class:`~lossport.Objective` with the net: checks that a ``features`` module belongs to it and
         places a pre-hook that drops the records of earlier forwards when a new forward of ``net`` starts."""
+        from .. import fsdp
+
+        self._sharded = fsdp.NetRef(net) if fsdp.is_sharded(net) else None
         if not isinstance(self.features, nn.Module):
             return
         if not any(m is self.features for m in net.modules()):
@@ -208,6 +212,10 @@ class GramianBalancer(Balancer):
         parts = [losses.parts[k] for k in losses.names]
         if self.mode == "features":
             return distributed.all_reduce_gramian(feature_gramian(parts, self.representation(losses)))
+        if self._sharded is not None:  # FSDP2: per-shard Gramians, one T x T all-reduce
+            from ..fsdp import sharded_gramian
+
+            return sharded_gramian(parts, self._sharded(), self.params)
         params = self.shared(losses)
         if distributed.is_distributed():
             J = distributed.all_reduce_jacobian(jacobian(parts, params).to(torch.float64))

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import global_losses, is_distributed
+from ..fsdp import is_fsdp, tie_to_outputs
 from ..result_types import Losses
 from ..spec import Term, TermKind
 from .batch import Batch, check_targets_arg, forward_parameters, target_source, unwrap
@@ -127,6 +128,11 @@ class Objective:
     def compile(self, net: nn.Module, batch: Batch) -> Objective:
         """Bind the spec to the net's outputs with one forward pass of ``batch`` in the net's current mode
         (:mod:`lossport.objective.binding`). Called by the first ``__call__``."""
+        if self.balancer is not None:
+            from ..fsdp import check_balancer, is_sharded
+
+            if is_sharded(unwrap(net)):  # before the first step: what cannot run sharded says so
+                check_balancer(self.balancer)
         self.plan = bind(self.spec, self.weight_spec, self.target_spec, net, batch)
         if self.balancer is not None:
             self.balancer.attach(unwrap(net))
@@ -192,6 +198,8 @@ class Objective:
         losses = self.losses(outputs, batch, net=net, logits=logits, per_example=per_example)
         if is_distributed():
             losses = global_losses(losses, self.part_names, self.static_weights)
+        if is_fsdp(unwrap(net)):  # FSDP2: every part's backward enters its output's hooks (lossport.fsdp)
+            losses = tie_to_outputs(losses)
         return losses
 
     def __call__(self, net: nn.Module, batch: Batch, *, per_example: bool = False, context: Any = None) -> Losses:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
+from .. import distributed, fsdp
 from ..aliases import BalanceSpec, DataLike, LossSpec
 from ..callbacks import Callback, CSVLogger, TrainState, as_callback, loggers
 from ..history import History, Result
@@ -102,6 +102,8 @@ class TrainOptions:
     record_batches: bool
     monitor: bool | int
     meta_data: Any = None
+    distributed: str = "auto"
+    fsdp_policy: Any = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "accumulate"):
@@ -119,6 +121,10 @@ class TrainOptions:
         m = self.monitor
         if not (isinstance(m, bool) or (type(m) is int and m >= 1)):
             raise ValueError(f"monitor must be True, False or a positive integer, not {m!r}")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"distributed must be 'auto', 'ddp' or 'fsdp', not {self.distributed!r}")
+        if self.fsdp_policy is not None and (self.distributed != "fsdp" or not callable(self.fsdp_policy)):
+            raise ValueError("fsdp_policy= is a function module -> bool, used with distributed='fsdp'")
         if isinstance(self.validation, (int, bool)) and not isinstance(self.validation, float):
             raise ValueError(f"validation={self.validation!r}: give validation data or a float fraction like 0.1")
 
@@ -160,6 +166,8 @@ def train(
     record_batches: bool = True,
     monitor: bool | int = False,
     meta_data: Any = None,
+    distributed: str = "auto",
+    fsdp_policy: Any = None,
 ) -> Result:
     """Train ``net`` on ``data`` with a loss per output; return a :class:`~lossport.history.Result`.
 
@@ -208,6 +216,11 @@ def train(
             another shuffle of the training data, as the Auto-Lambda authors' code does. Balancers that use
             extra independent batches per step (SDMGrad, MoDo) get them from other shuffles of the training data
             (:mod:`lossport.training.draws`); an error if given to a balancer without a meta batch.
+        distributed: under ``torchrun`` only (docs/distributed.md). ``"auto"``: DistributedDataParallel, or the
+            net as it is when the user already wrapped it with FSDP2's ``fully_shard``; ``"ddp"``:
+            DistributedDataParallel; ``"fsdp"``: shard the net with ``fully_shard`` (:mod:`lossport.fsdp`).
+        fsdp_policy: with ``"fsdp"``, a function ``module -> bool`` choosing the submodules that get their own
+            ``fully_shard`` (the root is always wrapped); default: each direct child that holds parameters.
     """
     options = TrainOptions(**{k: v for k, v in locals().items() if k not in ("net", "data")})
     return _Run(net, data, options).fit()
@@ -230,12 +243,23 @@ class _Run:
         net.to(self.dev)
         self.net, self.model = net, net
         progress, log = o.progress, o.log
+        self.sharded = False
         if distributed.setup(self.dev):
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+            self.model, self.sharded = _wrap(net, self.dev, o)
+            if self.sharded:
+                fsdp.check_balancer(self.balancer, monitor=monitor is not None)
+                if self.prec == "16-mixed":
+                    raise ValueError(
+                        "precision='16-mixed' (a GradScaler) is not supported with distributed='fsdp': its skipped "
+                        "steps are not verified to agree across the shards; use precision='bf16' (no scaler) or '32'"
+                    )
             if distributed.rank() != 0:  # one voice: progress, logs and checkpoints from rank 0 only
                 progress, log = False, None
+        elif o.distributed != "auto":
+            raise ValueError(
+                f"distributed={o.distributed!r} needs a torchrun launch with more than one process (WORLD_SIZE > 1); "
+                "run e.g. torchrun --nproc_per_node=2 script.py, or leave distributed='auto'"
+            )
         if o.seed is not None:
             torch.manual_seed(o.seed)
         gen = torch.Generator()
@@ -243,6 +267,8 @@ class _Run:
         self.train_src, self.val_src = self._sources(data, gen)
         self.draws = Draws(self.balancer, self.train_src, o.meta_data, o.batch_size, gen.initial_seed())
         opt = make_optimizer(o.optimizer, net, o.lr, o.weight_decay, self.balancer)
+        if self.sharded:
+            fsdp.check_optimizer(net, opt)
         self.sched = make_scheduler(o.scheduler, opt)
         self.cbs: list[Callback] = [as_callback(c) for c in o.callbacks] + loggers(log)
         self.ckpt: CheckpointDir | None = None
@@ -335,6 +361,7 @@ class _Run:
         return self._result()
 
     def _resume_or_refuse(self) -> None:
+        from ..errors import CheckpointError
         from .state import load_checkpoint
 
         assert self.ckpt is not None
@@ -346,7 +373,16 @@ class _Run:
                 f"{path} holds a checkpoint of an earlier run; pass resume=True to continue it, or choose another "
                 "checkpoint directory (or delete it)"
             )
-        st.load_state_dict(load_checkpoint(path), where=str(path))
+        ck = load_checkpoint(path)
+        name = ck.get("sharded")
+        if self.sharded != (name is not None):
+            raise CheckpointError(
+                f"{path} was written by a run {'with' if name else 'without'} FSDP sharding, and this run is "
+                f"{'' if self.sharded else 'not '}sharded: resume with the same distributed= and launch"
+            )
+        if name is not None:
+            fsdp.load_sharded(self.ckpt.dir / name, st.net, st.optimizer)
+        st.load_state_dict(ck, where=str(path), net_loaded=name is not None)
         if st.stopped_because != "completed":
             st.round = max(st.round, self.o.epochs)
 
@@ -457,8 +493,8 @@ class _Run:
             if tracker is not None:
                 _check_key(tracker.key, row, st.history, "best_on" if tracker is st.best else "stop_on")
                 tracker.maximise = self._maximise(tracker.key)
-        if st.best is not None and st.best.update(row.get(st.best.key, math.nan), r):
-            st.keep_best()
+        if st.best is not None and st.best.update(row.get(st.best.key, math.nan), r) and not self.sharded:
+            st.keep_best()  # under FSDP no copy of the sharded weights is kept: Result.net is the final net
         stopper = st.stopper
         if stopper is not None:
             stopper.update(row.get(stopper.key, math.nan), r)
@@ -472,10 +508,28 @@ class _Run:
         if view.stop_reason is not None:
             st.stopped_because = view.stop_reason
         st.round = r
-        if self.ckpt is not None and distributed.rank() == 0:
-            self.ckpt.save(st.state_dict())
+        if self.ckpt is not None:
+            self._save_checkpoint()
         self.progress.end_round(r, row)
         return view.stop_reason is not None
+
+    def _save_checkpoint(self) -> None:
+        """Rank 0 writes ``checkpoint.pt``; under FSDP every rank first writes its shards of the net and optimizer
+        (:func:`lossport.fsdp.save_sharded`), which ``checkpoint.pt`` names. Under torchrun every rank returns once
+        the checkpoint is complete (a barrier), so that no rank reads a half-replaced pair (e.g. a next run's resume
+        in the same process group)."""
+        st, ckpt = self.state, self.ckpt
+        assert ckpt is not None
+        if not self.sharded:
+            if distributed.rank() == 0:
+                ckpt.save(st.state_dict())
+        else:
+            name = fsdp.save_sharded(ckpt.dir, st.round, st.net, st.optimizer)
+            if distributed.rank() == 0:
+                ckpt.save({**st.state_dict(), "net": None, "optimizer": None, "sharded": name})
+                fsdp.remove_older(ckpt.dir, keep=name)
+        if distributed.is_distributed():
+            torch.distributed.barrier()
 
     def _result(self) -> Result:
         st = self.state
@@ -490,6 +544,8 @@ class _Run:
                 best_net.load_state_dict(st.best_state)
             else:
                 reason += "; Result.net is the final net"
+                if self.sharded:
+                    reason += " (under FSDP the best round's weights are not kept)"
         if not self.part_order and self.objective.compiled:
             self.part_order = self.objective.part_names
         return Result(
@@ -505,6 +561,20 @@ class _Run:
             part_names=list(self.part_order),
             balanced=self.balancer is not None,
         )
+
+
+def _wrap(net: nn.Module, dev: torch.device, o: TrainOptions) -> tuple[nn.Module, bool]:
+    """The model a distributed run steps (DDP, or the net sharded with FSDP2) and whether it is sharded."""
+    sharded = fsdp.is_sharded(net)
+    if o.distributed == "fsdp" or (o.distributed == "auto" and sharded):
+        return fsdp.shard(net, o.fsdp_policy), True
+    if sharded:
+        raise ValueError(
+            "distributed='ddp' but the net is wrapped with fully_shard (FSDP2): use distributed='fsdp' or 'auto'"
+        )
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None), False
 
 
 def _check_key(key: str, row: Mapping[str, float], history: History, what: str) -> None:

@@ -86,12 +86,16 @@ class TrainingState:
             "train_examples": self.train_examples,
         }
 
-    def load_state_dict(self, ck: Mapping[str, Any], where: str = "the checkpoint") -> None:
-        """Restore every piece; a checkpoint of another configuration is a :class:`CheckpointError`."""
+    def load_state_dict(
+        self, ck: Mapping[str, Any], where: str = "the checkpoint", *, net_loaded: bool = False
+    ) -> None:
+        """Restore every piece; a checkpoint of another configuration is a :class:`CheckpointError`.
+        ``net_loaded``: the net and optimizer were already loaded (from sharded files, :mod:`lossport.fsdp`)."""
         self._check_balancer(ck, where)
         try:
-            self.net.load_state_dict(ck["net"])
-            self.optimizer.load_state_dict(ck["optimizer"])
+            if not net_loaded:
+                self.net.load_state_dict(ck["net"])
+                self.optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(
                 f"{where} does not fit this run's net or optimizer ({err}); resume with the same net and optimizer "

@@ -238,9 +238,9 @@ def all_finite(tensors: Sequence[Tensor], *, fused: bool = False) -> bool:
 def _group_finite(group: list[Tensor], fused: bool) -> bool:
     if fused:
         dev = group[0].device
-        found = torch.zeros(1, device=dev)
+        found = torch.zeros((), device=dev)  # 0-dim: no DTensor warning on FSDP gradients
         try:
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=dev))
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones((), device=dev))
             return found.item() == 0
         except (RuntimeError, NotImplementedError):  # no such kernel for this device and dtype
             pass
