@@ -163,23 +163,53 @@ def upgrad(G: Tensor, eps: float = 1e-4) -> Tensor:
     (:func:`~lossport.solvers.box_qp`: block principal pivoting from a shared-factorisation ADMM guess of the
     active sets, usually one exact pivoting step); ``w = sum_i v_i``. As TorchJD, ``G`` is normalised to ``G /
     trace(G) + eps I`` (unlike TorchJD, also when ``trace(G) < 1e-4``: TorchJD then returns the mean). For ``T =
-    2`` and ``eps = 0`` it equals PCGrad with mean reduction. Batched over leading dimensions."""
+    2`` and ``eps = 0`` it equals PCGrad with mean reduction. Batched over leading dimensions. Cold start; see
+    :func:`upgrad_warm` for a start from the previous step's projections."""
+    return upgrad_warm(G, None, eps)[0]
+
+
+def upgrad_warm(G: Tensor, start: Tensor | None = None, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """:func:`upgrad` started from ``start``, the projections ``V`` (rows ``v_i``, ``(*batch, T, T)``) that an
+    earlier call returned, e.g. on the previous training step's Gramian (``None``: cold start). Returns ``(w,
+    V)``. The start only changes the solver's path (the ADMM guess of the active sets starts from it), not the
+    answer: ``w`` equals the cold :func:`upgrad` to the solver's tolerance (each ``v_i`` is the exact solution on
+    its final free set). On Gramians replayed from a training run it halves the time at ``T = 128``
+    (``benchmarks/replay.py``)."""
     G = _gram(G, "upgrad")[0]
     T = G.shape[-1]
     Gn, pos = _normalized_gramian(G, eps)
     U = torch.eye(T, dtype=torch.float64, device=G.device) / T
-    w = box_qp(Gn, None, U.expand((*G.shape[:-2], T, T))).sum(-2)
-    return torch.where(pos[..., None], w, _ones(G) / T)
+    V = box_qp(Gn, None, U.expand((*G.shape[:-2], T, T)), start=_start(start, G.shape, "upgrad_warm"))
+    return torch.where(pos[..., None], V.sum(-2), _ones(G) / T), V
+
+
+def _start(start: Tensor | None, shape: torch.Size, what: str) -> Tensor | None:
+    """``start`` in float64 on the device of the Gramian (of shape ``shape``), checked: its last dimension must
+    be ``T``."""
+    if start is None:
+        return None
+    if start.shape[-1] != shape[-1]:
+        raise ValueError(f"{what}: start has {start.shape[-1]} columns for a Gramian of {shape[-1]} parts")
+    return start.detach().to(torch.float64)
 
 
 def dualproj(G: Tensor, eps: float = 1e-4) -> Tensor:
     """DualProj (Quinton & Rey 2024): the projection of the mean gradient onto the dual cone: ``w = argmin_{v
-    >= 1/T} v^T G v`` (``G`` normalised as in :func:`upgrad`). Batched over leading dimensions."""
+    >= 1/T} v^T G v`` (``G`` normalised as in :func:`upgrad`). Batched over leading dimensions. Cold start; see
+    :func:`dualproj_warm`."""
+    return dualproj_warm(G, None, eps)
+
+
+def dualproj_warm(G: Tensor, start: Tensor | None = None, eps: float = 1e-4) -> Tensor:
+    """:func:`dualproj` with the pivoting started from the free set of ``start`` (``(*batch, T)``, the weights of
+    an earlier call, e.g. on the previous training step's Gramian; ``None``: cold). The start changes the
+    pivoting's path, not the answer."""
     G = _gram(G, "dualproj")[0]
     T = G.shape[-1]
     Gn, pos = _normalized_gramian(G, eps)
     avg = (_ones(G) / T).unsqueeze(-2)
-    w = box_qp(Gn, None, avg).squeeze(-2)
+    s = _start(start, G.shape, "dualproj_warm")
+    w = box_qp(Gn, None, avg, start=None if s is None else s.unsqueeze(-2)).squeeze(-2)
     return torch.where(pos[..., None], w, _ones(G) / T)
 
 
@@ -410,6 +440,7 @@ __all__ = [
     "cagrad",
     "config",
     "dualproj",
+    "dualproj_warm",
     "fairgrad",
     "gradvac",
     "imtl_g",
@@ -417,4 +448,5 @@ __all__ = [
     "nash_mtl",
     "pcgrad",
     "upgrad",
+    "upgrad_warm",
 ]
