@@ -58,9 +58,14 @@ def _face_solve(
     counts = cs.tolist()
     if chunk <= 0:  # about 1 MB of matrices per chunk
         chunk = max(8, min(32, 2**17 // max(1, counts[-1] ** 2)))
-    # per (sorted) problem: its free variables (in index order), then the dummy
-    perm = torch.argsort(F[idx].to(torch.int8), dim=-1, descending=True, stable=True)
-    perm = torch.where(torch.arange(n, device=F.device) < cs[:, None], perm, n)
+    # per (sorted) problem: its free variables (in index order), then the dummy: free variable j goes to column
+    # (its rank among the free ones), the others to a spare column n that is dropped (a scatter: 3x faster than a
+    # stable argsort of the mask at n = 128)
+    Fs = F[idx]
+    perm = torch.full((b, N), n, dtype=torch.long, device=F.device)
+    ar = torch.arange(n, device=F.device)
+    perm.scatter_(-1, torch.where(Fs, Fs.cumsum(-1) - 1, n), ar.expand(b, n))
+    perm = perm[:, :n]
     ncs = nca[idx]
     pads = pad if isinstance(pad, float) else pad[idx]
     gis = None if gi is None else gi[idx] * N
