@@ -6,7 +6,8 @@ tolerance warns with the residual (``SolverWarning``); it never falls back silen
 
 * :func:`box_qp`: ``min 1/2 v^T G v + q^T v  s.t.  v >= lower``, many right-hand sides at once (UPGrad's ``T``
   dual-cone projections, DualProj, MGDA), by block principal pivoting, started from a float32 ADMM guess of
-  the active sets when there are many problems per matrix.
+  the active sets when there are many problems per matrix, itself started from the solution of nearby problems
+  when one is given (``start``: the previous training step's, a warm start).
 * :func:`min_norm_simplex`: MGDA's min-norm point of the convex hull (closed form for ``T = 2``).
 * :func:`newton_positive`: the positive root of ``G x = x^(-p)`` (Nash-MTL, FairGrad).
 * :func:`simplex_minimize`: a smooth convex function on the simplex (CAGrad's dual problem).
