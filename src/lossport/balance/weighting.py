@@ -173,24 +173,23 @@ def upgrad_warm(G: Tensor, start: Tensor | None = None, eps: float = 1e-4) -> tu
     earlier call returned, e.g. on the previous training step's Gramian (``None``: cold start). Returns ``(w,
     V)``. The start only changes the solver's path (the ADMM guess of the active sets starts from it), not the
     answer: ``w`` equals the cold :func:`upgrad` to the solver's tolerance (each ``v_i`` is the exact solution on
-    its final free set). On Gramians replayed from a training run it halves the time at ``T = 128``
-    (``benchmarks/replay.py``)."""
+    its final free set). On Gramians replayed from a training run it halves the ADMM steps, which saves 10-15%
+    of the time at ``T = 128`` and nothing measurable at ``T <= 64`` (``benchmarks/replay.py``, docs/scaling.md)."""
     G = _gram(G, "upgrad")[0]
     T = G.shape[-1]
     Gn, pos = _normalized_gramian(G, eps)
     U = torch.eye(T, dtype=torch.float64, device=G.device) / T
-    V = box_qp(Gn, None, U.expand((*G.shape[:-2], T, T)), start=_start(start, G.shape, "upgrad_warm"))
+    V = box_qp(Gn, None, U.expand((*G.shape[:-2], T, T)), start=_start(start, G, "upgrad_warm"))
     return torch.where(pos[..., None], V.sum(-2), _ones(G) / T), V
 
 
-def _start(start: Tensor | None, shape: torch.Size, what: str) -> Tensor | None:
-    """``start`` in float64 on the device of the Gramian (of shape ``shape``), checked: its last dimension must
-    be ``T``."""
+def _start(start: Tensor | None, G: Tensor, what: str) -> Tensor | None:
+    """``start`` in float64 on the device of the Gramian ``G``, checked: its last dimension must be ``T``."""
     if start is None:
         return None
-    if start.shape[-1] != shape[-1]:
-        raise ValueError(f"{what}: start has {start.shape[-1]} columns for a Gramian of {shape[-1]} parts")
-    return start.detach().to(torch.float64)
+    if start.shape[-1] != G.shape[-1]:
+        raise ValueError(f"{what}: start has {start.shape[-1]} columns for a Gramian of {G.shape[-1]} parts")
+    return start.detach().to(G.device, torch.float64)
 
 
 def dualproj(G: Tensor, eps: float = 1e-4) -> Tensor:
@@ -208,7 +207,7 @@ def dualproj_warm(G: Tensor, start: Tensor | None = None, eps: float = 1e-4) -> 
     T = G.shape[-1]
     Gn, pos = _normalized_gramian(G, eps)
     avg = (_ones(G) / T).unsqueeze(-2)
-    s = _start(start, G.shape, "dualproj_warm")
+    s = _start(start, G, "dualproj_warm")
     w = box_qp(Gn, None, avg, start=None if s is None else s.unsqueeze(-2)).squeeze(-2)
     return torch.where(pos[..., None], w, _ones(G) / T)
 
