@@ -270,3 +270,29 @@ def test_upgrad_state_without_warm_start_loads_and_solves_cold():
     assert bal._start is None and bal._start_names == []
     with pytest.raises(ValueError, match="DualProj's"):
         bal.load_state_dict(lossport.balance.DualProj().state_dict())
+
+
+def test_upgrad_starts_each_step_from_the_previous_projections_of_the_same_parts(monkeypatch):
+    """The balancer hands the solver the previous step's projections when the parts are the same, none when they
+    differ."""
+    from lossport.balance import weighting
+
+    starts = []
+    real = weighting.box_qp
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("start"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weighting, "box_qp", spy)
+    spec = {f"t{i}": "mse" for i in range(18)}
+    bal = lossport.balance.UPGrad()
+    obj = lossport.Objective(spec, balance=bal)
+    net = ManyHeads()
+    obj(net, many_batch(0))
+    first = bal._start.clone()
+    obj(net, many_batch(1))
+    assert starts[0] is None and torch.equal(starts[1], first)
+    bal._start_names = [*bal._start_names[:-1], "other"]  # the previous step weighed other parts
+    obj(net, many_batch(2))
+    assert starts[2] is None and bal._start_names == list(spec)
