@@ -173,7 +173,7 @@ def upgrad_warm(G: Tensor, start: Tensor | None = None, eps: float = 1e-4) -> tu
     earlier call returned, e.g. on the previous training step's Gramian (``None``: cold start). Returns ``(w,
     V)``. The start only changes the solver's path (the ADMM guess of the active sets starts from it), not the
     answer: ``w`` equals the cold :func:`upgrad` to the solver's tolerance (each ``v_i`` is the exact solution on
-    its final free set). On Gramians replayed from a training run it halves the ADMM steps, which saves 10-15%
+    its final free set). On Gramians replayed from a training run it halves the ADMM steps, which saves 8-15%
     of the time at ``T = 128`` and nothing measurable at ``T <= 64`` (``benchmarks/replay.py``, docs/scaling.md)."""
     G = _gram(G, "upgrad")[0]
     T = G.shape[-1]
