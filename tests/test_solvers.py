@@ -151,6 +151,45 @@ def test_box_qp_started_from_a_previous_solution_gives_the_exact_answer(n, r, sp
         prev = started
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), r=st.integers(1, 12), seed=st.integers(0, 10_000), k=st.integers(1, 6))
+def test_box_qp_from_any_start_meets_the_kkt_conditions(n, r, seed, k):
+    """Random problems (those of the cold test above) started from random vectors (negative, large, zero
+    entries), with and without ADMM."""
+    G = gram(n, min(r, n), seed, spread=1.0) + 1e-6 * torch.eye(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 2)
+    lower = torch.randn(k, n, generator=g, dtype=torch.float64)
+    q = torch.randn(k, n, generator=g, dtype=torch.float64)
+    start = torch.randn(k, n, generator=g, dtype=torch.float64) * 10.0 ** float(seed % 5 - 2)
+    for warm in (None, 0, 30):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)
+            v = box_qp(G, q, lower, warm=warm, start=start)
+        for i in range(k):
+            assert_box_kkt(G, q[i], lower[i], v[i])
+
+
+def test_box_qp_solves_again_from_the_cold_start_what_a_start_does_not_finish():
+    """A condition number of 1e9 and a random start: one problem needs more than 100 pivoting steps from the
+    start (Murty's one-variable steps); box_qp solves the batch again from the cold start, which converges."""
+    n, k = 15, 3
+    G = gram(n, 7, 1, spread=1.0) + 1e-6 * torch.eye(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    lower = torch.randn(k, n, generator=g, dtype=torch.float64)
+    q = torch.randn(k, n, generator=g, dtype=torch.float64)
+    start = torch.randn(k, n, generator=g, dtype=torch.float64) / 10
+    from lossport.solvers import _lcp_bpp
+
+    c = (lower @ G + q)[None]
+    x0 = (start - lower).clamp_min(0)[None]
+    assert not bool(_lcp_bpp(G[None], c, 1e-10, 100, x0 > 0)[2].all())  # from the start alone: not finished
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        v = box_qp(G, q, lower, warm=0, start=start)
+    for i in range(k):
+        assert_box_kkt(G, q[i], lower[i], v[i])
+
+
 def test_box_qp_start_far_from_the_answer_and_wrong_shape():
     """A start from unrelated problems still ends at the exact answer; a start of the wrong shape is refused."""
     G = gram(24, 24, 3) / gram(24, 24, 3).trace() + 1e-4 * torch.eye(24, dtype=torch.float64)

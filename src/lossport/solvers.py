@@ -249,7 +249,9 @@ def box_qp(
     least 4 problems per matrix and ``n >= 16`` (UPGrad: then usually one exact pivoting step), else 0 (cold
     start). ``start``: a solution of nearby problems, shaped as ``lower`` (the previous training step's, for a
     warm start): the ADMM steps start from it (see :func:`_admm_support`), or, without them, the pivoting starts
-    from its free set ``start > lower``. The guess and the start only change the path, not the answer (the
+    from its free set ``start > lower``; if some problem has not converged from there after ``max_iter``
+    pivoting steps (a start far from the answer can leave the pivoting to Murty's one-variable steps), all
+    are solved again from the cold start. The guess and the start only change the path, not the answer (the
     last pivoting step solves the final free set exactly). Warns (``SolverWarning``) with the KKT residual if
     some problem has not converged after ``max_iter`` pivoting steps."""
     G = G.to(torch.float64)
@@ -276,6 +278,8 @@ def box_qp(
         x0 = (start.to(torch.float64).expand((*batch, k, n)).reshape(-1, k, n) - low).clamp_min_(0)
     F0 = _admm_support(Gb, c, warm, x0=x0) if warm > 0 else None if x0 is None else x0 > 0
     x, y, ok = _lcp_bpp(Gb, c, tol, max_iter, F0)
+    if x0 is not None and not bool(ok.all()):  # a start the pivoting did not finish from: again from the cold start
+        x, y, ok = _lcp_bpp(Gb, c, tol, max_iter, _admm_support(Gb, c, warm) if warm > 0 else None)
     if not bool(ok.all()):
         res = kkt_residual(x, y)
         warnings.warn(
