@@ -28,12 +28,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 from lossport.balance import UPGrad
 from lossport.balance import weighting as W
+from lossport.result_types import Losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/many_tasks.py, also when loaded by path
 from many_tasks import Model
@@ -49,13 +52,13 @@ except ImportError:  # pragma: no cover
 class Recording(UPGrad):
     """lossport's UPGrad balancer that keeps a float64 copy of every Gramian it weighs."""
 
-    def __init__(self, **engine: object) -> None:
-        super().__init__(**engine)  # type: ignore[arg-type]
+    def __init__(self, **engine: Any) -> None:
+        super().__init__(**engine)
         self.gramians: list[torch.Tensor] = []
 
-    def weigh(self, G: torch.Tensor, losses: object) -> torch.Tensor:
+    def weigh(self, G: torch.Tensor, losses: Losses) -> torch.Tensor:
         self.gramians.append(G.detach().to(torch.float64).clone())
-        return super().weigh(G, losses)  # type: ignore[arg-type]
+        return super().weigh(G, losses)
 
 
 def record(m: int, steps: int, mode: str = "features", lr: float = 0.01, seed: int = 0) -> list[torch.Tensor]:
@@ -91,9 +94,13 @@ class Times:
         return statistics.median(self.cpu) * 1e3
 
 
-def timed(fn: object, *args: object) -> tuple[object, float, float]:
+R = TypeVar("R")
+
+
+def timed(fn: Callable[..., R], *args: Any) -> tuple[R, float, float]:
+    """``fn(*args)``, its wall-clock and its CPU seconds."""
     t0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args)  # type: ignore[operator]
+    out = fn(*args)
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -101,14 +108,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def replay(gramians: list[torch.Tensor], every: int) -> dict[str, object]:
+def replay(gramians: list[torch.Tensor], every: int) -> dict[str, Any]:
     """Time the warm steps over the whole sequence and, every ``every`` steps, cold lossport and TorchJD."""
     warm, warm_sub, cold, tj = Times(), Times(), Times(), Times()
     diff_tj = diff_cold = 0.0
-    V = None
+    V: torch.Tensor | None = None
     W.upgrad(gramians[0])  # one untimed call (first-call costs of the torch ops)
     for i, G in enumerate(gramians):
-        (w, V), t, c = timed(W.upgrad_warm, G, V)  # type: ignore[misc]
+        (w, V), t, c = timed(W.upgrad_warm, G, V)
         if i == 0:  # the first step has nothing to start from: cold
             continue
         warm.add(t, c)
@@ -117,11 +124,11 @@ def replay(gramians: list[torch.Tensor], every: int) -> dict[str, object]:
         warm_sub.add(t, c)
         wc, t, c = timed(W.upgrad, G)
         cold.add(t, c)
-        diff_cold = max(diff_cold, rel(w, wc))  # type: ignore[arg-type]
+        diff_cold = max(diff_cold, rel(w, wc))
         if HAVE_TORCHJD:
             ref, t, c = timed(UPGradWeighting(), G)
             tj.add(t, c)
-            diff_tj = max(diff_tj, rel(w, ref))  # type: ignore[arg-type]
+            diff_tj = max(diff_tj, rel(w, ref))
     return {"warm": warm, "warm_sub": warm_sub, "cold": cold, "torchjd": tj, "diff_tj": diff_tj, "diff_cold": diff_cold}
 
 
@@ -152,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
         rec = time.perf_counter() - t0
         r = replay(gramians, args.every)
         warm, sub, cold, tj = r["warm"], r["warm_sub"], r["cold"], r["torchjd"]
-        assert isinstance(warm, Times) and isinstance(sub, Times) and isinstance(cold, Times) and isinstance(tj, Times)
         line = (
             f"{m:>4} {warm.median_ms():>8.2f} {warm.p90_ms():>6.1f} {warm.cpu_ms():>6.2f} {cold.median_ms():>8.2f} "
             f"{cold.cpu_ms():>6.2f}"
