@@ -194,21 +194,12 @@ def _start(start: Tensor | None, G: Tensor, what: str) -> Tensor | None:
 
 def dualproj(G: Tensor, eps: float = 1e-4) -> Tensor:
     """DualProj (Quinton & Rey 2024): the projection of the mean gradient onto the dual cone: ``w = argmin_{v
-    >= 1/T} v^T G v`` (``G`` normalised as in :func:`upgrad`). Batched over leading dimensions. Cold start; see
-    :func:`dualproj_warm`."""
-    return dualproj_warm(G, None, eps)
-
-
-def dualproj_warm(G: Tensor, start: Tensor | None = None, eps: float = 1e-4) -> Tensor:
-    """:func:`dualproj` with the pivoting started from the free set of ``start`` (``(*batch, T)``, the weights of
-    an earlier call, e.g. on the previous training step's Gramian; ``None``: cold). The start changes the
-    pivoting's path, not the answer."""
+    >= 1/T} v^T G v`` (``G`` normalised as in :func:`upgrad`). Batched over leading dimensions."""
     G = _gram(G, "dualproj")[0]
     T = G.shape[-1]
     Gn, pos = _normalized_gramian(G, eps)
     avg = (_ones(G) / T).unsqueeze(-2)
-    s = _start(start, G, "dualproj_warm")
-    w = box_qp(Gn, None, avg, start=None if s is None else s.unsqueeze(-2)).squeeze(-2)
+    w = box_qp(Gn, None, avg).squeeze(-2)
     return torch.where(pos[..., None], w, _ones(G) / T)
 
 
@@ -439,7 +430,6 @@ __all__ = [
     "cagrad",
     "config",
     "dualproj",
-    "dualproj_warm",
     "fairgrad",
     "gradvac",
     "imtl_g",
