@@ -4,7 +4,8 @@ UPGrad at m = 32, 64, 128 on random PSD Gramians (``G = J J^T``, ``J`` an ``m x 
 normal matrix, float64), lossport's ``weighting.upgrad`` against TorchJD's ``UPGradWeighting`` (quadprog, one
 QP per row), interleaved in one process on one thread; also MGDA (lossport exact vs TorchJD's Frank-Wolfe) and
 Nash-MTL / FairGrad (lossport's Newton; TorchJD's FairGrad uses scipy's least_squares; its Nash-MTL needs
-cvxpy + ECOS, not installed). Goal: UPGrad at most 5 ms at m = 64 and 20 ms at m = 128.
+cvxpy + ECOS, not installed). Goal: UPGrad at most 5 ms at m = 64 and 20 ms at m = 128 (issue 16 measures it on
+warm steps of a training run: ``benchmarks/replay.py``; here every call is cold, on one fixed matrix).
 
     .venv/bin/python benchmarks/weighting.py            # ~1 minute
     .venv/bin/python benchmarks/weighting.py --quick    # ~15 s

@@ -195,3 +195,103 @@ def test_a_non_finite_gradient_leaves_the_state_unchanged(name):
             assert torch.equal(after[k], before[k])
         else:
             assert after[k] == before[k]
+
+
+class ManyHeads(nn.Module):
+    """18 one-output heads on a shared trunk: enough parts for the UPGrad solver's ADMM start (n >= 16)."""
+
+    def __init__(self, T=18):
+        super().__init__()
+        torch.manual_seed(1)
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {f"t{i}": head(h) for i, head in enumerate(self.heads)}
+
+
+def many_batch(step, T=18):
+    g = torch.Generator().manual_seed(step % 4)
+    x = torch.randn(16, 4, generator=g)
+    mix = torch.randn(4, T, generator=torch.Generator().manual_seed(99))
+    y = torch.tanh(x @ mix) + 0.3 * torch.randn(16, T, generator=g)
+    return {"x": x, **{f"t{i}": y[:, i : i + 1] for i in range(T)}}
+
+
+def test_warm_started_upgrad_resumes_bit_identically(tmp_path):
+    """The solver's warm start (the previous step's projections) is declared state: a run stopped after 4 steps
+    and resumed from saved net, optimizer and balancer state gives exactly the weights of the uninterrupted run;
+    every step's weights equal the cold solve's to solver tolerance."""
+    spec = {f"t{i}": "mse" for i in range(18)}
+
+    def setup():
+        net = ManyHeads()
+        bal = lossport.balance.UPGrad()
+        return net, bal, lossport.Objective(spec, balance=bal), torch.optim.SGD(net.parameters(), lr=0.2)
+
+    def step(net, bal, obj, opt, s):
+        losses = obj(net, many_batch(s))
+        losses.total.backward()
+        opt.step()
+        opt.zero_grad()
+        return torch.stack([torch.as_tensor(losses.weights[k]) for k in spec])
+
+    net, bal, obj, opt = setup()
+    full = []
+    for s in range(8):
+        full.append(step(net, bal, obj, opt, s))
+        if s == 3:
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "bal": bal.state_dict()}, tmp_path / "ck.pt")
+    assert bal.state_dict()["start"] is not None and bal.state_dict()["start_names"] == list(spec)
+    net2, bal2, obj2, opt2 = setup()
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    net2.load_state_dict(ck["net"])
+    opt2.load_state_dict(ck["opt"])
+    bal2.load_state_dict(ck["bal"])
+    for s in range(4, 8):
+        assert torch.equal(step(net2, bal2, obj2, opt2, s), full[s])
+    # a cold balancer (no start) on the same net and batch: the same weights to solver tolerance
+    cold_bal = lossport.balance.UPGrad()
+    losses = lossport.Objective(spec, balance=cold_bal)(net2, many_batch(8))
+    warm_losses = obj2(net2, many_batch(8))
+    wc = torch.stack([torch.as_tensor(losses.weights[k]) for k in spec])
+    ww = torch.stack([torch.as_tensor(warm_losses.weights[k]) for k in spec])
+    assert torch.allclose(wc, ww, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(full[3], full[4])  # the weights do move along the run
+
+
+def test_upgrad_state_without_warm_start_loads_and_solves_cold():
+    """A checkpoint written before the warm start (no 'start' entry) loads; the next step starts cold."""
+    bal = lossport.balance.UPGrad()
+    old = {k: v for k, v in bal.state_dict().items() if not k.startswith("start")}
+    bal.load_state_dict(old)
+    assert bal._start is None and bal._start_names == []
+    with pytest.raises(ValueError, match="DualProj's"):
+        bal.load_state_dict(lossport.balance.DualProj().state_dict())
+
+
+def test_upgrad_starts_each_step_from_the_previous_projections_of_the_same_parts(monkeypatch):
+    """The balancer hands the solver the previous step's projections when the parts are the same, none when they
+    differ."""
+    from lossport.balance import weighting
+
+    starts = []
+    real = weighting.box_qp
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("start"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weighting, "box_qp", spy)
+    spec = {f"t{i}": "mse" for i in range(18)}
+    bal = lossport.balance.UPGrad()
+    obj = lossport.Objective(spec, balance=bal)
+    net = ManyHeads()
+    obj(net, many_batch(0))
+    first = bal._start.clone()
+    obj(net, many_batch(1))
+    assert starts[0] is None and torch.equal(starts[1], first)
+    bal._start_names = [*bal._start_names[:-1], "other"]  # the previous step weighed other parts
+    obj(net, many_batch(2))
+    assert starts[2] is None and bal._start_names == list(spec)

@@ -119,6 +119,102 @@ def test_box_qp_admm_start_batched_and_with_linear_term():
             assert_box_kkt(Gr, q[b, i], lower[b, i], V[b, i])
 
 
+def drift(G, seed, size):
+    """``G`` moved as a training step moves a Gramian: ``(I + size E) G (I + size E)^T``, ``E`` standard normal."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.eye(G.shape[0], dtype=torch.float64) + size * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    return E @ G @ E.T
+
+
+@pytest.mark.parametrize(
+    "n,r,spread,ridge", [(40, 40, 1.0, 1e-4), (48, 48, 4.0, 1e-4), (40, 10, 2.0, 1e-4), (32, 8, 2.0, 0.0)]
+)
+@pytest.mark.parametrize("warm", [None, 0])
+def test_box_qp_started_from_a_previous_solution_gives_the_exact_answer(n, r, spread, ridge, warm):
+    """A start from the solution of nearby problems (the previous training step's), with ADMM (``warm=None``) or
+    straight into the pivoting (``warm=0``), on full-rank, ill-conditioned, rank-deficient and singular
+    matrices: the same KKT point as the cold start, along a sequence of drifting matrices."""
+    lower = torch.eye(n, dtype=torch.float64) / n
+    G = gram(n, r, n + r, spread)
+    prev = None
+    for step in range(4):
+        G = drift(G, step, 0.05)
+        Gn = G / G.trace() + ridge * torch.eye(n, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)
+            cold = box_qp(Gn, None, lower, warm=0)
+            started = box_qp(Gn, None, lower, warm=warm, start=prev)
+        for i in range(n):
+            assert_box_kkt(Gn, None, lower[i], started[i], tol=1e-8)
+        if ridge > 0:  # unique solution
+            assert torch.allclose(started, cold, rtol=1e-9, atol=1e-12)
+        prev = started
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), r=st.integers(1, 12), seed=st.integers(0, 10_000), k=st.integers(1, 6))
+def test_box_qp_from_any_start_meets_the_kkt_conditions(n, r, seed, k):
+    """Random problems (those of the cold test above) started from random vectors (negative, large, zero
+    entries), with and without ADMM."""
+    G = gram(n, min(r, n), seed, spread=1.0) + 1e-6 * torch.eye(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 2)
+    lower = torch.randn(k, n, generator=g, dtype=torch.float64)
+    q = torch.randn(k, n, generator=g, dtype=torch.float64)
+    start = torch.randn(k, n, generator=g, dtype=torch.float64) * 10.0 ** float(seed % 5 - 2)
+    for warm in (None, 0, 30):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)
+            v = box_qp(G, q, lower, warm=warm, start=start)
+        for i in range(k):
+            assert_box_kkt(G, q[i], lower[i], v[i])
+
+
+def test_box_qp_solves_again_from_the_cold_start_what_a_start_does_not_finish():
+    """A condition number of 1e9 and a random start: one problem needs more than 100 pivoting steps from the
+    start (Murty's one-variable steps); box_qp solves the batch again from the cold start, which converges."""
+    n, k = 15, 3
+    G = gram(n, 7, 1, spread=1.0) + 1e-6 * torch.eye(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    lower = torch.randn(k, n, generator=g, dtype=torch.float64)
+    q = torch.randn(k, n, generator=g, dtype=torch.float64)
+    start = torch.randn(k, n, generator=g, dtype=torch.float64) / 10
+    from lossport.solvers import _lcp_bpp
+
+    c = (lower @ G + q)[None]
+    x0 = (start - lower).clamp_min(0)[None]
+    assert not bool(_lcp_bpp(G[None], c, 1e-10, 100, x0 > 0)[2].all())  # from the start alone: not finished
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        v = box_qp(G, q, lower, warm=0, start=start)
+    for i in range(k):
+        assert_box_kkt(G, q[i], lower[i], v[i])
+
+
+def test_box_qp_start_far_from_the_answer_and_wrong_shape():
+    """A start from unrelated problems still ends at the exact answer; a start of the wrong shape is refused."""
+    G = gram(24, 24, 3) / gram(24, 24, 3).trace() + 1e-4 * torch.eye(24, dtype=torch.float64)
+    lower = torch.eye(24, dtype=torch.float64) / 24
+    other = box_qp(gram(24, 5, 9) / gram(24, 5, 9).trace() + 1e-4 * torch.eye(24, dtype=torch.float64), None, lower)
+    for start in (other, torch.full((24, 24), 5.0, dtype=torch.float64), -other):
+        assert torch.allclose(
+            box_qp(G, None, lower, start=start), box_qp(G, None, lower, warm=0), rtol=1e-9, atol=1e-12
+        )
+    with pytest.raises(ValueError, match="start must be shaped as lower"):
+        box_qp(G, None, lower, start=other[:3])
+
+
+def test_admm_from_the_solution_is_at_its_fixed_point():
+    """Started from the exact solution, ADMM's first step stays at its fixed point: its support is the solution's
+    free set (``w = x - y / rho`` is a fixed point of the Peaceman-Rachford step)."""
+    from lossport.solvers import _admm_support, _lcp_bpp
+
+    G = (gram(30, 30, 4, spread=1.0) / 30)[None]
+    c = (torch.eye(30, dtype=torch.float64) / 30 @ G[0])[None]
+    x, _, ok = _lcp_bpp(G, c, 1e-12, 50)
+    assert bool(ok.all()) and bool((x > 0).any())
+    assert torch.equal(_admm_support(G, c, 3, x0=x), x > 0)
+
+
 def test_admm_start_falls_back_to_the_cold_start_when_the_matrix_is_not_psd():
     from lossport.solvers import _admm_support
 

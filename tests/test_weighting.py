@@ -76,6 +76,31 @@ def test_upgrad_many_parts_against_torchjd(T, r, spread):
     assert rel(W.dualproj(G), DualProjWeighting()(G)) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "T,r,spread", [(8, 8, 2.0), (10, 4, 2.0), (7, 7, 5.0), (48, 48, 1.0), (64, 16, 2.0), (40, 40, 5.0)]
+)
+def test_warm_started_upgrad_along_a_run_equals_torchjd_and_the_cold_solve(T, r, spread):
+    """Along a sequence of drifting Gramians (a training run's), each step started from the previous step's
+    projections: TorchJD's weights to 1e-5 and the cold solve's to 1e-9 (full rank, rank-deficient,
+    ill-conditioned)."""
+    J = jac(T, r, T + r, spread) * 3.0
+    g = torch.Generator().manual_seed(T)
+    V = None
+    for _ in range(5):
+        J = J + 0.05 * J.abs().mean() * torch.randn(J.shape, generator=g, dtype=torch.float64)
+        G = J @ J.T
+        w, V = W.upgrad_warm(G, V)
+        assert rel(w, UPGradWeighting()(G)) < 1e-5
+        assert rel(w, W.upgrad(G)) < 1e-9
+        assert torch.allclose(V.sum(0), w)
+
+
+def test_warm_start_of_the_wrong_size_is_refused():
+    G = gram(5, 5, 0)
+    with pytest.raises(ValueError, match="upgrad_warm: start has 4 columns for a Gramian of 5 parts"):
+        W.upgrad_warm(G, torch.zeros(4, 4, dtype=torch.float64))
+
+
 def orders_like_torchjd_pcgrad(T, seed):
     torch.manual_seed(seed)
     return [[j for j in torch.randperm(T).tolist() if j != i] for i in range(T)]
