@@ -580,7 +580,7 @@ def _linear_heads(parts: Sequence[Tensor], live: list[int], z: Tensor) -> dict[i
     owner: dict[int, int] = {}  # node above z -> the live index of the part reaching it
     z_edges: dict[int, list[tuple[object, int]]] = {}  # live index -> [(node, input slot)] pointing at z's node
     for i, t in enumerate(live):
-        root = parts[t].grad_fn
+        root: Any = parts[t].grad_fn
         if id(root) == zid:
             return None  # a part computed from z by no op of its own
         stack = [root]
@@ -592,7 +592,7 @@ def _linear_heads(parts: Sequence[Tensor], live: list[int], z: Tensor) -> dict[i
             if o is not None:
                 return None  # two parts meet above z
             owner[id(node)] = i
-            for slot, (nxt, nr) in enumerate(node.next_functions):  # type: ignore[union-attr]
+            for slot, (nxt, nr) in enumerate(node.next_functions):
                 if nxt is None:
                     continue
                 if id(nxt) == zid:
@@ -605,13 +605,13 @@ def _linear_heads(parts: Sequence[Tensor], live: list[int], z: Tensor) -> dict[i
     for i, found in z_edges.items():
         if len(found) != 1:
             return None
-        node, slot = found[0]
-        name = type(node).__name__
-        if slot != {"AddmmBackward0": 1, "MmBackward0": 0}.get(name):
+        head: Any = found[0][0]
+        name = type(head).__name__
+        if found[0][1] != {"AddmmBackward0": 1, "MmBackward0": 0}.get(name):
             return None
-        if name == "AddmmBackward0" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[attr-defined]
+        if name == "AddmmBackward0" and (head._saved_alpha != 1 or head._saved_beta != 1):
             return None
-        heads[i] = node
+        heads[i] = head
     return heads or None
 
 
