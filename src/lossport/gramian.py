@@ -549,10 +549,11 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     if heads is None:
         return None
     order = sorted(heads)
+    outs = [parts[live[i]] for i in order]  # one backward from every part at once (no chain of additions)
     E = _grad(
-        [parts[live[i]] for i in order],
+        outs,
         [GradientEdge(heads[i], 0) for i in order],  # type: ignore[arg-type]
-        grad_outputs=[torch.ones_like(parts[live[i]]) for i in order],
+        grad_outputs=[torch.ones_like(p) for p in outs],
         retain_graph=True,
     )
     V = [heads[i]._saved_mat2.detach() for i in order]  # type: ignore[attr-defined]  # width x o_t: Y_t = z @ V
