@@ -86,7 +86,7 @@ def test_sketch_is_unbiased_and_its_error_shrinks_as_one_over_root_d():
 
 def test_sketched_balancer_weighs_the_sketched_gramian_and_resumes_bit_identical():
     net = Net()
-    a = UPGrad(sketch=16, approx_seed=5)
+    a = UPGrad(sketch=16, approx_seed=5)  # 16 directions for 6 parts
     first = a(losses_of(net, 0)).weights
     state = a.state_dict()
     assert "approx_rng" in state
@@ -211,6 +211,13 @@ def test_subset_with_every_reuses_the_zero_and_scaled_weights():
 def test_bad_approximation_values_name_the_option(kw, match):
     with pytest.raises(ValueError, match=match):
         UPGrad(**kw)
+
+
+def test_a_sketch_below_the_number_of_parts_is_refused_at_the_step():
+    bal = UPGrad(sketch=4)
+    with pytest.raises(ValueError, match=r"sketch=4 is below the 6 parts .* rank at most 4"):
+        bal(losses_of(Net(T=6)))
+    assert bal.state_dict()["calls"] == 0  # the failed call counts nothing
 
 
 def test_methods_that_need_the_gradients_refuse_the_approximations():

@@ -28,8 +28,13 @@ each part's gradient where the heads meet the trunk (:func:`lossport.gramian._sp
 directional derivatives of those frontier tensors along ``S`` are double-backward passes through the trunk
 (``(dz/dtheta) s = d/dU <(dz/dtheta)^T U, s>``), batched into one where ``vmap`` can run them. Cost: about
 ``d`` double-backward passes of the trunk (instead of ``T`` backward passes), ``d P`` random signs per
-computation and ``T d`` products per frontier entry; memory ``d x P`` for ``S``. Worth it only when ``T`` is
-several times ``d``; it needs every op of the trunk to be twice differentiable.
+computation and ``T d`` products per frontier entry; memory ``d x P`` for ``S``; every op of the trunk must be
+twice differentiable. **Measured (docs/scaling.md): not worth it for the min-norm weightings.** ``G~`` has rank
+at most ``d``: with ``d < T`` UPGrad and MGDA find combinations of the parts of (nearly) zero sketched norm and
+their weights blow up (UPGrad at ``T = 128``, ``d = 64``: weights up to 86, the update 6.5x off), so the
+balancers refuse ``sketch < T``; with ``d >= T`` the ``d`` double-backward passes cost more than the exact
+Gramian's ``T`` batched backward passes, and the error stays larger than that of the plain sum's update until
+``d ~ 8 T``. Kept for Gramians that are read for their entries (cosines, norms), where the error above holds.
 """
 
 from __future__ import annotations

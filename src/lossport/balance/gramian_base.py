@@ -78,7 +78,8 @@ class GramianBalancer(Balancer):
     :param subset: approximation (:mod:`lossport.balance.approx`): weigh a random subset of ``subset`` parts at
         each computation (weights ``T / k`` times the method's on it, ``0`` for the others); ``None``: exact.
     :param sketch: approximation, ``gramian="params"`` only: the Gramian of the gradients projected on
-        ``sketch`` random Gaussian directions (unbiased, relative error ``~ 1 / sqrt(sketch)``); ``None``: exact.
+        ``sketch`` random sign directions (unbiased, a cosine's error ``~ sqrt((1 + cos^2) / sketch)``); at least
+        the number of parts (a smaller sketch is singular: an error); ``None``: exact.
     :param approx_seed: seed of the host generator of ``subset`` and ``sketch`` (its state is in
         :meth:`state_dict`).
     """
@@ -240,6 +241,13 @@ class GramianBalancer(Balancer):
             return distributed.all_reduce_gramian(feature_gramian(parts, self.representation(losses)))
         params = self.shared(losses)
         if self.sketch is not None:  # J S, T x sketch: all-reduced like J (the same S on every rank)
+            if self.sketch < len(parts):
+                raise ValueError(
+                    f"{type(self).__name__}: sketch={self.sketch} is below the {len(parts)} parts of this batch: the "
+                    f"sketched Gramian has rank at most {self.sketch}, and the weighting then finds combinations of "
+                    "the parts that it sees as zero (measured for UPGrad at T = 128, sketch=64: weights up to 86, "
+                    "update error 6.5x, docs/scaling.md); give sketch= at least the number of parts, or use subset="
+                )
             JS = distributed.all_reduce_jacobian(sketch_jacobian(parts, params, self.sketch, self._approx_rng))
             JS = JS.to(torch.float64)
             return JS @ JS.T
