@@ -272,8 +272,9 @@ def approx_errors(T: int, draws: int = 8) -> dict[str, dict[str, float]]:
             t0 = time.perf_counter()
             if k > 0:
                 idx = torch.tensor(subset_indices(T, k, gen))
-                w = torch.zeros(T, dtype=torch.float64)
-                w[idx] = T * W.upgrad(G[idx][:, idx])  # k * upgrad * (T / k): the balancer's scaling
+                wk = k * W.upgrad(G[idx][:, idx])  # the balancer's weights on the drawn parts
+                w = torch.full((T,), float(wk.mean()), dtype=torch.float64)  # their mean for the others
+                w[idx] = wk
             else:
                 JS = sketch_jacobian(parts, params, -k, gen).to(torch.float64)
                 w = T * W.upgrad(JS @ JS.T)

@@ -33,8 +33,9 @@ Diagnostics of the last computation are in ``info``: ``norm/<part>`` (``sqrt(G_i
 itself is ``last_gramian`` (every pairwise cosine, on demand).
 
 Approximations for many parts (opt-in, :mod:`lossport.balance.approx`): ``subset=k`` weighs a random subset
-of ``k`` parts per computation, ``sketch=d`` (``params`` mode) sketches the gradients to ``d`` random
-directions; both draw from a seeded host generator kept in the state.
+of ``k`` parts per computation (the others get the subset's mean weight), ``sketch=d`` (``params`` mode, ``d``
+at least the number of parts) sketches the gradients to ``d`` random directions; both draw from a seeded host
+generator kept in the state.
 
 Under ``torchrun`` (:mod:`lossport.distributed`) the Gramian is that of the global batch: the local Jacobian is
 all-reduced in params mode (``T x P`` numbers: the cross-rank products ``J_r J_q^T`` are needed), the local
@@ -76,7 +77,7 @@ class GramianBalancer(Balancer):
     :param params: the parameters to take the Gramian on in ``"params"`` mode (default: those reached by more
         than one part, found in the autograd graph at each call).
     :param subset: approximation (:mod:`lossport.balance.approx`): weigh a random subset of ``subset`` parts at
-        each computation (weights ``T / k`` times the method's on it, ``0`` for the others); ``None``: exact.
+        each computation (the method's weights on it; the other parts get their mean); ``None``: exact.
     :param sketch: approximation, ``gramian="params"`` only: the Gramian of the gradients projected on
         ``sketch`` random sign directions (unbiased, a cosine's error ``~ sqrt((1 + cos^2) / sketch)``); at least
         the number of parts (a smaller sketch is singular: an error); ``None``: exact.
@@ -315,9 +316,9 @@ class GramianBalancer(Balancer):
         except Exception:
             self.load_state_dict(before)  # a failed call leaves the balancer as it was
             raise
-        scale = len(names) / len(drawn.names)  # subset=k: T / k on the drawn parts, 0 on the others
         got = dict(zip(drawn.names, w.cpu().tolist()))
-        self._last = {k: got[k] * scale if k in got else 0.0 for k in names}
+        rest = sum(got.values()) / len(got)  # subset=k: the parts not drawn get the drawn parts' mean weight
+        self._last = {k: got.get(k, rest) for k in names}
         self.last_gramian, self.last_names = G, drawn.names
         self.info = diagnostics(G, drawn.names)
         return dict(self._last)
