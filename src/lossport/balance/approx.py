@@ -36,7 +36,8 @@ at most ``d``: with ``d < T`` UPGrad and MGDA find combinations of the parts of 
 their weights blow up (UPGrad at ``T = 128``, ``d = 64``: weights up to 86, the update 6.5x off), so the
 balancers refuse ``sketch < T``; with ``d >= T`` the ``d`` double-backward passes cost more than the exact
 Gramian's ``T`` batched backward passes, and the error stays larger than that of the plain sum's update until
-``d ~ 8 T``. Kept for Gramians that are read for their entries (cosines, norms), where the error above holds.
+``d ~ 8 T``. :func:`sketched_gramian` itself takes any ``d``, for reading a Gramian's entries (norms, cosines)
+with the error above.
 """
 
 from __future__ import annotations
