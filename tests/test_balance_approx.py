@@ -13,6 +13,8 @@ from lossport.balance import MGDA, GradDrop, PCGrad, UPGrad
 from lossport.balance import weighting as W
 from lossport.balance.approx import random_signs, restrict, sketch_jacobian, subset_indices
 from lossport.balance.gramian_base import PAIR_COSINES_UP_TO, GramianBalancer, cosine_summary, diagnostics
+from lossport.balance.robust import ExcessMTL
+from lossport.balance.stochastic import CRMOGM
 from lossport.gramian import gramian_reference, jacobian
 from lossport.inspection import Monitor, figures_from_gramian
 
@@ -225,6 +227,10 @@ def test_a_sketch_below_the_number_of_parts_is_refused_at_the_step():
 def test_methods_that_need_the_gradients_refuse_the_approximations():
     with pytest.raises(ValueError, match=r"GradDrop uses the gradients themselves.*subset= and sketch="):
         GradDrop(subset=4)
+    with pytest.raises(ValueError, match=r"ExcessMTL computes its Gramian from the Jacobian: sketch="):
+        ExcessMTL(sketch=8)
+    with pytest.raises(ValueError, match=r"give the engine options .*subset=.* to CRMOGM"):
+        CRMOGM(base=UPGrad(subset=4))
     assert "subset=4" in repr(PCGrad(subset=4)) and "sketch=8" in repr(UPGrad(sketch=8))
 
 

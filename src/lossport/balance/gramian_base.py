@@ -130,6 +130,8 @@ class GramianBalancer(Balancer):
                 f"{type(self).__name__} uses the gradients themselves, not only their Gramian: subset= and sketch= "
                 "are not available for it (leave them None)"
             )
+        if sketch is not None and type(self).compute_gramian is not GramianBalancer.compute_gramian:
+            raise ValueError(f"{type(self).__name__} computes its Gramian from the Jacobian: sketch= is not available")
         self.subset, self.sketch, self.approx_seed = subset, sketch, approx_seed
         self._approx_rng: torch.Generator
         if subset is not None or sketch is not None:
