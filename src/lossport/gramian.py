@@ -545,45 +545,15 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     live = [t for t, p in enumerate(parts) if p.requires_grad]
     if z.dim() != 2 or z.grad_fn is None or len(live) < 2 or any(parts[t].grad_fn is None for t in live):
         return None
-    zkey = (id(z.grad_fn), int(z.output_nr))
-    owner = _owners([parts[t] for t in live])
-    if any(owner.get(id(parts[t].grad_fn)) == _SHARED for t in live):
-        return None
-    heads: dict[int, object] = {}  # live index -> its Linear node on z
-    seen: set[int] = set()
-    stack = [parts[t].grad_fn for t in live]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        shared_slots = []
-        for i, (nxt, nr) in enumerate(node.next_functions):  # type: ignore[union-attr]
-            if nxt is None:
-                continue
-            if owner.get(id(nxt)) == _SHARED:
-                shared_slots.append((i, (id(nxt), int(nr))))
-            elif id(nxt) not in seen:
-                stack.append(nxt)
-        if not shared_slots:
-            continue
-        name = type(node).__name__
-        z_slot = {"AddmmBackward0": 1, "MmBackward0": 0}.get(name)
-        own = owner[id(node)]
-        if z_slot is None or shared_slots != [(z_slot, zkey)] or own in heads:
-            return None
-        if name == "AddmmBackward0" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[union-attr]
-            return None
-        heads[own] = node
-    if not heads:
+    heads = _linear_heads(parts, live, z)
+    if heads is None:
         return None
     order = sorted(heads)
-    total = parts[live[0]]
-    for t in live[1:]:
-        total = total + parts[t]
+    outs = [parts[live[i]] for i in order]  # one backward from every part at once (no chain of additions)
     E = _grad(
-        total,
+        outs,
         [GradientEdge(heads[i], 0) for i in order],  # type: ignore[arg-type]
+        grad_outputs=[torch.ones_like(p) for p in outs],
         retain_graph=True,
     )
     V = [heads[i]._saved_mat2.detach() for i in order]  # type: ignore[attr-defined]  # width x o_t: Y_t = z @ V
@@ -600,6 +570,50 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     idx = torch.tensor(rows, device=z.device)
     G[idx.unsqueeze(1), idx.unsqueeze(0)] = sub.to(torch.float64)
     return G
+
+
+def _linear_heads(parts: Sequence[Tensor], live: list[int], z: Tensor) -> dict[int, object] | None:
+    """``{i: node}``: the one ``addmm``/``mm`` node through which live part ``live[i]`` reaches ``z`` (as the
+    left factor, unscaled), for the parts that reach ``z``; ``None`` when some part reaches ``z`` otherwise
+    (twice, through another op, through another output of ``z``'s node) or when two parts meet above ``z``
+    (then their gradients at a head's output would mix). One walk of the graph above ``z``, stopping at it."""
+    zid, znr = id(z.grad_fn), int(z.output_nr)
+    owner: dict[int, int] = {}  # node above z -> the live index of the part reaching it
+    z_edges: dict[int, list[tuple[object, int]]] = {}  # live index -> [(node, input slot)] pointing at z's node
+    for i, t in enumerate(live):
+        root: Any = parts[t].grad_fn
+        if id(root) == zid:
+            return None  # a part computed from z by no op of its own
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            o = owner.get(id(node))
+            if o == i:
+                continue
+            if o is not None:
+                return None  # two parts meet above z
+            owner[id(node)] = i
+            for slot, (nxt, nr) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                if id(nxt) == zid:
+                    if int(nr) != znr:
+                        return None
+                    z_edges.setdefault(i, []).append((node, slot))
+                else:
+                    stack.append(nxt)
+    heads: dict[int, object] = {}
+    for i, found in z_edges.items():
+        if len(found) != 1:
+            return None
+        head: Any = found[0][0]
+        name = type(head).__name__
+        if found[0][1] != {"AddmmBackward0": 1, "MmBackward0": 0}.get(name):
+            return None
+        if name == "AddmmBackward0" and (head._saved_alpha != 1 or head._saved_beta != 1):
+            return None
+        heads[i] = head
+    return heads or None
 
 
 def _key(x: Tensor | GradientEdge) -> _Key:
@@ -714,11 +728,11 @@ def feature_gramian(
         if not f.requires_grad:
             raise ValueError("feature_gramian: the representation does not require grad (is it detached?)")
     _check_scalars(parts)
-    check_reached(parts, feats)
     if len(feats) == 1:
         G_heads = _linear_heads_gramian(parts, feats[0])
-        if G_heads is not None:
+        if G_heads is not None:  # some part reaches z through its head: no need to check_reached
             return G_heads
+    check_reached(parts, feats)
     grads: list[Tensor | None] | None = None
     sp = _split(parts)
     if sp is not None:

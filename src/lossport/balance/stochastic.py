@@ -80,9 +80,10 @@ class CRMOGM(GramianBalancer):
             or type(inner).compute_gramian is not GramianBalancer.compute_gramian  # ExcessMTL needs the gradients
         ):
             raise TypeError(f"CRMOGM: base must be a method whose weights are a function of the Gramian, not {inner!r}")
-        if inner.mode != "params" or inner.every != 1 or inner.params is not None:
+        if inner.mode != "params" or inner.every != 1 or inner.params is not None or inner.subset or inner.sketch:
             raise ValueError(
-                f"CRMOGM: give the engine options (gramian=, features=, every=, params=) to CRMOGM, not to its base "
+                f"CRMOGM: give the engine options (gramian=, features=, every=, params=, subset=, sketch=) to CRMOGM, "
+                f"not to its base "
                 f"{inner!r}; only the base's weigh is used"
             )
         self.base = inner
