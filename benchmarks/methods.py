@@ -20,24 +20,31 @@ References, where one runs here, each on a twin of the model (same initial weigh
   .compute_gramian`` + the weighting + ``losses.backward(w)``, TorchJD's fast path for weightings), aggregators that
   need the Jacobian through ``autojac`` (``mtl_backward`` + ``jac_to_grad``), loss-level methods through
   ``torchjd.scalarization`` (UW's and IMTL-L's parameters in the net's optimizer, FAMO's ``update`` after the
-  step), each with lossport's default hyper-parameters.
+  step), each with lossport's default hyper-parameters. SDMGrad and MoDo, when lossport's take three batches per
+  step, through TorchJD's documented three-batch recipe (``autojac.jac`` on two other batches, ``A = J_1 J_2^T``).
 * LibMTL (``--libmtl DIR``: a source checkout of github.com/median-research-group/LibMTL outside this repository;
   its weighting classes are imported from there, never copied): each weighting class mixed into a minimal model
   (encoder = the trunk, decoders = the heads, ``rep_grad=False``), its ``backward(losses, **weight_args)`` then
   the optimizer step, FAMO's ``update_w`` after it, as LibMTL's trainer does; lossport's hyper-parameters.
 
 Methods and references are interleaved: per ``T``, one untimed warm-up call each, then ``reps`` rounds calling
-every variant once in turn; medians are reported. A variant whose warm-up exceeds ``--max-step`` seconds is timed
-once (its warm-up) and marked ``*``. ``lossport / ref`` above 1 means lossport's step is the slower one; such methods
-are listed at the end.
+every variant once in turn (a fast step as a burst of up to 20 calls, whose mean counts); medians are reported. A
+variant whose warm-up exceeds ``--max-step`` seconds is timed once (its warm-up) and marked ``*``; one that fails is
+reported and left out (``fails`` in the docs table). ``lossport / ref`` above 1 means lossport's step is the slower
+one; such methods are listed at the end.
+
+Loss-history methods run in their first period here (nothing calls ``end_round``: DWA gives ``b = 1``, STCH is in
+its SI warm-up), which costs the same ``O(T)`` arithmetic as later periods; LibMTL's are run past their warm-up
+epochs. Methods that need more than the batch per step (extra batches, a meta batch: the protocol of issue 15,
+item 1) get them in a ``Context`` (:func:`context`); one that fails is listed as failing.
 
 Peak extra memory (lossport methods, ``--memory``): growth of the peak resident set during one step over the
 resident set before it, on each method's second step, in a fresh child process with malloc's thresholds pinned
 (``benchmarks/many_tasks.py``'s method; Linux only).
 
-    .venv/bin/python benchmarks/methods.py --quick                              # ~3 min on the 2-core machine
+    .venv/bin/python benchmarks/methods.py --quick                              # ~1.5 min on the 2-core machine
     .venv/bin/python benchmarks/methods.py --memory --libmtl /path/to/LibMTL \\
-        --markdown /tmp/methods.md                                              # ~10 min; the docs table
+        --markdown /tmp/methods.md                                              # ~5 min; the docs table
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from lossport import Losses
 from lossport import balance as B
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/many_tasks.py, also when loaded by path
@@ -90,20 +98,52 @@ def sum_step(m: Model) -> Step:
 
 
 def lossport_step(m: Model, name: str) -> Step:
-    """One step of the hand-written loop of ``docs/balancing.md`` with ``resolve(name)`` (default options)."""
+    """One step of the hand-written loop of ``docs/balancing.md`` with ``resolve(name)`` (default options), with the
+    extra batches and the meta batch the method declares it needs (:func:`context`)."""
     bal = B.resolve(name)
     assert bal is not None
     bal.attach(_net(m))
     opt = torch.optim.SGD(m.params, lr=LR)
     recompute = m.losses if bal.needs_recompute else None
+    ctx = context(bal, m, opt)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        bal(m.losses()).total.backward()
+        losses = bal(m.losses()) if ctx is None else bal(m.losses(), ctx)  # type: ignore[call-arg]
+        losses.total.backward()
         opt.step()
         bal.step(recompute)
 
     return step
+
+
+def evaluate(m: Model, x: torch.Tensor, y: torch.Tensor) -> Losses:
+    """The model's parts on another batch ``(x, y)`` (``m.losses()`` evaluates its own batch)."""
+    h = m.trunk(x)
+    parts = {f"task{t}": nn.functional.mse_loss(m.heads[t](h).squeeze(1), y[:, t]) for t in range(m.T)}
+    return Losses(parts=parts, weights=dict.fromkeys(parts, 1.0), outputs={"h": h})
+
+
+def other_batches(m: Model, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fixed batches of the main batch's shape: standard normal inputs, the batch's targets permuted."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(m.x.shape, generator=g), m.y[torch.randperm(len(m.y), generator=g)]) for _ in range(n)]
+
+
+def context(bal: B.Balancer, m: Model, opt: torch.optim.Optimizer) -> Any:
+    """The ``Context`` of a method that declares ``batches > 1`` or ``meta`` (issue 15's protocol), else ``None``.
+    Its extra and meta batches are other inputs of the batch's shape (standard normal, the batch's targets
+    permuted), fixed like the main batch: the cost of independent draws of the data, not their statistics."""
+    n_extra, meta = max(0, int(getattr(bal, "batches", 1)) - 1), bool(getattr(bal, "meta", False))
+    if not n_extra and not meta:
+        return None
+    from lossport.balance.base import Context  # type: ignore[attr-defined]
+
+    others = other_batches(m, n_extra + meta)
+    extra = tuple(lambda b=b: evaluate(m, *b) for b in others[:n_extra])
+    if not meta:
+        return Context(extra=extra)
+    return Context(extra=extra, meta=lambda: evaluate(m, *others[-1]), train=m.losses, optimizer=opt)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -140,6 +180,33 @@ def _autojac(build: Callable[[int], Any]) -> Callable[[Model], Step]:
             h, ls = m.forward()
             mtl_backward(ls, features=h)
             jac_to_grad(shared, aggregator)
+            opt.step()
+
+        return step
+
+    return make
+
+
+def _cross(build: Callable[[], Any]) -> Callable[[Model], Step]:
+    """TorchJD's documented three-batch step of SDMGrad / MoDo: ``A = J_1 J_2^T`` from the Jacobians of two other
+    batches on the shared parameters (``autojac.jac``), the weights of ``A``, then the main batch's losses
+    backpropagated with them (lossport's protocol: the main batch updates, the extra batches make ``A``)."""
+
+    def make(m: Model) -> Step:
+        from torchjd.autojac import jac
+
+        weighting, shared, (b1, b2) = build(), list(m.trunk.parameters()), other_batches(m, 2)
+        opt = torch.optim.SGD(m.params, lr=LR)
+
+        def J(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.cat(
+                [j.flatten(1) for j in jac(torch.stack(list(evaluate(m, x, y).parts.values())), shared)], 1
+            )
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            weights = weighting(J(*b1) @ J(*b2).T)
+            torch.stack(m.forward()[1]).backward(weights)
             opt.step()
 
         return step
@@ -218,7 +285,10 @@ def torchjd_references() -> dict[str, Callable[[Model], Step]]:
     out: dict[str, Callable[[Model], Step]] = {}
     for name, b in gramian.items():
         if _importable(name, b):
-            out[name] = _autogram(b)
+            three = (
+                name in ("sdmgrad", "modo") and name in B.available() and getattr(B.resolve(name), "batches", 1) >= 3
+            )
+            out[name] = _cross(b) if three else _autogram(b)
     for name, bj in jacobian.items():
         if _importable(name, lambda bj=bj: bj(2)):
             out[name] = _autojac(bj)

@@ -108,3 +108,56 @@ def test_tiny_run_prints_the_table_and_writes_the_markdown(tmp_path, capsys):
     row = next(line for line in lines if line.startswith("| `upgrad`"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "gramian" and "x)" in cells[4] and float(cells[-1]) > 0
+
+
+def test_evaluate_on_the_models_own_batch_gives_its_losses():
+    m = bm.Model(3, batch=8)
+    mine, theirs = bm.evaluate(m, m.x, m.y), m.losses()
+    for k in theirs.parts:
+        torch.testing.assert_close(mine.parts[k], theirs.parts[k])
+
+
+def test_a_method_that_needs_nothing_more_gets_no_context():
+    m = bm.Model(3, batch=8)
+    bal = bm.B.resolve("upgrad")
+    assert bm.context(bal, m, torch.optim.SGD(m.params, lr=0.1)) is None
+
+
+def test_a_method_that_declares_extra_and_meta_batches_gets_them_on_other_inputs():
+    base = pytest.importorskip("lossport.balance.base")
+    if not hasattr(base, "Context"):
+        pytest.skip("this lossport has no balancer Context yet (issue 15, item 1)")
+
+    class Needy:
+        batches, meta = 3, True
+
+    m = bm.Model(3, batch=8)
+    opt = torch.optim.SGD(m.params, lr=0.1)
+    ctx = bm.context(Needy(), m, opt)
+    assert len(ctx.extra) == 2 and ctx.optimizer is opt and ctx.train is not None and ctx.meta is not None
+    own = float(m.losses().parts["task0"].detach())
+    values = [float(f().parts["task0"].detach()) for f in (*ctx.extra, ctx.meta)]
+    assert all(v == v and v != own for v in values) and len(set(values)) == 3
+
+
+def test_torchjd_three_batch_reference_is_the_cross_matrix_recipe():
+    """``_cross``: weights of ``A = J_1 J_2^T`` from two other batches, applied to the main batch's losses."""
+    from torchjd.aggregation import MoDoWeighting
+
+    m, twin = bm.Model(3, batch=8), bm.Model(3, batch=8)
+    bm._cross(lambda: MoDoWeighting(gamma=0.1, rho=0.1))(m)()
+    shared = list(twin.trunk.parameters())
+
+    def J(x, y):
+        parts = list(bm.evaluate(twin, x, y).parts.values())
+        return torch.stack(
+            [torch.cat([g.flatten() for g in torch.autograd.grad(p, shared, retain_graph=True)]) for p in parts]
+        )
+
+    (x1, y1), (x2, y2) = bm.other_batches(twin, 2)
+    w = MoDoWeighting(gamma=0.1, rho=0.1)(J(x1, y1) @ J(x2, y2).T)
+    torch.stack(twin.forward()[1]).backward(w)
+    with torch.no_grad():
+        expected = twin.trunk[0].weight - bm.LR * twin.trunk[0].weight.grad
+    torch.testing.assert_close(m.trunk[0].weight, expected, rtol=1e-5, atol=1e-7)
+    assert float((m.trunk[0].weight - bm.Model(3, batch=8).trunk[0].weight).abs().max()) > 0
