@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..gramian import jacobian
+from ..gramian import cross_gramian, jacobian
 from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
@@ -164,8 +164,11 @@ class _CarriedSimplex(GramianBalancer):
             return super().compute_gramian(losses)
         assert self.context is not None  # checked by __call__
         params = self.shared(losses)
-        J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
-        return cross(J1, J2)
+        if distributed.is_distributed():  # the ranks' cross terms J_1^r J_2^q^T: all-reduced explicit Jacobians
+            J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
+            return cross(J1, J2)
+        one, two = (evaluate() for evaluate in self.context.extra[:2])
+        return cross_rows(one, two, losses.names, params)
 
     def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(new w, output weights)`` (both on the simplex) from ``G`` and the current ``w`` of the parts present."""
@@ -202,6 +205,22 @@ def jacobian_rows(other: Losses, names: list[str], params: list[Tensor], scale: 
         if rows is not None:
             J[[names.index(k) for k in present]] = rows.to(dtype)
     return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+
+
+def cross_rows(one: Losses, two: Losses, names: list[str], params: list[Tensor]) -> Tensor:
+    """``J_1 J_2^T`` (``T x T``, float64, rows and columns in ``names`` order) of two other batches' parts on
+    ``params``, by :func:`lossport.gramian.cross_gramian` (no explicit Jacobian); a part that batch ``i`` lacks
+    has a zero row (``i = 1``) or column (``i = 2``). One process only: under torchrun the global matrix needs
+    the ranks' cross terms, which :func:`jacobian_rows` and :func:`cross` give."""
+    M = torch.zeros(len(names), len(names), dtype=torch.float64, device=params[0].device)
+    rows = [k for k in names if k in one.parts]
+    cols = [k for k in names if k in two.parts]
+    if rows and cols:
+        sub = cross_gramian([one.parts[k] for k in rows], [two.parts[k] for k in cols], params)
+        r = torch.tensor([names.index(k) for k in rows], device=M.device)
+        c = torch.tensor([names.index(k) for k in cols], device=M.device)
+        M[r[:, None], c[None, :]] = sub.to(M.device)
+    return M
 
 
 def cross(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
