@@ -11,14 +11,19 @@ the weights move on the cross matrix ``J_1 J_2^T`` of the Jacobians of two of th
 the true Gramian ``E[J] E[J]^T``, which ``J J^T`` of one batch is not: its diagonal carries the gradients'
 variance), and the update is taken on the third. Here (``batches=3``, the default) the main batch, whose
 weighted total is backpropagated, is the third; the two others come from the :class:`~lossport.balance.base.Context`
-(:func:`lossport.train` draws them from independent shuffles of the training data). The cross matrix needs
-the two explicit ``T x P`` Jacobians on the shared parameters (memory ``2 T P``; ``gramian="params"`` only:
-in features mode the coordinates are one batch's examples, and two batches have different ones); a part absent
-from an extra batch has a zero row there. The diagnostics in ``info`` (``norm/``, ``cos/``) are then those of
-the cross matrix: estimates of the true gradients' norms and cosines. Given the same matrix the weights are
-TorchJD's ``SDMGradWeighting`` / ``MoDoWeighting`` (which take that matrix), times ``T`` (tested).
+(:func:`lossport.train` draws them from independent shuffles of the training data). The cross matrix is taken
+on the shared parameters layer by layer, like the Gramian, from each batch's layer inputs and per-part output
+gradients, without forming a Jacobian (:func:`lossport.gramian.cross_gramian`; ``gramian="params"`` only: in
+features mode the coordinates are one batch's examples, and two batches have different ones); a part absent
+from an extra batch has a zero row (first batch) or column (second batch) there. Under torchrun the global
+matrix ``(1/R^2) sum_{r,q} J_1^r J_2^q^T`` needs the cross-rank terms, which per-rank cross matrices do not
+give: there the two explicit ``T x P`` Jacobians are all-reduced (:func:`lossport.distributed.all_reduce_jacobian`,
+memory ``2 T P``) and multiplied, so 2 processes give the 1-process matrix. The diagnostics in ``info``
+(``norm/``, ``cos/``) are then those of the cross matrix: estimates of the true gradients' norms and cosines.
+Given the same matrix the weights are TorchJD's ``SDMGradWeighting`` / ``MoDoWeighting`` (which take that
+matrix), times ``T`` (tested).
 
-``batches=1`` keeps one batch's Gramian ``J J^T`` (one forward, no explicit Jacobian): a biased estimate,
+``batches=1`` keeps one batch's Gramian ``J J^T`` (one forward instead of three): a biased estimate,
 which the papers' convergence guarantees do not cover, for when the three forwards cost too much. (The official
 SDMGrad code computes its three batches' gradients into aliases of one tensor, so it ends up using one batch's
 gradients: see ``/work/shared/reference/balancing-methods.md``.)
@@ -264,8 +269,8 @@ class SDMGrad(_CarriedSimplex):
         batch's Gramian: biased; module docstring).
 
     Factor ``T``: the paper's and TorchJD's weights ``(w + lambda w~) / (1 + lambda)`` sum to 1. Cost with
-    ``batches=3``: three forwards, two explicit Jacobians (``2 T`` backward passes, memory ``2 T P``) and the
-    backward of the total."""
+    ``batches=3``: three forwards, the per-part backward passes of the two extra batches (heads once, trunk
+    batched, as for the Gramian; no explicit Jacobian outside torchrun) and the backward of the total."""
 
     name = "sdmgrad"
     kind: ClassVar[str] = "gramian"
