@@ -507,9 +507,9 @@ def cross_gramian(
     or ``<g^1_t, g^2_s>`` from the explicit weight gradients when that is cheaper (as :func:`gramian` decides
     per layer). Other parameters (norm layers, embeddings, weights used twice, or a layer found in one graph
     only) get their per-part gradients explicitly in both graphs. A part that does not reach a parameter has a
-    zero gradient there. The products are formed in float64 from the parameters' dtype: SDMGrad's inner loop amplifies
-    rounding in ``M`` about a hundredfold. ``batched``: :func:`batched_grads`.
-    Both graphs are retained."""
+    zero gradient there. The products are formed in float64 from the parameters' dtype (SDMGrad's inner loop
+    amplifies rounding in ``M`` about a hundredfold). ``batched``: :func:`batched_grads`. Both graphs are
+    retained."""
     params = list(params)
     T1, T2 = len(parts1), len(parts2)
     ref = [*parts1, *parts2]
