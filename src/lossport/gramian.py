@@ -542,7 +542,8 @@ def _match_layers(one: list[_Layer], two: list[_Layer]) -> list[tuple[_Layer, _L
     """Pairs of layers of the two graphs with the same weight and bias (same orientation of a Linear weight)."""
 
     def key(lay: _Layer) -> tuple[int | None, int | None, str]:
-        kind = "conv" if lay.conv is not None else type(lay.node.next_functions[-1][0]).__name__  # type: ignore[attr-defined]
+        w_edge = lay.node.next_functions[-1][0]  # type: ignore[attr-defined]
+        kind = "conv" if lay.conv is not None else type(w_edge).__name__  # TBackward0: x W^T; else x W
         w, b = lay.weight, lay.bias
         return (None if w is None else id(w), None if b is None else id(b), kind if w is not None else "")
 
