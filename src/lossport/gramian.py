@@ -59,6 +59,7 @@ from .graph import retained_grad as _grad
 __all__ = [
     "batched_grads",
     "check_reached",
+    "cross_gramian",
     "feature_gramian",
     "gramian",
     "gramian_reference",
@@ -485,6 +486,100 @@ def _layer_gramian(layer: _Layer, D: Tensor) -> Tensor:
     if has_b:
         gw = torch.cat([gw, D.sum(1)], dim=1)
     return gw @ gw.T
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cross Gramian J_1 J_2^T of two batches (params path)
+# ---------------------------------------------------------------------------------------------------------
+def cross_gramian(
+    parts1: Sequence[Tensor], parts2: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool | None = None
+) -> Tensor:
+    """``M = J_1 J_2^T`` (``T_1 x T_2``, float64): ``M[t, s] = <grad_params L^1_t, grad_params L^2_s>`` for the
+    parts of two different forward passes (two batches) through the same ``params``, without forming ``J_1`` or
+    ``J_2``. SDMGrad's and MoDo's weights move on it (an unbiased estimate of ``E[J] E[J]^T``: Xiao et al. 2023,
+    Algorithm 1; Chen et al. 2024, Algorithm 1).
+
+    A Linear or Conv2d layer whose weight (and bias) each graph uses in one node only contributes, with ``X_i``
+    its input rows and ``D^i_t`` its output gradients in batch ``i``,
+
+        M_l[t, s] = <D^1_t^T [X_1, 1], D^2_s^T [X_2, 1]> = <D^1_t, K_12 D^2_s>,   K_12 = X_1 X_2^T + 1  (R_1 x R_2),
+
+    or ``<g^1_t, g^2_s>`` from the explicit weight gradients when that is cheaper (as :func:`gramian` decides
+    per layer). Other parameters (norm layers, embeddings, weights used twice, or a layer found in one graph
+    only) get their per-part gradients explicitly in both graphs. A part that does not reach a parameter has a
+    zero gradient there. The products are formed in float64 from the parameters' dtype (SDMGrad's inner loop
+    amplifies rounding in ``M`` about a hundredfold). ``batched``: :func:`batched_grads`. Both graphs are
+    retained."""
+    params = list(params)
+    T1, T2 = len(parts1), len(parts2)
+    ref = [*parts1, *parts2]
+    M = torch.zeros(T1, T2, dtype=torch.float64, device=ref[0].device if ref else None)
+    if T1 == 0 or T2 == 0 or not params:
+        return M
+    _check_scalars(parts1)
+    _check_scalars(parts2)
+    ids = [id(p) for p in params]
+    if len(set(ids)) != len(ids):
+        raise ValueError("cross_gramian: params lists a tensor twice; give each parameter once")
+    pairs = _match_layers(_find_layers(parts1, params), _find_layers(parts2, params))
+    covered = {id(t) for lay, _ in pairs for t in (lay.weight, lay.bias) if t is not None}
+    explicit: list[Tensor | GradientEdge] = [p for p in params if id(p) not in covered]
+    n = len(pairs)
+    edges1: list[Tensor | GradientEdge] = [GradientEdge(a.node, 0) for a, _ in pairs]  # type: ignore[arg-type]
+    edges2: list[Tensor | GradientEdge] = [GradientEdge(b.node, 0) for _, b in pairs]  # type: ignore[arg-type]
+    g1 = _per_part_grads(parts1, [*edges1, *explicit], params, batched)
+    g2 = _per_part_grads(parts2, [*edges2, *explicit], params, batched)
+    for (a, b), D1, D2 in zip(pairs, g1[:n], g2[:n]):
+        if D1 is not None and D2 is not None:
+            M += _layer_cross(a, D1, b, D2)
+    for x, y in zip(g1[n:], g2[n:]):
+        if x is not None and y is not None:
+            M += x.reshape(T1, -1).to(torch.float64) @ y.reshape(T2, -1).to(torch.float64).T
+    return M
+
+
+def _match_layers(one: list[_Layer], two: list[_Layer]) -> list[tuple[_Layer, _Layer]]:
+    """Pairs of layers of the two graphs with the same weight and bias (same orientation of a Linear weight)."""
+
+    def key(lay: _Layer) -> tuple[int | None, int | None, str]:
+        w_edge = lay.node.next_functions[-1][0]  # type: ignore[attr-defined]
+        kind = "conv" if lay.conv is not None else type(w_edge).__name__  # TBackward0: x W^T; else x W
+        w, b = lay.weight, lay.bias
+        return (None if w is None else id(w), None if b is None else id(b), kind if w is not None else "")
+
+    by_key = {key(b): b for b in two}
+    return [(a, by_key[key(a)]) for a in one if key(a) in by_key]
+
+
+def _weight_rows(A: Tensor, D: Tensor, bias: bool) -> Tensor:
+    """The ``T`` explicit gradients (``T x out*in`` [+ ``out``]) of a layer with input rows ``A`` and output
+    gradients ``D`` (``T x R x out``)."""
+    T, R, n_out = D.shape
+    g = (D.transpose(1, 2).reshape(T * n_out, R) @ A).reshape(T, -1)
+    return torch.cat([g, D.sum(1)], dim=1) if bias else g
+
+
+def _layer_cross(one: _Layer, D1: Tensor, two: _Layer, D2: Tensor) -> Tensor:
+    """One layer's share of ``J_1 J_2^T`` (``T_1 x T_2``), by the cheaper of the two ways, in float64."""
+    A1, D1 = _rows(one, D1)
+    A2, D2 = _rows(two, D2)
+    f64 = torch.float64
+    A1, A2, D1, D2 = A1.detach().to(f64), A2.detach().to(f64), D1.to(f64), D2.to(f64)
+    T1, R1, n_out = D1.shape
+    T2, R2, _ = D2.shape
+    n_in = A1.shape[1]
+    has_b = one.bias is not None
+    if one.weight is None:  # bias only: its gradient is the column sum of D
+        return D1.sum(1) @ D2.sum(1).T
+    contract = R1 * R2 * n_in + T2 * R1 * R2 * n_out + T1 * T2 * R1 * n_out
+    explicit = (T1 * R1 + T2 * R2) * n_out * n_in + T1 * T2 * n_out * n_in
+    if contract < explicit:
+        K = A1 @ A2.T
+        if has_b:
+            K = K + 1.0
+        KD = (K @ D2.transpose(0, 1).reshape(R2, T2 * n_out)).reshape(R1, T2, n_out)
+        return torch.bmm(D1.transpose(0, 1), KD.transpose(1, 2)).sum(0)  # R1 x T1 x T2, summed over rows
+    return _weight_rows(A1, D1, has_b) @ _weight_rows(A2, D2, has_b).T
 
 
 # ---------------------------------------------------------------------------------------------------------
