@@ -13,7 +13,7 @@ L = pytest.importorskip("lightning.pytorch")
 from test_lightning import Module, Net, data, loader, params, trainer  # noqa: E402
 
 import lossport  # noqa: E402
-from lossport.lightning import LossportCallback  # noqa: E402
+from lossport.lightning import _RECORDS, LossportCallback  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -114,3 +114,32 @@ def test_meta_data_without_a_bilevel_balancer_is_an_error(tmp_path) -> None:
     cb = LossportCallback(meta_data=data(16))
     with pytest.raises(ValueError, match=r"meta_data= is given but no objective's balancer uses a meta batch"):
         trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(Module("sdmgrad"), loader())
+
+
+class Drawn(LossportCallback):
+    """Records the inputs of the extra batches given at each training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drawn: list[list[torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        extra, _ = _RECORDS[pl_module.objective].more
+        self.drawn.append([x["x"] for x in extra])
+
+
+def test_resume_within_an_epoch_draws_what_the_saved_run_would_have(tmp_path) -> None:
+    full = Drawn()
+    trainer(tmp_path / "full", max_epochs=3, callbacks=[full]).fit(Module("sdmgrad"), loader())
+    saver = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=6, save_top_k=-1)
+    trainer(tmp_path / "a", max_epochs=2, callbacks=[Drawn(), saver]).fit(Module("sdmgrad"), loader())
+    ckpt = next(p for p in (tmp_path / "ck").iterdir() if "step=6" in p.name)  # after 2 of epoch 1's 4 batches
+    resumed = Drawn()
+    trainer(tmp_path / "b", max_epochs=3, callbacks=[resumed]).fit(Module("sdmgrad"), loader(), ckpt_path=str(ckpt))
+    # Lightning resumes at batch 2 of epoch 1 (it restarts a plain DataLoader at its first batch, so the main
+    # batches are not those of `full`); the extra batches are those the saved run would have drawn next
+    assert len(resumed.drawn) == 6 and len(full.drawn) == 12
+    for got, want in zip(resumed.drawn, full.drawn[6:]):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not torch.equal(full.drawn[0][0], full.drawn[0][1])

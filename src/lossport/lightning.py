@@ -268,6 +268,8 @@ class LossportCallback(pl.Callback):
 
     def _draw(self, trainer: pl.Trainer, batch_idx: int) -> None:
         for path, rd in self.draws.items():
+            if not rd.started:  # resumed within an epoch: Lightning does not start the epoch again
+                rd.begin(trainer.current_epoch)
             rd.skip_to(batch_idx)  # a resumed epoch starts at the saved batch
             extra, meta = rd.next()
             move = trainer.strategy.batch_to_device

@@ -146,6 +146,11 @@ class RoundDraws:
         self._it = self.draws.round()
         self.skip_to(skip)
 
+    @property
+    def started(self) -> bool:
+        """Whether a round is in progress (:meth:`begin` was called)."""
+        return self._it is not None
+
     def skip_to(self, taken: int) -> None:
         """Draw and drop batches until ``taken`` draws were made in the round (a framework skipping batches)."""
         while self.taken < taken:
