@@ -368,7 +368,7 @@ class LossportCallback(pl.Callback):
             "balancers": {
                 path: obj.balancer.state_dict() for path, obj in self.objectives.items() if obj.balancer is not None
             },
-            "draws": {path: rd.state_dict() for path, rd in self.draws.items()},
+            "draws": {**self._pending_draws, **{path: rd.state_dict() for path, rd in self.draws.items()}},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
