@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .. import distributed
 from ..balance import Balancer
 from .data import Source, make_source
 
@@ -124,6 +125,12 @@ class RoundDraws:
     """
 
     def __init__(self, draws: Draws) -> None:
+        if draws.active and distributed.is_distributed():
+            raise ValueError(
+                "the balancer draws extra (or meta) batches, which the Lightning and Hugging Face integrations draw "
+                "on one process only (every rank would draw the same batch, not its share of a global one); train "
+                "such balancers with lossport.train under torchrun, or on one process"
+            )
         self.draws = draws
         self._it: Iterator[tuple[list[Any], Any]] | None = None
         self._start: list[torch.Tensor] = []
