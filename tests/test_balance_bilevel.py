@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lossport
-from lossport.balance import LDCMTL, MOML, AutoLambda, Context, resolve
+from lossport.balance import FORUM, LDCMTL, MOML, AutoLambda, Context, resolve
 from lossport.balance.bilevel import discrepancy_objective
 
 NAMES = ["a", "b", "c"]
@@ -418,3 +418,156 @@ def test_moml_trains_resumes_bit_identically_and_refuses_bad_options(tmp_path):
         MOML(normalization="loss")
     with pytest.raises(ValueError, match="MOML uses 2 independent training batches per step and got 0 extra"):
         MOML()(lossport.Objective(SPEC)(Net(), batch()))
+
+
+# ----------------------------------------------------------------------------------------------- FORUM
+def forum_qp_scipy(AAT, pi, wc):
+    """LibMTL's FORUM QP (min w^T AAT w - wc w_T, sum w[:T] = 1, w_T >= pi^T w[:T], w >= 0) by scipy's SLSQP."""
+    from scipy.optimize import minimize
+
+    G, T = AAT.numpy(), len(pi)
+    lin = np.r_[np.zeros(T), wc]
+    res = minimize(
+        lambda w: w @ G @ w - lin @ w,
+        np.r_[np.full(T, 1.0 / T), 1.0],
+        jac=lambda w: 2 * G @ w - lin,
+        bounds=[(0, None)] * (T + 1),
+        constraints=[
+            {"type": "eq", "fun": lambda w: w[:T].sum() - 1},
+            {"type": "ineq", "fun": lambda w: w[T] - np.asarray(pi) @ w[:T]},
+        ],
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return res.x
+
+
+def libmtl_forum(steps, epochs, phi=0.1, inner_step=5, inner_lr=0.1, lr=1e-2):
+    """LibMTL's bacth_forward_FORUM written out (inner batch b_s, outer batch o_s; ``epochs[s]``: the epoch of
+    step s), with scipy's SLSQP for cvxpy."""
+    net = Net().double()
+    tw = torch.full((3,), 1 / 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    tw_opt = torch.optim.Adam([tw], lr=lr)
+    lam_buf = np.zeros(3)
+
+    def parts(model, data):
+        out = model(data["x"])
+        return torch.stack([((out[k] - data[k]) ** 2).mean() for k in NAMES])
+
+    def flat_grad(y, xs, **kw):
+        g = torch.autograd.grad(y, xs, allow_unused=True, **kw)
+        return torch.cat([(torch.zeros_like(q) if x is None else x).reshape(-1) for x, q in zip(g, xs)])
+
+    history = []
+    for s in range(steps):
+        b, o = dbl(batch(s)), dbl(batch(100 + s))
+        g_f = flat_grad(torch.softmax(tw, -1) @ parts(net, b), [tw, *net.parameters()])
+        inner = copy.deepcopy(net)
+        inner_opt = torch.optim.SGD(inner.parameters(), lr=inner_lr)
+        for _ in range(inner_step):
+            loss = torch.softmax(tw.detach(), -1) @ parts(inner, b)
+            if loss.item() > 1e5:
+                break
+            inner_opt.zero_grad()
+            loss.backward()
+            inner_opt.step()
+        g_q = g_f.clone()
+        g_q[:3] -= torch.autograd.grad(torch.softmax(tw, -1) @ parts(inner, b), tw)[0]
+        Lo = parts(net, o)
+        gF = torch.stack([flat_grad(Lo[t], list(net.parameters()), retain_graph=True) for t in range(3)])
+        gF = torch.cat([torch.zeros(3, 3, dtype=torch.float64), gF / gF.norm(dim=1, keepdim=True)], 1)
+        sq = g_q.norm() ** 2 + 1e-8
+        pi = [phi - float(g_q @ gF[t] / sq) for t in range(3)]
+        A = torch.cat([gF, g_q[None]])
+        w = forum_qp_scipy(A @ A.T, pi, phi * float(sq))
+        lam_buf = lam_buf + (1 / (epochs[s] + 1) ** 0.75) * (w[:3] - lam_buf)
+        nu = max(float(lam_buf @ np.asarray(pi)), 0.0)
+        g_final = torch.tensor(lam_buf) @ gF + nu * g_q
+        tw.grad = g_final[:3].clone()
+        beg = 3
+        for q in net.parameters():
+            q.grad = g_final[beg : beg + q.numel()].view_as(q).clone()
+            beg += q.numel()
+        tw_opt.step()
+        opt.step()
+        history.append((lam_buf.copy(), torch.softmax(tw.detach(), -1)))
+    return net, history
+
+
+def lossport_forum(steps, end_rounds=(), **kw):
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    bal = FORUM(lr=1e-2, **kw)
+    obj = lossport.Objective(SPEC)
+    history = []
+    for s in range(steps):
+        b, o = dbl(batch(s)), dbl(batch(100 + s))
+        ctx = Context(meta=lambda o=o: obj(net, o), train=lambda b=b: obj(net, b), optimizer=opt)
+        out = bal(obj(net, b), ctx)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        bal.step()
+        if s in end_rounds:
+            bal.end_round({})
+        alpha = torch.stack([bal.parameters()[j].detach() for j in range(3)])
+        history.append((np.array([bal.info[f"forum/lambda/{k}"] for k in NAMES]), torch.softmax(alpha, -1)))
+    return net, history, bal
+
+
+@pytest.mark.parametrize("inner_lr", [0.1, 0.5])
+def test_forum_follows_libmtls_update_over_four_steps(inner_lr):
+    ref_net, ref = libmtl_forum(4, epochs=[0, 0, 1, 1], inner_lr=inner_lr)
+    net, got, bal = lossport_forum(4, end_rounds=(1,), inner_lr=inner_lr)
+    for (lam_r, p_r), (lam, p) in zip(ref, got):
+        assert np.allclose(lam, lam_r, rtol=1e-6, atol=1e-8), (lam, lam_r)
+        assert torch.allclose(p, p_r, rtol=1e-6, atol=1e-9), (p, p_r)
+    assert not np.allclose(ref[1][0], ref[2][0])  # lambda moved, by the EMA after the first round
+    assert not torch.allclose(ref[-1][1], torch.full((3,), 1 / 3, dtype=torch.float64))  # alpha moved
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9)
+    assert bal.state_dict()["round"] == 1
+
+
+def test_forum_leaves_the_net_as_it_was_and_refuses_bad_options():
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    bal = FORUM()
+    with pytest.raises(ValueError, match=r"FORUM is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
+        bal(obj(net, batch()))
+    out = bal(obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert float(out.extra["forum/meta"].detach()) == 0.0
+    out.total.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    for bad, msg in [
+        (dict(phi=-1.0), "phi must be finite and >= 0"),
+        (dict(inner_step=0), "inner_step must be an integer >= 1"),
+        (dict(inner_lr=0.0), "inner_lr must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            FORUM(**bad)
+    assert resolve("forum").__class__ is FORUM and lossport.balance.kind_of("forum") == "learned"
+
+
+def test_forum_trains_resumes_bit_identically(tmp_path):
+    data = batch(7, n=48)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        net = Net()
+        r = lossport.train(
+            net, data, SPEC, balance=FORUM(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0,
+            optimizer="sgd", lr=0.05, **kw,
+        )  # fmt: skip
+        return net, r
+
+    full, r_full = run(3)
+    run(2, checkpoint=tmp_path)
+    resumed, r_res = run(3, checkpoint=tmp_path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    assert r_full.history["weight/a"] == r_res.history["weight/a"]
+    assert all(math.isfinite(v) for k in NAMES for v in r_full.history[f"weight/{k}"])

@@ -512,7 +512,7 @@ def interior_qp(
     E: Tensor,
     e: Tensor,
     *,
-    tol: float = 1e-11,
+    tol: float = 1e-9,
     max_iter: int = 60,
 ) -> Tensor:
     """``argmin_x 1/2 x^T Q x + q^T x  s.t.  C x >= d,  E x = e`` for small dense convex problems (``Q`` PSD),
@@ -523,8 +523,23 @@ def interior_qp(
     singular when ``C`` bounds every variable (FORUM's problem). Shapes: ``Q`` ``(*b, n, n)``, ``q`` ``(*b, n)``,
     ``C`` ``(*b, m, n)``, ``d`` ``(*b, m)``, ``E`` ``(*b, k, n)``, ``e`` ``(*b, k)`` (``E`` of full row rank).
     Warns (``SolverWarning``) with the residual if the tolerance (relative residuals and mean complementarity)
-    is not reached after ``max_iter`` steps."""
+    is not reached after ``max_iter`` steps. Once it is, the answer is polished: the constraints whose slack is
+    below their multiplier are taken as active and the KKT system of that face is solved directly, so the
+    inactive bounds' variables come out exactly zero (not ``mu / z``); the polished point is kept only where it
+    is feasible with non-negative multipliers (else the interior point is returned). The problem is first
+    equilibrated (variables scaled to a unit diagonal of ``Q``, constraint rows to unit length), so that
+    variables of very different scales (FORUM's ``w_{T+1}`` beside the simplex weights) converge alike."""
     Q, q, C, d, E, e = (t.to(torch.float64) for t in (Q, q, C, d, E, e))
+    dq = Q.diagonal(dim1=-2, dim2=-1)
+    col = torch.where(dq > 0, dq.clamp_min(1e-300).rsqrt(), torch.ones_like(dq))  # x = col * y: unit diagonal
+    Q, q, C, E = col[..., :, None] * Q * col[..., None, :], q * col, C * col[..., None, :], E * col[..., None, :]
+    rc, re = C.norm(dim=-1).clamp_min(1e-300), E.norm(dim=-1).clamp_min(1e-300)  # unit rows
+    y = _interior(Q, q, C / rc[..., None], d / rc, E / re[..., None], e / re, tol, max_iter)
+    return col * y
+
+
+def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, tol: float, max_iter: int) -> Tensor:
+    """:func:`interior_qp` on the equilibrated problem."""
     n, m, k = Q.shape[-1], C.shape[-2], E.shape[-2]
     batch = torch.broadcast_shapes(Q.shape[:-2], q.shape[:-1], C.shape[:-2], E.shape[:-2])
     x = torch.zeros((*batch, n), dtype=torch.float64, device=Q.device)
@@ -540,9 +555,9 @@ def interior_qp(
         mu = (s * z).mean(-1)
         res = torch.stack([rd.abs().amax(-1), rp.abs().amax(-1), rs.abs().amax(-1), mu]).amax(0) / scale
         if bool((res <= tol).all()):
-            return x
+            return _polish(Q, q, C, d, E, e, x, s, z, tol)
         K, D = _kkt_matrix(Q, C, E, s, z)
-        dxa, _, dsa, dza = _newton(K, D, C, rd, rp, rs, s, z, -s * z, n)
+        _, _, dsa, dza = _newton(K, D, C, rd, rp, rs, s, z, -s * z, n)
         a_aff = torch.minimum(_step_to_boundary(s, dsa), _step_to_boundary(z, dza)).clamp(max=1.0)
         mu_aff = ((s + a_aff[..., None] * dsa) * (z + a_aff[..., None] * dza)).mean(-1)
         sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0, 1) ** 3
@@ -554,9 +569,39 @@ def interior_qp(
     warnings.warn(
         f"interior_qp: residual {float(res.max()):.3g} after {max_iter} steps (tolerance {tol:.1g})",
         SolverWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     return x
+
+
+def _polish(
+    Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, x: Tensor, s: Tensor, z: Tensor, tol: float
+) -> Tensor:
+    """The solution of the KKT system of the face guessed from ``s < z`` (see :func:`interior_qp`), problem by
+    problem, where it is feasible with non-negative multipliers; else ``x``."""
+    n, k = x.shape[-1], E.shape[-2]
+    batch = x.shape[:-1]
+    parts = [t.expand((*batch, *t.shape[-2:])) for t in (Q, C, E)]
+    vecs = [t.expand((*batch, t.shape[-1])) for t in (q, d, e)]
+    out = x.reshape(-1, n).clone()
+    flat = [t.reshape(-1, *t.shape[-2:]) for t in parts] + [t.reshape(-1, t.shape[-1]) for t in vecs]
+    act = (s < z).reshape(-1, s.shape[-1])
+    for b in range(out.shape[0]):
+        Qb, Cb, Eb, qb, db, eb = (t[b] for t in flat)
+        Ca, da = Cb[act[b]], db[act[b]]
+        a = Ca.shape[0]
+        K = torch.zeros(n + a + k, n + a + k, dtype=x.dtype, device=x.device)
+        K[:n, :n], K[:n, n : n + a], K[:n, n + a :] = Qb, -Ca.T, -Eb.T
+        K[n : n + a, :n], K[n + a :, :n] = Ca, Eb
+        sol, info = torch.linalg.solve_ex(K, torch.cat([-qb, da, eb]))
+        if int(info) != 0 or not bool(torch.isfinite(sol).all()):
+            continue
+        xb, lam = sol[:n], sol[n : n + a]
+        scale = 1.0 + float(sol.abs().max())
+        worst = float(torch.cat([Cb @ xb - db, lam, xb.new_zeros(1)]).min())
+        if worst >= -max(tol, 1e-9) * scale:
+            out[b] = xb
+    return out.reshape(x.shape)
 
 
 def _mv(A: Tensor, v: Tensor) -> Tensor:
