@@ -538,15 +538,17 @@ def test_forum_leaves_the_net_as_it_was_and_refuses_bad_options():
     bal = FORUM()
     with pytest.raises(ValueError, match=r"FORUM is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
         bal(obj(net, batch()))
-    out = bal(obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt))
+    out = bal(
+        obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt)
+    )
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
     assert float(out.extra["forum/meta"].detach()) == 0.0
     out.total.backward()
     assert all(p.grad is not None for p in net.parameters())
     for bad, msg in [
-        (dict(phi=-1.0), "phi must be finite and >= 0"),
-        (dict(inner_step=0), "inner_step must be an integer >= 1"),
-        (dict(inner_lr=0.0), "inner_lr must be > 0"),
+        ({"phi": -1.0}, "phi must be finite and >= 0"),
+        ({"inner_step": 0}, "inner_step must be an integer >= 1"),
+        ({"inner_lr": 0.0}, "inner_lr must be > 0"),
     ]:
         with pytest.raises(ValueError, match=msg):
             FORUM(**bad)

@@ -469,12 +469,14 @@ class FORUM(LearnedBalancer):
         ctx = self.context
         assert ctx is not None and ctx.optimizer is not None and ctx.meta is not None and ctx.train is not None
         params = [x for g in ctx.optimizer.param_groups for x in g["params"] if x.requires_grad]
-        p = torch.softmax(torch.stack([self._params[k].detach() for k in names]).to(torch.float64), 0)
-        s = torch.tensor([_static(losses, k) for k in names], dtype=torch.float64)
-        f = torch.stack([losses.parts[k] * (float(s[i]) * float(p[i])) for i, k in enumerate(names)]).sum()
+        dev = params[0].device
+        p = torch.softmax(torch.stack([self._params[k].detach() for k in names]).to(dev, torch.float64), 0)
+        s = torch.tensor([_static(losses, k) for k in names], dtype=torch.float64, device=dev)
+        sp = (s * p).tolist()
+        f = torch.stack([losses.parts[k] * sp[i] for i, k in enumerate(names)]).sum()
         g_f = _flat(_mean_over_ranks(torch.autograd.grad(f, params, retain_graph=True, allow_unused=True), params))
-        values = torch.tensor([float(losses.parts[k].detach()) for k in names], dtype=torch.float64)
-        ahead = self._inner_values(losses, ctx, params, p, s, g_f, float(f.detach()))
+        values = torch.stack([losses.parts[k].detach() for k in names]).to(dev, torch.float64)
+        ahead = self._inner_values(losses, ctx, params, sp, g_f, float(f.detach()))
         soft = torch.diag(p) - torch.outer(p, p)
         gq_alpha = soft @ (s * values) - soft @ (s * ahead)
         U = jacobian_rows(ctx.meta(), names, params)
@@ -485,7 +487,7 @@ class FORUM(LearnedBalancer):
         for i, k in enumerate(names):
             old = self._lambda.get(k, 0.0)
             self._lambda[k] = old + beta * (float(w[i]) - old)
-        lam = torch.tensor([self._lambda[k] for k in names], dtype=torch.float64)
+        lam = torch.tensor([self._lambda[k] for k in names], dtype=torch.float64, device=dev)
         nu = max(float(lam @ pi), 0.0)
         grad_alpha = nu * gq_alpha
         if bool(torch.isfinite(grad_alpha).all()):
@@ -495,12 +497,12 @@ class FORUM(LearnedBalancer):
             self._opt.step()
         for x in self._params.values():
             x.grad = None
-        c = (lam.to(U.device) @ U).to(params[0].dtype)
+        c = (lam @ U).to(params[0].dtype)
         self.info.update({"forum/nu": nu, **{f"forum/lambda/{k}": float(v) for k, v in zip(names, lam)}})
-        return {k: nu * float(p[i]) for i, k in enumerate(names)}, {"forum/meta": _zero_valued(params, c)}
+        return {k: nu * pk for k, pk in zip(names, p.tolist())}, {"forum/meta": _zero_valued(params, c)}
 
     def _inner_values(
-        self, losses: Losses, ctx: Context, params: list[Tensor], p: Tensor, s: Tensor, g_f: Tensor, f0: float
+        self, losses: Losses, ctx: Context, params: list[Tensor], sp: list[float], g_f: Tensor, f0: float
     ) -> Tensor:
         """The main batch's part values at ``omega^K`` (``K`` SGD steps on ``f``; the parameters and buffers are
         put back)."""
@@ -514,7 +516,7 @@ class FORUM(LearnedBalancer):
             for i in range(self.inner_step):
                 if i > 0:
                     out = ctx.train()
-                    f = torch.stack([out.parts[k] * float(s[j] * p[j]) for j, k in enumerate(names)]).sum()
+                    f = torch.stack([out.parts[k] * sp[j] for j, k in enumerate(names)]).sum()
                     value = float(f.detach())
                     if value <= 1e5:
                         grads = torch.autograd.grad(f, params, allow_unused=True)
@@ -525,7 +527,7 @@ class FORUM(LearnedBalancer):
                 _assign(params, _unflatten(flat, params))
             with torch.no_grad():
                 out = ctx.train()
-            return torch.tensor([float(out.parts[k]) for k in names], dtype=torch.float64)
+            return torch.stack([out.parts[k] for k in names]).to(params[0].device, torch.float64)
         finally:
             _assign(params, saved)
             AutoLambda._restore(buffers)
@@ -534,7 +536,6 @@ class FORUM(LearnedBalancer):
         """LibMTL's QP (class docstring, step 3): its solution ``w`` (``T + 1``) and ``pi`` (``T``)."""
         T = U.shape[0]
         dev = U.device
-        gq_alpha = gq_alpha.to(dev)
         sq = float(g_omega @ g_omega + gq_alpha @ gq_alpha) + 1e-8
         ug = U @ g_omega
         pi = self.phi - ug / sq
@@ -546,7 +547,7 @@ class FORUM(LearnedBalancer):
         E = torch.cat([pi.new_ones(T), pi.new_zeros(1)])[None]
         w = interior_qp(2 * G, q, C, pi.new_zeros(T + 2), E, pi.new_ones(1))
         self.info["forum/qp_objective"] = float(w @ G @ w + q @ w)
-        return w, pi.cpu()
+        return w, pi
 
     def __repr__(self) -> str:
         return f"FORUM(phi={self.phi}, inner_step={self.inner_step}, inner_lr={self.inner_lr}, lr={self.lr})"
