@@ -106,6 +106,7 @@ METHODS = [
     "ntkmtl_sr",
     "auto_lambda",
     "moml",
+    "forum",
 ]
 
 

@@ -522,11 +522,12 @@ def interior_qp(
     ``[[Q + C^T (Z/S) C, -E^T], [E, 0]]`` (``Z``, ``S``: the inequality multipliers and slacks), so ``Q`` may be
     singular when ``C`` bounds every variable (FORUM's problem). Shapes: ``Q`` ``(*b, n, n)``, ``q`` ``(*b, n)``,
     ``C`` ``(*b, m, n)``, ``d`` ``(*b, m)``, ``E`` ``(*b, k, n)``, ``e`` ``(*b, k)`` (``E`` of full row rank).
-    Warns (``SolverWarning``) with the residual if the tolerance (relative residuals and mean complementarity)
-    is not reached after ``max_iter`` steps. Once it is, the answer is polished: the constraints whose slack is
-    below their multiplier are taken as active and the KKT system of that face is solved directly, so the
-    inactive bounds' variables come out exactly zero (not ``mu / z``); the polished point is kept only where it
-    is feasible with non-negative multipliers (else the interior point is returned). The problem is first
+    Polishing: once the residual (relative residuals and mean complementarity) is below ``1e-6``, the
+    constraints whose slack is below their multiplier are taken as active and the KKT system of that face is
+    solved directly; where that point is feasible with non-negative multipliers it satisfies the KKT conditions
+    (the exact optimum, inactive bounds' variables exactly zero, not ``mu / z``) and is returned. Otherwise the
+    iterations go on to the tolerance ``tol``; warns (``SolverWarning``) with the residual if neither the
+    polishing nor the tolerance is reached after ``max_iter`` steps. The problem is first
     equilibrated (variables scaled to a unit diagonal of ``Q``, constraint rows to unit length), so that
     variables of very different scales (FORUM's ``w_{T+1}`` beside the simplex weights) converge alike."""
     Q, q, C, d, E, e = (t.to(torch.float64) for t in (Q, q, C, d, E, e))
@@ -554,8 +555,10 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
         rs = _mv(C, x) - d - s
         mu = (s * z).mean(-1)
         res = torch.stack([rd.abs().amax(-1), rp.abs().amax(-1), rs.abs().amax(-1), mu]).amax(0) / scale
-        if bool((res <= tol).all()):
-            return _polish(Q, q, C, d, E, e, x, s, z, tol)
+        if bool((res <= 1e-6).all()):  # near: try the face the iterates point to
+            polished, ok = _polish(Q, q, C, d, E, e, x, s, z, tol)
+            if bool(ok.all()) or bool((res <= tol).all()):
+                return polished
         K, D = _kkt_matrix(Q, C, E, s, z)
         _, _, dsa, dza = _newton(K, D, C, rd, rp, rs, s, z, -s * z, n)
         a_aff = torch.minimum(_step_to_boundary(s, dsa), _step_to_boundary(z, dza)).clamp(max=1.0)
@@ -566,19 +569,23 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
         a = (0.995 * torch.minimum(_step_to_boundary(s, ds), _step_to_boundary(z, dz))).clamp(max=1.0)
         a = a[..., None]
         x, y, s, z = x + a * dx, y + a * dy, s + a * ds, z + a * dz
+    polished, ok = _polish(Q, q, C, d, E, e, x, s, z, tol)
+    if bool(ok.all()):
+        return polished
     warnings.warn(
         f"interior_qp: residual {float(res.max()):.3g} after {max_iter} steps (tolerance {tol:.1g})",
         SolverWarning,
         stacklevel=3,
     )
-    return x
+    return polished
 
 
 def _polish(
     Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, x: Tensor, s: Tensor, z: Tensor, tol: float
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """The solution of the KKT system of the face guessed from ``s < z`` (see :func:`interior_qp`), problem by
-    problem, where it is feasible with non-negative multipliers; else ``x``."""
+    problem, where it is feasible with non-negative multipliers (then it satisfies the KKT conditions: the
+    optimum); else ``x``. Also returns which problems were polished."""
     n, k = x.shape[-1], E.shape[-2]
     batch = x.shape[:-1]
     parts = [t.expand((*batch, *t.shape[-2:])) for t in (Q, C, E)]
@@ -586,6 +593,7 @@ def _polish(
     out = x.reshape(-1, n).clone()
     flat = [t.reshape(-1, *t.shape[-2:]) for t in parts] + [t.reshape(-1, t.shape[-1]) for t in vecs]
     act = (s < z).reshape(-1, s.shape[-1])
+    ok = torch.zeros(out.shape[0], dtype=torch.bool)
     for b in range(out.shape[0]):
         Qb, Cb, Eb, qb, db, eb = (t[b] for t in flat)
         Ca, da = Cb[act[b]], db[act[b]]
@@ -593,15 +601,17 @@ def _polish(
         K = torch.zeros(n + a + k, n + a + k, dtype=x.dtype, device=x.device)
         K[:n, :n], K[:n, n : n + a], K[:n, n + a :] = Qb, -Ca.T, -Eb.T
         K[n : n + a, :n], K[n + a :, :n] = Ca, Eb
-        sol, info = torch.linalg.solve_ex(K, torch.cat([-qb, da, eb]))
+        rhs = torch.cat([-qb, da, eb])
+        sol, info = torch.linalg.solve_ex(K, rhs)
         if int(info) != 0 or not bool(torch.isfinite(sol).all()):
             continue
+        sol = sol + torch.linalg.solve_ex(K, rhs - K @ sol)[0]  # one step of iterative refinement
         xb, lam = sol[:n], sol[n : n + a]
         scale = 1.0 + float(sol.abs().max())
         worst = float(torch.cat([Cb @ xb - db, lam, xb.new_zeros(1)]).min())
         if worst >= -max(tol, 1e-9) * scale:
-            out[b] = xb
-    return out.reshape(x.shape)
+            out[b], ok[b] = xb, True
+    return out.reshape(x.shape), ok
 
 
 def _mv(A: Tensor, v: Tensor) -> Tensor:
