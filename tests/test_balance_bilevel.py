@@ -573,3 +573,38 @@ def test_forum_trains_resumes_bit_identically(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
     assert r_full.history["weight/a"] == r_res.history["weight/a"]
     assert all(math.isfinite(v) for k in NAMES for v in r_full.history[f"weight/{k}"])
+
+
+@pytest.mark.parametrize("inner_lr", [0.1, 40.0])  # 40: f passes 1e5 and the inner steps stop early
+def test_forum_inner_steps_are_libmtls_sgd_with_its_early_stop(inner_lr):
+    net = Net().double()
+    b = dbl(batch(3))
+    obj = lossport.Objective(SPEC)
+    bal = FORUM(inner_lr=inner_lr)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    ctx = Context(meta=lambda: obj(net, b), train=lambda: obj(net, b), optimizer=opt)
+    losses = obj(net, b)
+    bal._ensure(losses)
+    p = [1 / 3] * 3
+    f = sum(pk * losses.parts[k] for pk, k in zip(p, NAMES))
+    params = list(net.parameters())
+    g_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)])
+    before = [x.detach().clone() for x in params]
+    got = bal._inner_values(losses, ctx, params, p, g_f, float(f.detach()))
+    assert all(torch.equal(x, y) for x, y in zip(params, before))  # the net's parameters are put back
+    inner = copy.deepcopy(net)  # LibMTL's loop on a copy
+    inner_opt = torch.optim.SGD(inner.parameters(), lr=inner_lr)
+    stopped = False
+    for _ in range(5):
+        out = inner(b["x"])
+        loss = sum(pk * ((out[k] - b[k]) ** 2).mean() for pk, k in zip(p, NAMES))
+        if loss.item() > 1e5:
+            stopped = True
+            break
+        inner_opt.zero_grad()
+        loss.backward()
+        inner_opt.step()
+    out = inner(b["x"])
+    ref = torch.stack([((out[k] - b[k]) ** 2).mean() for k in NAMES]).detach()
+    assert torch.allclose(got, ref, rtol=1e-9), (got, ref)
+    assert stopped == (inner_lr > 1)
