@@ -8,10 +8,12 @@ the cost of a forward does not depend on which examples it sees.
 
 Variants: ``sum`` (the plain sum), ``sdmgrad`` and ``modo`` with ``batches=1`` (one batch's Gramian) and
 ``batches=3`` (the papers' cross matrix of two extra batches: two explicit Jacobians), ``auto_lambda`` (look-ahead
-on a meta batch, finite differences) and ``moml`` (an inner and a meta batch, two explicit Jacobians over every
-parameter). Interleaved rounds; the median of ``reps`` is printed with its ratio to ``sum``.
+on a meta batch, finite differences), ``moml`` (an inner and a meta batch, two explicit Jacobians over every
+parameter) and ``forum`` (five inner SGD steps on the main batch, one explicit Jacobian of the meta batch over every
+parameter, a QP). Interleaved rounds; the median of ``reps`` is printed with its ratio to ``sum``.
 
     .venv/bin/python benchmarks/protocol_costs.py            # T = 8 and 32, ~2 min on the 2-core machine
+    .venv/bin/python benchmarks/protocol_costs.py --variants forum moml
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from lossport.balance import MOML, AutoLambda, Balancer, Context, MoDo, SDMGrad
+from lossport.balance import FORUM, MOML, AutoLambda, Balancer, Context, MoDo, SDMGrad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from many_tasks import Model
@@ -38,6 +40,7 @@ VARIANTS: dict[str, Callable[[], Balancer] | None] = {
     "modo batches=3": lambda: MoDo(),
     "auto_lambda": lambda: AutoLambda(),
     "moml": lambda: MOML(),
+    "forum": lambda: FORUM(),
 }
 
 
@@ -67,11 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="a subset of the variants (sum always)")
     args = ap.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose among {list(VARIANTS)}")
     torch.set_num_threads(1)
     for T in args.tasks:
         m = Model(T)
-        steps = {name: make_step(m, make) for name, make in VARIANTS.items()}
+        chosen = {"sum", *args.variants}
+        steps = {name: make_step(m, make) for name, make in VARIANTS.items() if name in chosen}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for f in steps.values():
             f()  # warm-up
