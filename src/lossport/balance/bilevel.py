@@ -479,10 +479,14 @@ class FORUM(LearnedBalancer):
         ahead = self._inner_values(losses, ctx, params, sp, g_f, float(f.detach()))
         soft = torch.diag(p) - torch.outer(p, p)
         gq_alpha = soft @ (s * values) - soft @ (s * ahead)
-        U = jacobian_rows(ctx.meta(), names, params)
-        U = U.to(torch.float64)
-        U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        w, pi = self._solve(U, g_f.to(torch.float64), gq_alpha)
+        U = jacobian_rows(ctx.meta(), names, params)  # the meta parts' gradients, normalised below
+        Ug = torch.cat([U, g_f.to(U.dtype)[None]])
+        M = cross(Ug, Ug)  # one pass over the T + 1 rows
+        del Ug
+        norms = M.diagonal()[:-1].sqrt()
+        inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        scale = torch.cat([inv, inv.new_ones(1)])
+        w, pi = self._solve(M * scale[:, None] * scale[None], gq_alpha)
         beta = (self._round + 1) ** -0.75
         for i, k in enumerate(names):
             old = self._lambda.get(k, 0.0)
@@ -497,7 +501,7 @@ class FORUM(LearnedBalancer):
             self._opt.step()
         for x in self._params.values():
             x.grad = None
-        c = (lam @ U).to(params[0].dtype)
+        c = (lam * inv).to(U.dtype) @ U
         self.info.update({"forum/nu": nu, **{f"forum/lambda/{k}": float(v) for k, v in zip(names, lam)}})
         return {k: nu * pk for k, pk in zip(names, p.tolist())}, {"forum/meta": _zero_valued(params, c)}
 
@@ -532,15 +536,16 @@ class FORUM(LearnedBalancer):
             _assign(params, saved)
             AutoLambda._restore(buffers)
 
-    def _solve(self, U: Tensor, g_omega: Tensor, gq_alpha: Tensor) -> tuple[Tensor, Tensor]:
-        """LibMTL's QP (class docstring, step 3): its solution ``w`` (``T + 1``) and ``pi`` (``T``)."""
-        T = U.shape[0]
-        dev = U.device
-        sq = float(g_omega @ g_omega + gq_alpha @ gq_alpha) + 1e-8
-        ug = U @ g_omega
+    def _solve(self, M: Tensor, gq_alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """LibMTL's QP (class docstring, step 3): its solution ``w`` (``T + 1``) and ``pi`` (``T``). ``M``: the
+        Gramian of ``[u_1; ...; u_T; grad_omega f]`` (float64)."""
+        T = M.shape[0] - 1
+        dev = M.device
+        sq = float(M[T, T] + gq_alpha @ gq_alpha) + 1e-8
+        ug = M[:T, T]
         pi = self.phi - ug / sq
-        G = torch.empty(T + 1, T + 1, dtype=torch.float64, device=dev)
-        G[:T, :T], G[:T, T], G[T, :T], G[T, T] = cross(U, U), ug, ug, sq - 1e-8
+        G = M.clone()
+        G[T, T] = sq - 1e-8
         q = torch.zeros(T + 1, dtype=torch.float64, device=dev)
         q[T] = -self.phi * sq
         C = torch.cat([torch.eye(T + 1, dtype=torch.float64, device=dev), torch.cat([-pi, pi.new_ones(1)])[None]])
