@@ -557,7 +557,7 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
         res = torch.stack([rd.abs().amax(-1), rp.abs().amax(-1), rs.abs().amax(-1), mu]).amax(0) / scale
         if bool((res <= 1e-6).all()):  # near: try the face the iterates point to
             polished, ok = _polish(Q, q, C, d, E, e, x, s, z, tol)
-            if bool(ok.all()) or bool((res <= tol).all()):
+            if all(ok) or bool((res <= tol).all()):
                 return polished
         K, D = _kkt_matrix(Q, C, E, s, z)
         _, _, dsa, dza = _newton(K, D, C, rd, rp, rs, s, z, -s * z, n)
@@ -570,7 +570,7 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
         a = a[..., None]
         x, y, s, z = x + a * dx, y + a * dy, s + a * ds, z + a * dz
     polished, ok = _polish(Q, q, C, d, E, e, x, s, z, tol)
-    if bool(ok.all()):
+    if all(ok):
         return polished
     warnings.warn(
         f"interior_qp: residual {float(res.max()):.3g} after {max_iter} steps (tolerance {tol:.1g})",
@@ -582,7 +582,7 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
 
 def _polish(
     Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, x: Tensor, s: Tensor, z: Tensor, tol: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, list[bool]]:
     """The solution of the KKT system of the face guessed from ``s < z`` (see :func:`interior_qp`), problem by
     problem, where it is feasible with non-negative multipliers (then it satisfies the KKT conditions: the
     optimum); else ``x``. Also returns which problems were polished."""
@@ -593,7 +593,7 @@ def _polish(
     out = x.reshape(-1, n).clone()
     flat = [t.reshape(-1, *t.shape[-2:]) for t in parts] + [t.reshape(-1, t.shape[-1]) for t in vecs]
     act = (s < z).reshape(-1, s.shape[-1])
-    ok = torch.zeros(out.shape[0], dtype=torch.bool)
+    ok = [False] * out.shape[0]
     for b in range(out.shape[0]):
         Qb, Cb, Eb, qb, db, eb = (t[b] for t in flat)
         Ca, da = Cb[act[b]], db[act[b]]
