@@ -553,6 +553,12 @@ def test_forum_leaves_the_net_as_it_was_and_refuses_bad_options():
         with pytest.raises(ValueError, match=msg):
             FORUM(**bad)
     assert resolve("forum").__class__ is FORUM and lossport.balance.kind_of("forum") == "learned"
+    state = bal.state_dict()
+    bad = lossport.Objective(SPEC)(net, {**batch(), "b": torch.full((16, 1), float("inf"))})
+    with pytest.raises(FloatingPointError, match=r"FORUM: the gradients of the parts .* are not finite"):
+        bal(bad, Context(meta=lambda: obj(net, batch(5)), train=lambda: bad, optimizer=opt))
+    after = bal.state_dict()
+    assert after["lambda"] == state["lambda"] and torch.equal(after["values"]["a"], state["values"]["a"])
 
 
 def test_forum_trains_resumes_bit_identically(tmp_path):

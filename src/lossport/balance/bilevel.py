@@ -483,6 +483,12 @@ class FORUM(LearnedBalancer):
         Ug = torch.cat([U, g_f.to(U.dtype)[None]])
         M = cross(Ug, Ug)  # one pass over the T + 1 rows
         del Ug
+        if not (bool(torch.isfinite(M).all()) and bool(torch.isfinite(gq_alpha).all())):
+            raise FloatingPointError(
+                f"FORUM: the gradients of the parts {names} (main batch, meta batch) or their values after the "
+                f"{self.inner_step} inner steps (inner_lr={self.inner_lr}) are not finite; no step was taken and "
+                "the balancer's state is unchanged (a smaller inner_lr keeps the inner steps finite)"
+            )
         norms = M.diagonal()[:-1].sqrt()
         inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
         scale = torch.cat([inv, inv.new_ones(1)])
