@@ -527,34 +527,31 @@ def interior_qp(
     solved directly; where that point is feasible with non-negative multipliers it satisfies the KKT conditions
     (the exact optimum, inactive bounds' variables exactly zero, not ``mu / z``) and is returned. Otherwise the
     iterations go on to the tolerance ``tol``; warns (``SolverWarning``) with the residual if neither the
-    polishing nor the tolerance is reached after ``max_iter`` steps. The problem is first
-    equilibrated (variables scaled to a unit diagonal of ``Q``, constraint rows to unit length), so that
-    variables of very different scales (FORUM's ``w_{T+1}`` beside the simplex weights) converge alike."""
+    polishing nor the tolerance is reached after ``max_iter`` steps. The constraint rows are scaled to unit
+    length and each KKT residual is measured relative to the size of its own terms, so that an objective whose
+    terms span many orders of magnitude (FORUM's ``||g_q||^2`` of 1e24 beside unit Gramian entries, when the
+    inner steps diverge) still converges; the variables are not rescaled (FORUM's are all of order 1, and
+    rescaling them to a unit diagonal of ``Q`` there put 1e11 beside 1 in the iterates and stalled them)."""
     Q, q, C, d, E, e = (t.to(torch.float64) for t in (Q, q, C, d, E, e))
-    dq = Q.diagonal(dim1=-2, dim2=-1)
-    col = torch.where(dq > 0, dq.clamp_min(1e-300).rsqrt(), torch.ones_like(dq))  # x = col * y: unit diagonal
-    Q, q, C, E = col[..., :, None] * Q * col[..., None, :], q * col, C * col[..., None, :], E * col[..., None, :]
     rc, re = C.norm(dim=-1).clamp_min(1e-300), E.norm(dim=-1).clamp_min(1e-300)  # unit rows
-    y = _interior(Q, q, C / rc[..., None], d / rc, E / re[..., None], e / re, tol, max_iter)
-    return col * y
+    return _interior(Q, q, C / rc[..., None], d / rc, E / re[..., None], e / re, tol, max_iter)
 
 
 def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, tol: float, max_iter: int) -> Tensor:
-    """:func:`interior_qp` on the equilibrated problem."""
+    """:func:`interior_qp` with unit constraint rows."""
     n, m, k = Q.shape[-1], C.shape[-2], E.shape[-2]
     batch = torch.broadcast_shapes(Q.shape[:-2], q.shape[:-1], C.shape[:-2], E.shape[:-2])
     x = torch.zeros((*batch, n), dtype=torch.float64, device=Q.device)
     y = torch.zeros((*batch, k), dtype=torch.float64, device=Q.device)
     s = torch.ones((*batch, m), dtype=torch.float64, device=Q.device)
     z = torch.ones_like(s)
-    scale = 1.0 + torch.stack([q.abs().amax(-1), d.abs().amax(-1), e.abs().amax(-1)]).amax(0)
     res = torch.full(batch, float("inf"), dtype=torch.float64, device=Q.device)
     for _ in range(max_iter):
         rd = _mv(Q, x) + q - _mv(E.mT, y) - _mv(C.mT, z)
         rp = _mv(E, x) - e
         rs = _mv(C, x) - d - s
         mu = (s * z).mean(-1)
-        res = torch.stack([rd.abs().amax(-1), rp.abs().amax(-1), rs.abs().amax(-1), mu]).amax(0) / scale
+        res = _relative_residual(Q, q, C, d, E, e, x, y, s, z, rd, rp, rs, mu)
         if bool((res <= 1e-6).all()):  # near: try the face the iterates point to
             polished, ok = _polish(Q, q, C, d, E, e, x, s, z, tol)
             if all(ok) or bool((res <= tol).all()):
@@ -578,6 +575,34 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
         stacklevel=3,
     )
     return polished
+
+
+def _relative_residual(
+    Q: Tensor,
+    q: Tensor,
+    C: Tensor,
+    d: Tensor,
+    E: Tensor,
+    e: Tensor,
+    x: Tensor,
+    y: Tensor,
+    s: Tensor,
+    z: Tensor,
+    rd: Tensor,
+    rp: Tensor,
+    rs: Tensor,
+    mu: Tensor,
+) -> Tensor:
+    """The largest residual of the KKT conditions, each row relative to the size of its own terms (a variable
+    whose terms are 1e24 does not hide the others' residuals, nor theirs its rounding)."""
+    ax, az = x.abs().unsqueeze(-1), z.abs().unsqueeze(-1)
+    sd = 1 + (Q.abs() @ ax).squeeze(-1) + q.abs() + (E.mT.abs() @ y.abs().unsqueeze(-1)).squeeze(-1)
+    sd = sd + (C.mT.abs() @ az).squeeze(-1)
+    sp = 1 + (E.abs() @ ax).squeeze(-1) + e.abs()
+    ss = 1 + (C.abs() @ ax).squeeze(-1) + d.abs() + s
+    obj = 1 + (x * _mv(Q, x)).sum(-1).abs() + (q * x).sum(-1).abs()
+    parts = [(rd.abs() / sd).amax(-1), (rp.abs() / sp).amax(-1), (rs.abs() / ss).amax(-1), mu * s.shape[-1] / obj]
+    return torch.stack(parts).amax(0)
 
 
 def _polish(
@@ -634,7 +659,14 @@ def _newton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One Newton direction ``(dx, dy, ds, dz)`` for the complementarity target ``s dz + z ds = comp``."""
     rhs1 = -rd + _mv(C.mT, comp / s - D * rs)
-    sol = torch.linalg.solve(K, torch.cat([rhs1, -rp], -1))
+    rhs = torch.cat([rhs1, -rp], -1)
+    sol, info = torch.linalg.solve_ex(K, rhs)
+    bad = info != 0  # numerically singular (multipliers or slacks at 1e-30 of each other): least squares
+    if bool(bad.any()):
+        if K.dim() == 2:
+            sol = torch.linalg.pinv(K) @ rhs
+        else:
+            sol[bad] = (torch.linalg.pinv(K[bad]) @ rhs[bad].unsqueeze(-1)).squeeze(-1)
     dx, dy = sol[..., :n], sol[..., n:]
     ds = _mv(C, dx) + rs
     dz = (comp - z * ds) / s
