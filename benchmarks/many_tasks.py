@@ -12,6 +12,11 @@ Variants: ``sum`` (no balancer: backward of the plain sum), ``uw``, ``famo``, an
 ``nash_mtl`` each with ``gramian="params"`` (exact Gramian on the trunk's parameters) and ``gramian="features"``
 (Gramian of the gradients at the trunk's output ``h``). Also the weighting alone, ``weighting.upgrad(G)``,
 ``weighting.mgda(G)`` and ``weighting.nash_mtl(G / ||G||_F)`` (cold start), on that step's Gramian from each mode.
+The approximations (:mod:`lossport.balance.approx`): UPGrad with ``subset=32`` in both modes; at T = 128 and 512
+their error: UPGrad's update ``J^T w`` with ``subset=8, 32`` and with the Gramian sketched to ``d = 32, 128, 512``
+directions, against the exact update, relative, measured with the exact Gramian (one update, and the mean of the
+draws), the fraction of parts whose gradient conflicts with the update (0 for exact UPGrad), and the same for the
+plain sum's update as a yardstick. (The balancers refuse ``sketch < T``; the error table shows why.)
 
 Time: per T, one untimed warm-up call of each variant, then ``reps`` rounds in which every variant runs once in
 turn (interleaved, so drifts of the shared machine hit all alike); the median is printed with its ratio to the
@@ -47,18 +52,22 @@ import torch
 
 from lossport.balance import FAMO, MGDA, NashMTL, Uncertainty, UPGrad
 from lossport.balance import weighting as W
+from lossport.balance.approx import sketch_jacobian, subset_indices
 from lossport.balance.gramian_base import GramianBalancer
+from lossport.gramian import gramian as exact_gramian
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/gramian.py, also when loaded by path
 from gramian import Model as TorchJDModel
 
 TASKS = (8, 32, 128, 512, 1024)
 GRAMIAN_METHODS = {"upgrad": UPGrad, "mgda": MGDA, "nash_mtl": NashMTL}
+APPROXIMATIONS = ("upgrad params subset=32", "upgrad features subset=32")
 VARIANTS = (
     "sum",
     "uw",
     "famo",
     *(f"{m} {mode}" for mode in ("params", "features") for m in GRAMIAN_METHODS),
+    *APPROXIMATIONS,
 )
 
 
@@ -92,15 +101,19 @@ class Model(TorchJDModel):
 
 
 def make_balancer(name: str) -> object:
-    """The balancer of a variant name (``"uw"``, ``"famo"``, ``"<method> <mode>"``); ``None`` for ``"sum"``."""
+    """The balancer of a variant name (``"uw"``, ``"famo"``, ``"<method> <mode>"`` optionally followed by
+    approximation options such as ``subset=32`` or ``sketch=64``); ``None`` for ``"sum"``."""
     if name == "sum":
         return None
     if name == "uw":
         return Uncertainty()
     if name == "famo":
         return FAMO()
-    method, mode = name.split()
-    extra = {"features": "h"} if mode == "features" else {}
+    method, mode, *opts = name.split()
+    extra: dict[str, object] = {"features": "h"} if mode == "features" else {}
+    for opt in opts:
+        key, value = opt.split("=")
+        extra[key] = int(value)
     return GRAMIAN_METHODS[method](gramian=mode, **extra)
 
 
@@ -226,6 +239,66 @@ def time_weightings(T: int, reps: int, clock: Clock, modes: list[str]) -> dict[s
 
 
 # ------------------------------------------------------------------------------------------------------------
+# the approximations' error
+# ------------------------------------------------------------------------------------------------------------
+def update_error(G: torch.Tensor, w: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||J^T (w - exact)|| / ||J^T exact||`` from the exact Gramian ``G = J J^T`` alone."""
+    e = w - exact
+    return math.sqrt(max(float(e @ G @ e), 0.0) / float(exact @ G @ exact))
+
+
+def approx_errors(T: int, draws: int = 8) -> dict[str, dict[str, float]]:
+    """UPGrad's update with ``subset=k`` and ``sketch=d`` against the exact one, on a step's exact ``params``
+    Gramian ``G``: ``step`` the median over ``draws`` (16 times as many for a subset) of the relative error of
+    one update ``J^T w``, ``mean`` that of the mean update over the draws, ``conflicts`` the mean fraction of
+    parts whose gradient has a negative inner product with the update (``(G w)_i < 0``; 0 for exact UPGrad),
+    ``seconds`` the median time of one approximate weighting (Gramian and weighting; the exact figure is in
+    ``exact``). ``plain sum``: the update of ``w = 1``, as a yardstick."""
+    m = Model(T)
+    losses = m.losses()
+    parts = [losses.parts[k] for k in losses.names]
+    params = list(m.trunk.parameters())
+    t0 = time.perf_counter()
+    G = exact_gramian(parts, params)
+    exact = T * W.upgrad(G)
+    out = {"exact": {"seconds": time.perf_counter() - t0, "step": 0.0, "mean": 0.0, "conflicts": 0.0}}
+    ones = torch.ones(T, dtype=torch.float64)
+    err = update_error(G, ones, exact)
+    out["plain sum"] = {"seconds": 0.0, "step": err, "mean": err, "conflicts": float(((G @ ones) < 0).double().mean())}
+    gen = torch.Generator().manual_seed(0)
+    for name, k in [(f"subset={k}", k) for k in (8, 32) if k < T] + [(f"sketch={d}", -d) for d in (32, 128, 512)]:
+        ws, secs = [], []
+        for _ in range(draws if k < 0 else 16 * draws):  # subsets: cheap, more draws for the mean
+            t0 = time.perf_counter()
+            if k > 0:
+                idx = torch.tensor(subset_indices(T, k, gen))
+                wk = k * W.upgrad(G[idx][:, idx])  # the balancer's weights on the drawn parts
+                w = torch.full((T,), float(wk.mean()), dtype=torch.float64)  # their mean for the others
+                w[idx] = wk
+            else:
+                JS = sketch_jacobian(parts, params, -k, gen).to(torch.float64)
+                w = T * W.upgrad(JS @ JS.T)
+            secs.append(time.perf_counter() - t0)
+            ws.append(w)
+        out[name] = {
+            "seconds": statistics.median(secs),
+            "step": statistics.median(update_error(G, w, exact) for w in ws),
+            "mean": update_error(G, torch.stack(ws).mean(0), exact),
+            "conflicts": statistics.mean(float(((G @ w) < 0).double().mean()) for w in ws),
+        }
+    return out
+
+
+def print_errors(T: int, errs: dict[str, dict[str, float]]) -> None:
+    print(f"\nUPGrad approximations at T = {T} (params Gramian; errors of the update J^T w, relative)")
+    print(f"{'':12s} {'ms':>9s} {'step error':>11s} {'mean error':>11s} {'conflicting':>12s}")
+    for k, e in errs.items():
+        ms = f"{e['seconds'] * 1e3:9.1f}" if e["seconds"] else f"{'-':>9s}"
+        print(f"{k:12s} {ms} {e['step']:11.3f} {e['mean']:11.3f} {e['conflicts']:12.3f}")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # memory (child process)
 # ------------------------------------------------------------------------------------------------------------
 def _pin_malloc() -> bool:
@@ -315,6 +388,7 @@ def print_summary(results: dict[int, dict[str, float]], clock: Clock) -> None:
 
 COLORS = {"sum": "black", "uw": "tab:olive", "famo": "tab:cyan", "upgrad": "tab:red", "mgda": "tab:blue"}
 COLORS["nash_mtl"] = "tab:green"
+APPROX_COLORS = ("tab:purple", "tab:pink", "tab:brown")
 
 
 def plot(results: dict[int, dict[str, float]], path: str) -> None:
@@ -335,9 +409,14 @@ def plot(results: dict[int, dict[str, float]], path: str) -> None:
             continue
         pts = [(T, results[T][k] * 1e3) for T in Ts if k in results[T]]
         method = k.removeprefix("w:").split()[0]
-        style = ":" if k.startswith("w:") else ("--" if k.endswith("features") else "-")
+        style = ":" if k.startswith("w:") else ("--" if " features" in k else "-")
         label = f"{method} weighting alone" if k.startswith("w:") else k
-        ax.plot(*zip(*pts), style, marker="o", ms=3, lw=2.5 if k == "sum" else 1.4, label=label, color=COLORS[method])
+        color = COLORS[method]
+        if "=" in k:  # an approximation: its own colour, the mode's line style, square markers
+            color = APPROX_COLORS[APPROXIMATIONS.index(k)]
+        marker = "s" if "=" in k else "o"
+        lw = 2.5 if k == "sum" else 1.4
+        ax.plot(*zip(*pts), style, marker=marker, ms=3, lw=lw, label=label, color=color)
     ax.autoscale_view()
     ylim = ax.get_ylim()
     if "sum" in results[Ts[0]] and len(Ts) > 1:
@@ -351,7 +430,7 @@ def plot(results: dict[int, dict[str, float]], path: str) -> None:
     ax.set_ylabel("median ms per step (weighting: per call)")
     ax.set_title(
         "one step vs T: MLP trunk 657k params, batch 64, 1 CPU thread\n"
-        "solid: gramian='params', dashed: gramian='features', dotted: weighting alone",
+        "solid: gramian='params', dashed: gramian='features', dotted: weighting alone, squares: approximations",
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
@@ -394,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-step", type=float, default=20.0, help="skip a variant predicted above this (s/step)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
     ap.add_argument("--no-memory", action="store_true", help="time only")
+    ap.add_argument("--no-errors", action="store_true", help="skip the approximations' errors (T = 128, 512)")
     ap.add_argument("--plot", default=None, help="write a log-log plot of time vs T here (PNG)")
     ap.add_argument("--memory-of", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--variants", default="", help=argparse.SUPPRESS)
@@ -422,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
         mem = {} if args.no_memory else memory_in_child(T, list(steps))
         results[T] = {**steps, **weights}
         print_table(T, steps, weights, mem)
+        if T in (128, 512) and not args.no_errors and clock.left() > 0:
+            print_errors(T, approx_errors(T, draws=3 if T == 128 else 2))
         if T == 32 and max_t >= 64:  # the UPGrad weighting goal at m = 64 (issue 16)
             w64 = {
                 k: v

@@ -7,7 +7,9 @@ optimizer step on the net (as in ``many_tasks.py``). The extra and meta closures
 the cost of a forward does not depend on which examples it sees.
 
 Variants: ``sum`` (the plain sum), ``sdmgrad`` and ``modo`` with ``batches=1`` (one batch's Gramian) and
-``batches=3`` (the papers' cross matrix of two extra batches: two explicit Jacobians), ``auto_lambda`` (look-ahead
+``batches=3`` (the papers' cross matrix ``J_1 J_2^T`` of two extra batches, layer by layer:
+:func:`lossport.gramian.cross_gramian`), the same with ``explicit J`` (the cross matrix from the two explicit
+``T x P`` Jacobians, as before that function and as under torchrun still), ``auto_lambda`` (look-ahead
 on a meta batch, finite differences), ``moml`` (an inner and a meta batch, two explicit Jacobians over every
 parameter) and ``forum`` (five inner SGD steps on the main batch, one explicit Jacobian of the meta batch over every
 parameter, a QP). Interleaved rounds; the median of ``reps`` is printed with its ratio to ``sum``.
@@ -28,16 +30,39 @@ from collections.abc import Callable
 import torch
 
 from lossport.balance import FORUM, MOML, AutoLambda, Balancer, Context, MoDo, SDMGrad
+from lossport.balance.stochastic import cross, jacobian_rows
+from lossport.result_types import Losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from many_tasks import Model
+
+
+class _Explicit:
+    """The cross matrix from two explicit Jacobians (the path torchrun takes), for the before/after figures."""
+
+    def compute_gramian(self, losses: Losses) -> torch.Tensor:
+        params = self.shared(losses)  # type: ignore[attr-defined]
+        extra = self.context.extra[:2]  # type: ignore[attr-defined]
+        J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in extra)
+        return cross(J1, J2)
+
+
+class SDMGradExplicit(_Explicit, SDMGrad):
+    pass
+
+
+class MoDoExplicit(_Explicit, MoDo):
+    pass
+
 
 VARIANTS: dict[str, Callable[[], Balancer] | None] = {
     "sum": None,
     "sdmgrad batches=1": lambda: SDMGrad(batches=1),
     "sdmgrad batches=3": lambda: SDMGrad(),
+    "sdmgrad b=3 explicit J": lambda: SDMGradExplicit(),
     "modo batches=1": lambda: MoDo(batches=1),
     "modo batches=3": lambda: MoDo(),
+    "modo b=3 explicit J": lambda: MoDoExplicit(),
     "auto_lambda": lambda: AutoLambda(),
     "moml": lambda: MOML(),
     "forum": lambda: FORUM(),
@@ -66,6 +91,17 @@ def make_step(m: Model, make: Callable[[], Balancer] | None) -> Callable[[], Non
     return balanced
 
 
+def check_cross(m: Model) -> None:
+    """The two ways give the same cross matrix (float32 net: to float32 rounding)."""
+    losses, ctx = m.losses(), Context(extra=(m.losses, m.losses))
+    a, b = SDMGrad(), SDMGradExplicit()
+    a.context = b.context = ctx
+    A, B = a.compute_gramian(losses), b.compute_gramian(losses)
+    err = float((A - B).abs().max() / B.abs().max())
+    assert err < 1e-5, err
+    print(f"cross matrix: layer by layer vs explicit Jacobians, max relative difference {err:.1e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[8, 32])
@@ -83,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         times: dict[str, list[float]] = {k: [] for k in steps}
         for f in steps.values():
             f()  # warm-up
+        check_cross(m)
         for _ in range(args.reps):
             for k, f in steps.items():
                 t0 = time.perf_counter()
@@ -91,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"T = {T}: median of {args.reps} steps (ms), ratio to the plain sum")
         for k, v in med.items():
-            print(f"  {k:20s} {1e3 * v:9.1f}  x{v / med['sum']:.1f}")
+            print(f"  {k:24s} {1e3 * v:9.1f}  x{v / med['sum']:.1f}")
 
 
 if __name__ == "__main__":

@@ -333,3 +333,21 @@ def test_three_batch_mode_errors():
     assert MoDo(gramian="features", features="h", batches=1).batches == 1
     with pytest.raises(ValueError, match="SDMGrad uses 3 independent training batches per step and got 1 extra"):
         SDMGrad()(fake_losses(NAMES), Context(extra=(lambda: fake_losses(NAMES),)))
+
+
+def test_cross_matrix_layer_by_layer_equals_the_explicit_jacobians_with_parts_missing_from_a_batch():
+    from dataclasses import replace
+
+    from lossport.balance.stochastic import cross, cross_rows, jacobian_rows
+
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    params = shared_parameters([obj(net, batch(0)).parts[k] for k in NAMES])
+    one, two = obj(net, batch(11)), obj(net, batch(12))
+    one = replace(one, parts={k: v for k, v in one.parts.items() if k != "b"})  # b absent from the first batch
+    two = replace(two, parts={k: v for k, v in two.parts.items() if k != "c"})  # c absent from the second
+    M = cross_rows(one, two, NAMES, params)
+    R = cross(jacobian_rows(one, NAMES, params), jacobian_rows(two, NAMES, params))
+    assert M[1].abs().max() == 0 and M[:, 2].abs().max() == 0
+    assert M.abs().min() == 0 and M[0, 0] != 0
+    assert torch.allclose(M, R, rtol=1e-6, atol=1e-7 * float(R.abs().max()))

@@ -62,8 +62,22 @@ def worker(r, port, out):
         losses = obj(net, batch)  # global parts under torchrun
         losses.total.backward()
         out[r] = ({k: v.item() for k, v in losses.parts.items()}, [p.grad.clone() for p in net.parameters()])
+        out[f"draws{r}"] = framework_draws_refusal()
     finally:
         dist.destroy_process_group()
+
+
+def framework_draws_refusal() -> str:
+    """The message with which the integrations' streams of extra batches refuse a multi-process run."""
+    from lossport.balance import SDMGrad
+    from lossport.training.data import make_source
+    from lossport.training.draws import Draws, RoundDraws
+
+    try:
+        RoundDraws(Draws(SDMGrad(), make_source(make_batch(), 4), None, 4, 0))
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 def test_global_losses_give_the_one_process_gradient_with_uneven_labels():
@@ -72,6 +86,7 @@ def test_global_losses_give_the_one_process_gradient_with_uneven_labels():
     out = manager.dict()
     mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
     for r in (0, 1):
+        assert "draw on one process only" in out[f"draws{r}"]  # Lightning/HF streams of extra batches
         parts, grads = out[r]
         assert parts.keys() == parts1.keys()
         for k in parts1:

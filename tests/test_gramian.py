@@ -261,3 +261,21 @@ def test_tied_weight_used_in_trunk_and_heads_and_trunk_output_reused(batched):
     parts = [(g + s)[:, 0].sum(), (g - s)[:, 1].pow(2).sum(), g[:, 2].mean()]
     params = list(lin.parameters())
     assert close(gramian(parts, params, batched=batched), gramian_reference(parts, params))
+
+
+def test_feature_gramian_linear_heads_walk_falls_back_where_the_closed_form_does_not_hold():
+    torch.manual_seed(10)
+    z = torch.tanh(nn.Linear(3, 4).double()(torch.randn(6, 3, dtype=torch.float64)))
+    heads = [nn.Linear(4, 1).double() for _ in range(3)]
+    shared_head = heads[0](z)
+    cases = {
+        "a part is z itself, reduced": [heads[1](z).sum(), z.sum()],
+        "two parts read one head": [shared_head.sum(), shared_head.pow(2).mean(), heads[2](z).mean()],
+        "a part reads z twice": [heads[1](z).sum(), heads[2](z).sum() + heads[2](z * 1).mean()],
+    }
+    for why, parts in cases.items():
+        assert _linear_heads_gramian(parts, z) is None, why
+        J = torch.stack([torch.autograd.grad(p, z, retain_graph=True)[0].reshape(-1) for p in parts])
+        assert close(feature_gramian(parts, z), J @ J.T), why
+    parts = [heads[t](z).sub(t).pow(2).mean() for t in range(3)]
+    assert _linear_heads_gramian(parts, z) is not None

@@ -145,3 +145,44 @@ def test_meta_data_for_a_balancer_without_a_meta_batch_is_refused():
         fit(Spy(batches=2), meta_data=data())
     with pytest.raises(ValueError, match="meta_data= is given but the run's balancer \\(no balancer\\)"):
         fit(None, meta_data=data())
+
+
+def _ids(drawn: tuple[list, object]) -> list[list[int]]:
+    return [[int(v) for v in b["x"][:, 0].tolist()] for b in drawn[0]]
+
+
+def test_round_draws_resume_within_a_round_and_at_its_end() -> None:
+    from lossport.training.data import make_source
+    from lossport.training.draws import Draws, RoundDraws
+
+    def fresh() -> RoundDraws:
+        return RoundDraws(Draws(SDMGrad(), make_source(data(), 8), None, 8, seed=5))
+
+    ref = fresh()
+    ref.begin(0)
+    r0 = [_ids(ref.next()) for _ in range(3)]
+    ref.begin(1)
+    r1 = [_ids(ref.next()) for _ in range(3)]
+    assert r0 != r1  # each round is a new shuffle
+
+    saver = fresh()
+    saver.begin(0)
+    saver.next()
+    mid = saver.state_dict()  # after 1 draw of round 0
+    assert mid["round"] == 0 and mid["taken"] == 1
+    saver.next(), saver.next()
+    end = saver.state_dict()
+
+    again = fresh()
+    again.load_state_dict(mid)
+    again.begin(0)  # the same round: the saved run's next draws
+    assert [_ids(again.next()) for _ in range(2)] == r0[1:]
+    later = fresh()
+    later.load_state_dict(end)
+    later.begin(1)  # a later round: it starts from the generators' states at the save
+    assert [_ids(later.next()) for _ in range(3)] == r1
+
+    with pytest.raises(ValueError, match=r"resume with the same balancer"):
+        RoundDraws(Draws(lossport.balance.AutoLambda(), make_source(data(), 8), None, 8, seed=5)).load_state_dict(mid)
+    with pytest.raises(RuntimeError, match=r"before begin"):
+        fresh().next()

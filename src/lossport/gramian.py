@@ -59,6 +59,7 @@ from .graph import retained_grad as _grad
 __all__ = [
     "batched_grads",
     "check_reached",
+    "cross_gramian",
     "feature_gramian",
     "gramian",
     "gramian_reference",
@@ -488,6 +489,100 @@ def _layer_gramian(layer: _Layer, D: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the cross Gramian J_1 J_2^T of two batches (params path)
+# ---------------------------------------------------------------------------------------------------------
+def cross_gramian(
+    parts1: Sequence[Tensor], parts2: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool | None = None
+) -> Tensor:
+    """``M = J_1 J_2^T`` (``T_1 x T_2``, float64): ``M[t, s] = <grad_params L^1_t, grad_params L^2_s>`` for the
+    parts of two different forward passes (two batches) through the same ``params``, without forming ``J_1`` or
+    ``J_2``. SDMGrad's and MoDo's weights move on it (an unbiased estimate of ``E[J] E[J]^T``: Xiao et al. 2023,
+    Algorithm 1; Chen et al. 2024, Algorithm 1).
+
+    A Linear or Conv2d layer whose weight (and bias) each graph uses in one node only contributes, with ``X_i``
+    its input rows and ``D^i_t`` its output gradients in batch ``i``,
+
+        M_l[t, s] = <D^1_t^T [X_1, 1], D^2_s^T [X_2, 1]> = <D^1_t, K_12 D^2_s>,   K_12 = X_1 X_2^T + 1  (R_1 x R_2),
+
+    or ``<g^1_t, g^2_s>`` from the explicit weight gradients when that is cheaper (as :func:`gramian` decides
+    per layer). Other parameters (norm layers, embeddings, weights used twice, or a layer found in one graph
+    only) get their per-part gradients explicitly in both graphs. A part that does not reach a parameter has a
+    zero gradient there. The products are formed in float64 from the parameters' dtype (SDMGrad's inner loop
+    amplifies rounding in ``M`` about a hundredfold). ``batched``: :func:`batched_grads`. Both graphs are
+    retained."""
+    params = list(params)
+    T1, T2 = len(parts1), len(parts2)
+    ref = [*parts1, *parts2]
+    M = torch.zeros(T1, T2, dtype=torch.float64, device=ref[0].device if ref else None)
+    if T1 == 0 or T2 == 0 or not params:
+        return M
+    _check_scalars(parts1)
+    _check_scalars(parts2)
+    ids = [id(p) for p in params]
+    if len(set(ids)) != len(ids):
+        raise ValueError("cross_gramian: params lists a tensor twice; give each parameter once")
+    pairs = _match_layers(_find_layers(parts1, params), _find_layers(parts2, params))
+    covered = {id(t) for lay, _ in pairs for t in (lay.weight, lay.bias) if t is not None}
+    explicit: list[Tensor | GradientEdge] = [p for p in params if id(p) not in covered]
+    n = len(pairs)
+    edges1: list[Tensor | GradientEdge] = [GradientEdge(a.node, 0) for a, _ in pairs]  # type: ignore[arg-type]
+    edges2: list[Tensor | GradientEdge] = [GradientEdge(b.node, 0) for _, b in pairs]  # type: ignore[arg-type]
+    g1 = _per_part_grads(parts1, [*edges1, *explicit], params, batched)
+    g2 = _per_part_grads(parts2, [*edges2, *explicit], params, batched)
+    for (a, b), D1, D2 in zip(pairs, g1[:n], g2[:n]):
+        if D1 is not None and D2 is not None:
+            M += _layer_cross(a, D1, b, D2)
+    for x, y in zip(g1[n:], g2[n:]):
+        if x is not None and y is not None:
+            M += x.reshape(T1, -1).to(torch.float64) @ y.reshape(T2, -1).to(torch.float64).T
+    return M
+
+
+def _match_layers(one: list[_Layer], two: list[_Layer]) -> list[tuple[_Layer, _Layer]]:
+    """Pairs of layers of the two graphs with the same weight and bias (same orientation of a Linear weight)."""
+
+    def key(lay: _Layer) -> tuple[int | None, int | None, str]:
+        w_edge = lay.node.next_functions[-1][0]  # type: ignore[attr-defined]
+        kind = "conv" if lay.conv is not None else type(w_edge).__name__  # TBackward0: x W^T; else x W
+        w, b = lay.weight, lay.bias
+        return (None if w is None else id(w), None if b is None else id(b), kind if w is not None else "")
+
+    by_key = {key(b): b for b in two}
+    return [(a, by_key[key(a)]) for a in one if key(a) in by_key]
+
+
+def _weight_rows(A: Tensor, D: Tensor, bias: bool) -> Tensor:
+    """The ``T`` explicit gradients (``T x out*in`` [+ ``out``]) of a layer with input rows ``A`` and output
+    gradients ``D`` (``T x R x out``)."""
+    T, R, n_out = D.shape
+    g = (D.transpose(1, 2).reshape(T * n_out, R) @ A).reshape(T, -1)
+    return torch.cat([g, D.sum(1)], dim=1) if bias else g
+
+
+def _layer_cross(one: _Layer, D1: Tensor, two: _Layer, D2: Tensor) -> Tensor:
+    """One layer's share of ``J_1 J_2^T`` (``T_1 x T_2``), by the cheaper of the two ways, in float64."""
+    A1, D1 = _rows(one, D1)
+    A2, D2 = _rows(two, D2)
+    f64 = torch.float64
+    A1, A2, D1, D2 = A1.detach().to(f64), A2.detach().to(f64), D1.to(f64), D2.to(f64)
+    T1, R1, n_out = D1.shape
+    T2, R2, _ = D2.shape
+    n_in = A1.shape[1]
+    has_b = one.bias is not None
+    if one.weight is None:  # bias only: its gradient is the column sum of D
+        return D1.sum(1) @ D2.sum(1).T
+    contract = R1 * R2 * n_in + T2 * R1 * R2 * n_out + T1 * T2 * R1 * n_out
+    explicit = (T1 * R1 + T2 * R2) * n_out * n_in + T1 * T2 * n_out * n_in
+    if contract < explicit:
+        K = A1 @ A2.T
+        if has_b:
+            K = K + 1.0
+        KD = (K @ D2.transpose(0, 1).reshape(R2, T2 * n_out)).reshape(R1, T2, n_out)
+        return torch.bmm(D1.transpose(0, 1), KD.transpose(1, 2)).sum(0)  # R1 x T1 x T2, summed over rows
+    return _weight_rows(A1, D1, has_b) @ _weight_rows(A2, D2, has_b).T
+
+
+# ---------------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------------
 def gramian(parts: Sequence[Tensor], params: Sequence[Tensor], *, batched: bool | None = None) -> Tensor:
@@ -545,45 +640,15 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     live = [t for t, p in enumerate(parts) if p.requires_grad]
     if z.dim() != 2 or z.grad_fn is None or len(live) < 2 or any(parts[t].grad_fn is None for t in live):
         return None
-    zkey = (id(z.grad_fn), int(z.output_nr))
-    owner = _owners([parts[t] for t in live])
-    if any(owner.get(id(parts[t].grad_fn)) == _SHARED for t in live):
-        return None
-    heads: dict[int, object] = {}  # live index -> its Linear node on z
-    seen: set[int] = set()
-    stack = [parts[t].grad_fn for t in live]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        shared_slots = []
-        for i, (nxt, nr) in enumerate(node.next_functions):  # type: ignore[union-attr]
-            if nxt is None:
-                continue
-            if owner.get(id(nxt)) == _SHARED:
-                shared_slots.append((i, (id(nxt), int(nr))))
-            elif id(nxt) not in seen:
-                stack.append(nxt)
-        if not shared_slots:
-            continue
-        name = type(node).__name__
-        z_slot = {"AddmmBackward0": 1, "MmBackward0": 0}.get(name)
-        own = owner[id(node)]
-        if z_slot is None or shared_slots != [(z_slot, zkey)] or own in heads:
-            return None
-        if name == "AddmmBackward0" and (node._saved_alpha != 1 or node._saved_beta != 1):  # type: ignore[union-attr]
-            return None
-        heads[own] = node
-    if not heads:
+    heads = _linear_heads(parts, live, z)
+    if heads is None:
         return None
     order = sorted(heads)
-    total = parts[live[0]]
-    for t in live[1:]:
-        total = total + parts[t]
+    outs = [parts[live[i]] for i in order]  # one backward from every part at once (no chain of additions)
     E = _grad(
-        total,
+        outs,
         [GradientEdge(heads[i], 0) for i in order],  # type: ignore[arg-type]
+        grad_outputs=[torch.ones_like(p) for p in outs],
         retain_graph=True,
     )
     V = [heads[i]._saved_mat2.detach() for i in order]  # type: ignore[attr-defined]  # width x o_t: Y_t = z @ V
@@ -600,6 +665,50 @@ def _linear_heads_gramian(parts: Sequence[Tensor], z: Tensor) -> Tensor | None:
     idx = torch.tensor(rows, device=z.device)
     G[idx.unsqueeze(1), idx.unsqueeze(0)] = sub.to(torch.float64)
     return G
+
+
+def _linear_heads(parts: Sequence[Tensor], live: list[int], z: Tensor) -> dict[int, object] | None:
+    """``{i: node}``: the one ``addmm``/``mm`` node through which live part ``live[i]`` reaches ``z`` (as the
+    left factor, unscaled), for the parts that reach ``z``; ``None`` when some part reaches ``z`` otherwise
+    (twice, through another op, through another output of ``z``'s node) or when two parts meet above ``z``
+    (then their gradients at a head's output would mix). One walk of the graph above ``z``, stopping at it."""
+    zid, znr = id(z.grad_fn), int(z.output_nr)
+    owner: dict[int, int] = {}  # node above z -> the live index of the part reaching it
+    z_edges: dict[int, list[tuple[object, int]]] = {}  # live index -> [(node, input slot)] pointing at z's node
+    for i, t in enumerate(live):
+        root: Any = parts[t].grad_fn
+        if id(root) == zid:
+            return None  # a part computed from z by no op of its own
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            o = owner.get(id(node))
+            if o == i:
+                continue
+            if o is not None:
+                return None  # two parts meet above z
+            owner[id(node)] = i
+            for slot, (nxt, nr) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                if id(nxt) == zid:
+                    if int(nr) != znr:
+                        return None
+                    z_edges.setdefault(i, []).append((node, slot))
+                else:
+                    stack.append(nxt)
+    heads: dict[int, object] = {}
+    for i, found in z_edges.items():
+        if len(found) != 1:
+            return None
+        head: Any = found[0][0]
+        name = type(head).__name__
+        if found[0][1] != {"AddmmBackward0": 1, "MmBackward0": 0}.get(name):
+            return None
+        if name == "AddmmBackward0" and (head._saved_alpha != 1 or head._saved_beta != 1):
+            return None
+        heads[i] = head
+    return heads or None
 
 
 def _key(x: Tensor | GradientEdge) -> _Key:
@@ -714,11 +823,11 @@ def feature_gramian(
         if not f.requires_grad:
             raise ValueError("feature_gramian: the representation does not require grad (is it detached?)")
     _check_scalars(parts)
-    check_reached(parts, feats)
     if len(feats) == 1:
         G_heads = _linear_heads_gramian(parts, feats[0])
-        if G_heads is not None:
+        if G_heads is not None:  # some part reaches z through its head: no need to check_reached
             return G_heads
+    check_reached(parts, feats)
     grads: list[Tensor | None] | None = None
     sp = _split(parts)
     if sp is not None:

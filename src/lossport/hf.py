@@ -27,8 +27,19 @@ labelled examples) and the mean applied weight ``weight/<part>`` go into the sam
 the evaluation set's labelled examples; ``eval_loss`` is the Trainer's mean of the per-batch totals with the
 spec's static weights; the balancer is not run in evaluation, as in :func:`lossport.evaluate`).
 
-**Checkpoints.** Every checkpoint folder gets ``lossport_balancer.pt`` (the balancer's ``state_dict()``), and
-``train(resume_from_checkpoint=...)`` restores it before the first resumed step.
+**Extra and meta batches.** A balancer that declares extra training batches (SDMGrad, MoDo: ``batches=3``) or a
+meta batch (Auto-Lambda, MOML: ``meta``) gets its :class:`~lossport.balance.Context` in ``compute_loss``: the
+extra batches and the meta batch come from independent shuffles of ``train_dataset``, batched like the main
+batch (``per_device_train_batch_size``, the Trainer's ``data_collator``, ``dataloader_drop_last``;
+``meta_data=`` gives the meta batches their own data), one draw per micro-batch, moved to the device by
+``_prepare_inputs`` as the main batch; ``Context.train`` evaluates the objective again on the main batch and
+``Context.optimizer`` is the Trainer's optimizer. The streams are seeded ``args.seed + 1 + i``
+(:mod:`lossport.training.draws`), as :func:`lossport.train` with ``seed=args.seed`` seeds them.
+
+**Checkpoints.** Every checkpoint folder gets ``lossport_balancer.pt`` (the balancer's ``state_dict()``) and,
+when the balancer draws extra or meta batches, ``lossport_draws.pt`` (the streams' generator states); and
+``train(resume_from_checkpoint=...)`` restores them before the first resumed step (a run resumed within an
+epoch draws the batches the saved run would have drawn next).
 """
 
 from __future__ import annotations
@@ -40,15 +51,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .balance import Context
 from .objective import Objective
 from .result_types import Losses
+from .training.data import make_source
+from .training.draws import Draws, RoundDraws
 
-__all__ = ["BALANCER_FILE", "LossportTrainer"]
+__all__ = ["BALANCER_FILE", "DRAWS_FILE", "LossportTrainer"]
 
 BALANCER_FILE = "lossport_balancer.pt"
+DRAWS_FILE = "lossport_draws.pt"
 _TRAINER_KEYS = ("loss", "learning_rate", "epoch", "grad_norm", "step")
 
 
@@ -98,11 +114,17 @@ class _PostStep(TrainerCallback):
             t.objective.step(net, batch)
             t._last = None
 
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer._draws is not None:  # state.epoch: the epochs done (a fraction when resumed within one)
+            self.trainer._draws.begin(math.floor(state.epoch or 0.0))
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         bal = self.trainer.objective.balancer
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if bal is not None and state.is_world_process_zero and os.path.isdir(folder):
             torch.save(bal.state_dict(), os.path.join(folder, BALANCER_FILE))
+            if self.trainer._draws is not None:
+                torch.save(self.trainer._draws.state_dict(), os.path.join(folder, DRAWS_FILE))
 
 
 class LossportTrainer(Trainer):
@@ -110,13 +132,17 @@ class LossportTrainer(Trainer):
 
     Args:
         objective: the objective (loss spec, static weights, balancer); required.
+        meta_data: the meta batches of a bilevel balancer (Auto-Lambda, MOML), any data form of
+            :func:`lossport.train` (a Dataset is collated by ``torch``'s ``default_collate``, not the Trainer's
+            ``data_collator``); by default another shuffle of ``train_dataset``. An error with a balancer that
+            uses no meta batch.
         *args, **kwargs: as for ``transformers.Trainer`` (``compute_loss_func`` is not accepted: the objective is
             the loss).
     """
 
     objective: Objective
 
-    def __init__(self, *args: Any, objective: Objective, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: Objective, meta_data: Any = None, **kwargs: Any) -> None:
         if not isinstance(objective, Objective):
             raise TypeError(
                 f"LossportTrainer: objective= must be a lossport.Objective, not {type(objective).__name__}; "
@@ -131,7 +157,50 @@ class LossportTrainer(Trainer):
         self._window = _Window()
         self._eval = _Window()
         self._last: tuple[nn.Module, Any] | None = None
+        self.meta_data = meta_data
+        self._draws: RoundDraws | None = None
+        bal = objective.balancer
+        if meta_data is not None and (bal is None or not bal.meta):
+            raise ValueError(
+                f"LossportTrainer: meta_data= is given but the balancer ({type(bal).__name__ if bal else 'none'}) "
+                "uses no meta batch; drop meta_data= or choose a bilevel method (e.g. balance='auto_lambda')"
+            )
         self.add_callback(_PostStep(self))
+
+    # -- extra and meta batches --------------------------------------------------------------------------
+    def _make_draws(self) -> RoundDraws | None:
+        """The streams of extra and meta batches (:mod:`lossport.training.draws`), or ``None``."""
+        bal = self.objective.balancer
+        if bal is None or (bal.batches <= 1 and not bal.meta):
+            return None
+        ds = self.train_dataset
+        if ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+            raise ValueError(
+                f"LossportTrainer: {type(bal).__name__} draws extra (or meta) batches from other shuffles of "
+                f"train_dataset, and it is {type(ds).__name__}; give a map-style dataset (indexable, with a length)"
+            )
+        size = self._train_batch_size
+        loader = DataLoader(
+            ds, batch_size=size, collate_fn=self.data_collator, drop_last=self.args.dataloader_drop_last
+        )
+        return RoundDraws(Draws(bal, make_source(loader, size), self.meta_data, size, self.args.seed))
+
+    def _context(self, model: nn.Module, inputs: dict[str, Any]) -> Context:
+        """The balancer's Context for the micro-batch ``inputs`` (one draw from every stream)."""
+        assert self._draws is not None
+        extra, meta = self._draws.next()
+        ev = self.objective.evaluate
+
+        def on(data: Any) -> Any:
+            batch = self._prepare_inputs(data)
+            return lambda: ev(model, batch)
+
+        return Context(
+            extra=tuple(on(x) for x in extra),
+            meta=None if meta is None else on(meta),
+            train=lambda: ev(model, inputs),
+            optimizer=self.optimizer,
+        )
 
     # -- the loss ----------------------------------------------------------------------------------------
     def compute_loss(
@@ -143,8 +212,10 @@ class LossportTrainer(Trainer):
     ) -> Tensor | tuple[Tensor, Any]:
         """``objective(model, inputs).total`` (balanced); in training the parts and weights go to the log window
         and the batch is kept for the balancer's post-step update."""
-        losses = self.objective(model, inputs)
-        if model.training and torch.is_grad_enabled():
+        training = model.training and torch.is_grad_enabled()
+        context = self._context(model, inputs) if training and self._draws is not None else None
+        losses = self.objective(model, inputs, context=context)
+        if training:
             clash = [k for k in losses.parts if k in _TRAINER_KEYS and len(losses.parts) > 1]
             if clash:
                 raise ValueError(
@@ -219,7 +290,9 @@ class LossportTrainer(Trainer):
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``; when resuming, the balancer's state is restored from the checkpoint first."""
+        """``Trainer.train``; when resuming, the balancer's state (and its streams') is restored from the
+        checkpoint first."""
+        self._draws = self._make_draws()
         path = resume_from_checkpoint
         if path is True:
             path = get_last_checkpoint(self.args.output_dir)
@@ -233,4 +306,12 @@ class LossportTrainer(Trainer):
                     "balancer, so the balancer's state cannot be restored; resume from a checkpoint of the same run"
                 )
             self.objective.balancer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+            if self._draws is not None:
+                file = os.path.join(path, DRAWS_FILE)
+                if not os.path.isfile(file):
+                    raise ValueError(
+                        f"checkpoint {path!r} has no {DRAWS_FILE}: it was not saved by a LossportTrainer whose "
+                        "balancer draws extra or meta batches; resume with the balancer of the run that saved it"
+                    )
+                self._draws.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
         return super().train(resume_from_checkpoint, *args, **kwargs)

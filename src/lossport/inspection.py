@@ -545,7 +545,11 @@ class Monitor:
             info = balancer.info
             if info is not self._last_info and all(f"norm/{k}" in info for k in names) and len(names) >= 2:
                 self._last_info = info
-                figs = _from_balancer_info(info, names)
+                G = getattr(balancer, "last_gramian", None)
+                if f"cos/{names[0]}/{names[1]}" not in info and G is not None and G.shape[0] == len(names):
+                    figs = figures_from_gramian(G, names)  # many parts: info holds the cosines' summary only
+                else:
+                    figs = _from_balancer_info(info, names)
         if step % self.every == 0:
             self._due = True
         if figs is None and self._due and len(names) >= 2:

@@ -36,8 +36,17 @@ unchanged, and the class is restored when fitting ends. With that record it
   not update the balancer;
 * calls ``balancer.end_round(means)`` at the end of each training epoch with the mean of every part over the
   epoch's labelled examples (DWA's loss history);
-* saves every balancer's ``state_dict()`` in Lightning checkpoints (the callback's own state) and restores it on
-  ``trainer.fit(..., ckpt_path=...)``, before the first resumed batch.
+* gives a balancer that declares extra batches or a meta batch (SDMGrad and MoDo: ``batches=3``; Auto-Lambda,
+  MOML: ``meta``) its :class:`~lossport.balance.Context` when the module calls ``self.objective(net, batch)``
+  in training: the extra batches and the meta batch come from independent shuffles of the trainer's training
+  dataloader's dataset (same batch size, collate function and ``drop_last``; ``meta_data=`` gives the meta
+  batches their own data), one draw per training batch, moved to the device by the strategy as Lightning moves
+  the main batch; ``Context.train`` evaluates the objective again on the main batch and ``Context.optimizer``
+  is the module's optimizer. The streams are seeded ``seed + 1 + i`` (:mod:`lossport.training.draws`), so
+  ``seed=`` equal to :func:`lossport.train`'s gives the same extra batches;
+* saves every balancer's ``state_dict()`` and the streams' generator states in Lightning checkpoints (the
+  callback's own state) and restores them on ``trainer.fit(..., ckpt_path=...)``, before the first resumed
+  batch.
 
 The net and the objective see exactly what they see in a hand-written loop (:mod:`lossport.objective`), so the
 precision plugins (``"bf16-mixed"``), gradient accumulation and clipping of Lightning apply as usual; under its
@@ -54,10 +63,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from .balance import Context
 from .objective import Objective
 from .result_types import Losses
+from .training.data import make_source
+from .training.draws import Draws, RoundDraws
 
 __all__ = ["LossportCallback", "find_objectives"]
 
@@ -101,6 +115,9 @@ class _Record:
     calls: list[_Call] = field(default_factory=list)
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    more: tuple[list[Any], Any] | None = None
+    """The current training batch's extra batches and meta batch (balancers that declare them)."""
+    optimizer: torch.optim.Optimizer | None = None
 
 
 _RECORDS: weakref.WeakKeyDictionary[Objective, _Record] = weakref.WeakKeyDictionary()
@@ -112,8 +129,10 @@ def _recording_class(cls: type) -> type:
     if cls not in _SUBCLASSES:
 
         def __call__(self: Objective, net: nn.Module, batch: Any, **kwargs: Any) -> Losses:
-            losses = super(sub, self).__call__(net, batch, **kwargs)  # type: ignore[arg-type]
             rec = _RECORDS.get(self)
+            if rec is not None and rec.more is not None and kwargs.get("context") is None and net.training:
+                kwargs["context"] = _context(self, net, batch, rec.more, rec.optimizer)
+            losses = super(sub, self).__call__(net, batch, **kwargs)  # type: ignore[arg-type]
             if rec is not None:
                 rec.calls.append(_Call(net, batch, losses))
             return losses
@@ -128,6 +147,28 @@ def _float(x: Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, Tensor) else float(x)
 
 
+def _draws_batches(obj: Objective) -> bool:
+    """Whether the objective's balancer takes extra batches or a meta batch."""
+    return obj.balancer is not None and (obj.balancer.batches > 1 or obj.balancer.meta)
+
+
+def _context(
+    obj: Objective, net: nn.Module, batch: Any, more: tuple[list[Any], Any], opt: torch.optim.Optimizer | None
+) -> Context:
+    """The objective (unbalanced parts) on the extra batches, the meta batch and again on the main batch."""
+    extra, meta = more
+
+    def on(data: Any) -> Any:
+        return lambda: obj.evaluate(net, data)
+
+    return Context(
+        extra=tuple(on(x) for x in extra),
+        meta=None if meta is None else on(meta),
+        train=on(batch),
+        optimizer=opt,
+    )
+
+
 class LossportCallback(pl.Callback):
     """Balancer updates, logging and checkpointing of the :class:`~lossport.Objective` s of a ``LightningModule``
     (see the module docstring).
@@ -136,15 +177,26 @@ class LossportCallback(pl.Callback):
         log_balancer_info: also log the balancer's diagnostics (``train/balancer/<key>``: gradient norms and
             cosines of the Gramian balancers, learned log-variances, ...).
         prog_bar: show the parts in the progress bar.
+        seed: seeds the extra and meta batch streams (stream ``i``: ``seed + 1 + i``, as :func:`lossport.train`
+            with the same ``seed``); unused by balancers that draw nothing.
+        meta_data: the meta batches of a bilevel balancer (Auto-Lambda, MOML), any data form of
+            :func:`lossport.train`, batched like the training dataloader; by default another shuffle of the
+            training data. An error with an objective whose balancer uses no meta batch.
     """
 
-    def __init__(self, *, log_balancer_info: bool = True, prog_bar: bool = False) -> None:
+    def __init__(
+        self, *, log_balancer_info: bool = True, prog_bar: bool = False, seed: int = 0, meta_data: Any = None
+    ) -> None:
         super().__init__()
         self.log_balancer_info = log_balancer_info
         self.prog_bar = prog_bar
+        self.seed = seed
+        self.meta_data = meta_data
         self.objectives: dict[str, Objective] = {}
+        self.draws: dict[str, RoundDraws] = {}
         self._swapped: dict[str, type] = {}
         self._pending: dict[str, Any] | None = None
+        self._pending_draws: dict[str, Any] = {}
         self._step_at_start = 0
 
     # -- finding and recording the objectives ----------------------------------------------------------
@@ -182,11 +234,54 @@ class LossportCallback(pl.Callback):
     def _prefix(self, phase: str, path: str) -> str:
         return f"{phase}/" if len(self.objectives) == 1 else f"{phase}/{path}/"
 
+    # -- extra and meta batches -------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.draws = {}
+        wanting = {p: o for p, o in self.objectives.items() if _draws_batches(o)}
+        if self.meta_data is not None and not any(o.balancer.meta for o in wanting.values()):  # type: ignore[union-attr]
+            raise ValueError(
+                "LossportCallback: meta_data= is given but no objective's balancer uses a meta batch; drop "
+                "meta_data= or choose a bilevel method (e.g. balance='auto_lambda')"
+            )
+        if not wanting:
+            return
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                f"LossportCallback: the balancers of {list(wanting)} draw extra (or meta) batches from other "
+                f"shuffles of the training dataloader, and the trainer's training data is a "
+                f"{type(loader).__name__}; give trainer.fit one DataLoader over a map-style Dataset"
+            )
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"LossportCallback: the balancers of {list(wanting)} need the net's optimizer, and the module "
+                f"configures {len(trainer.optimizers)}; configure_optimizers should return one"
+            )
+        size = loader.batch_size or 1
+        for path, obj in wanting.items():
+            meta = self.meta_data if obj.balancer.meta else None  # type: ignore[union-attr]
+            rd = RoundDraws(Draws(obj.balancer, make_source(loader, size), meta, size, self.seed))
+            if path in self._pending_draws:
+                rd.load_state_dict(self._pending_draws.pop(path))
+            self.draws[path] = rd
+            _RECORDS[obj].optimizer = trainer.optimizers[0]
+
+    def _draw(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        for path, rd in self.draws.items():
+            if not rd.started:  # resumed within an epoch: Lightning does not start the epoch again
+                rd.begin(trainer.current_epoch)
+            rd.skip_to(batch_idx)  # a resumed epoch starts at the saved batch
+            extra, meta = rd.next()
+            move = trainer.strategy.batch_to_device
+            _RECORDS[self.objectives[path]].more = ([move(x) for x in extra], None if meta is None else move(meta))
+
     # -- training --------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for obj in self.objectives.values():
             rec = _RECORDS[obj]
             rec.sums, rec.counts = {}, {}
+        for rd in self.draws.values():
+            rd.begin(trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -194,6 +289,7 @@ class LossportCallback(pl.Callback):
         self._step_at_start = trainer.global_step
         for obj in self.objectives.values():
             _RECORDS[obj].calls = []
+        self._draw(trainer, batch_idx)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -213,6 +309,8 @@ class LossportCallback(pl.Callback):
             if stepped:
                 obj.step(last.net, last.batch)
             rec.calls = []
+        for path in self.draws:
+            _RECORDS[self.objectives[path]].more = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for obj in self.objectives.values():
@@ -264,15 +362,19 @@ class LossportCallback(pl.Callback):
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """``{"balancers": {path: balancer.state_dict()}}`` for every objective with a balancer."""
+        """``{"balancers": {path: balancer.state_dict()}, "draws": {path: streams' state}}`` for every objective
+        with a balancer (``draws``: those that draw extra or meta batches, :class:`RoundDraws`)."""
         return {
             "balancers": {
                 path: obj.balancer.state_dict() for path, obj in self.objectives.items() if obj.balancer is not None
-            }
+            },
+            "draws": {**self._pending_draws, **{path: rd.state_dict() for path, rd in self.draws.items()}},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the balancers (now, or when the objectives are found at the start of fitting)."""
+        """Restore the balancers (now, or when the objectives are found at the start of fitting); the streams
+        of extra and meta batches when training starts."""
+        self._pending_draws = dict(state_dict.get("draws", {}))
         balancers = dict(state_dict.get("balancers", {}))
         if self.objectives:
             self._load_balancers(balancers)

@@ -28,7 +28,14 @@ Modes (any method works in any mode):
   about one sum-backward per step.
 
 Diagnostics of the last computation are in ``info``: ``norm/<part>`` (``sqrt(G_ii)``) and ``cos/<a>/<b>``
-(``G_ab / sqrt(G_aa G_bb)``), kept until the next recomputation.
+(``G_ab / sqrt(G_aa G_bb)``) for up to :data:`PAIR_COSINES_UP_TO` parts, above that the cosines' summary
+(``cos/mean``, ``cos/min``, ``cos/max``, ``cos/conflicting``), kept until the next recomputation; the Gramian
+itself is ``last_gramian`` (every pairwise cosine, on demand).
+
+Approximations for many parts (opt-in, :mod:`lossport.balance.approx`): ``subset=k`` weighs a random subset
+of ``k`` parts per computation (the others get the subset's mean weight), ``sketch=d`` (``params`` mode, ``d``
+at least the number of parts) sketches the gradients to ``d`` random directions; both draw from a seeded host
+generator kept in the state.
 
 Under ``torchrun`` (:mod:`lossport.distributed`) the Gramian is that of the global batch: the local Jacobian is
 all-reduced in params mode (``T x P`` numbers: the cross-rank products ``J_r J_q^T`` are needed), the local
@@ -55,6 +62,7 @@ from .. import distributed
 from ..gramian import batched_grads, check_reached, feature_gramian, gramian, jacobian
 from ..graph import shared_parameters
 from ..result_types import Losses
+from .approx import check_options, restrict, sketch_jacobian, subset_indices
 from .base import Balancer
 
 _MODES = ("params", "features")
@@ -68,6 +76,13 @@ class GramianBalancer(Balancer):
     :param every: recompute the weights every ``every`` calls, reuse them in between.
     :param params: the parameters to take the Gramian on in ``"params"`` mode (default: those reached by more
         than one part, found in the autograd graph at each call).
+    :param subset: approximation (:mod:`lossport.balance.approx`): weigh a random subset of ``subset`` parts at
+        each computation (the method's weights on it; the other parts get their mean); ``None``: exact.
+    :param sketch: approximation, ``gramian="params"`` only: the Gramian of the gradients projected on
+        ``sketch`` random sign directions (unbiased, a cosine's error ``~ sqrt((1 + cos^2) / sketch)``); at least
+        the number of parts (a smaller sketch is singular: an error); ``None``: exact.
+    :param approx_seed: seed of the host generator of ``subset`` and ``sketch`` (its state is in
+        :meth:`state_dict`).
     """
 
     kind = "gramian"
@@ -79,6 +94,9 @@ class GramianBalancer(Balancer):
         features: str | nn.Module | None = None,
         every: int = 1,
         params: Iterable[Tensor] | None = None,
+        subset: int | None = None,
+        sketch: int | None = None,
+        approx_seed: int = 0,
     ) -> None:
         super().__init__()
         if gramian not in _MODES:
@@ -106,6 +124,22 @@ class GramianBalancer(Balancer):
         self._last: dict[str, float] | None
         self.add_state("_calls", 0)  # calls counted for the every=K schedule
         self.add_state("_last", None)  # the weights in use, by part
+        check_options(subset, sketch, gramian, approx_seed)
+        if (subset is not None or sketch is not None) and type(self).run is not GramianBalancer.run:
+            raise ValueError(
+                f"{type(self).__name__} uses the gradients themselves, not only their Gramian: subset= and sketch= "
+                "are not available for it (leave them None)"
+            )
+        if sketch is not None and type(self).compute_gramian is not GramianBalancer.compute_gramian:
+            raise ValueError(f"{type(self).__name__} computes its Gramian from the Jacobian: sketch= is not available")
+        self.subset, self.sketch, self.approx_seed = subset, sketch, approx_seed
+        self._approx_rng: torch.Generator
+        if subset is not None or sketch is not None:
+            self.add_state("_approx_rng", torch.Generator().manual_seed(approx_seed))  # subsets and sketches
+        self.last_gramian: Tensor | None = None
+        """The Gramian of the last computation (float64, parts in the order of ``last_names``): every pairwise
+        cosine is there when ``info`` holds only their summary (more than :data:`PAIR_COSINES_UP_TO` parts)."""
+        self.last_names: list[str] = []
         self._records: list[Tensor] = []
         self._hook: Any = None
         self._net_hook: Any = None
@@ -217,6 +251,17 @@ class GramianBalancer(Balancer):
 
             return sharded_gramian(parts, self._sharded(), self.params)
         params = self.shared(losses)
+        if self.sketch is not None:  # J S, T x sketch: all-reduced like J (the same S on every rank)
+            if self.sketch < len(parts):
+                raise ValueError(
+                    f"{type(self).__name__}: sketch={self.sketch} is below the {len(parts)} parts of this batch: the "
+                    f"sketched Gramian has rank at most {self.sketch}, and the weighting then finds combinations of "
+                    "the parts that it sees as zero (measured for UPGrad at T = 128, sketch=64: weights up to 86, "
+                    "update error 6.5x, docs/scaling.md); give sketch= at least the number of parts, or use subset="
+                )
+            JS = distributed.all_reduce_jacobian(sketch_jacobian(parts, params, self.sketch, self._approx_rng))
+            JS = JS.to(torch.float64)
+            return JS @ JS.T
         if distributed.is_distributed():
             J = distributed.all_reduce_jacobian(jacobian(parts, params).to(torch.float64))
             return J @ J.T
@@ -268,35 +313,48 @@ class GramianBalancer(Balancer):
         return {k: self._last[k] for k in losses.names}
 
     def run(self, losses: Losses) -> Any:
-        """Compute ``G``, check it, weigh it (restoring the state if :meth:`weigh` fails) and keep the weights."""
+        """Compute ``G`` (of a random subset of the parts with ``subset=``), check it, weigh it and keep the
+        weights; a call that fails restores the state (random generators included)."""
         names = losses.names
-        G = self.compute_gramian(losses)
+        before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
+        try:
+            drawn = losses
+            if self.subset is not None and self.subset < len(names):
+                drawn = restrict(losses, [names[i] for i in subset_indices(len(names), self.subset, self._approx_rng)])
+            G = self.compute_gramian(drawn)
+            w = self._weights(G, drawn)
+        except Exception:
+            self.load_state_dict(before)  # a failed call leaves the balancer as it was
+            raise
+        got = dict(zip(drawn.names, w.cpu().tolist()))
+        rest = sum(got.values()) / len(got)  # subset=k: the parts not drawn get the drawn parts' mean weight
+        self._last = {k: got.get(k, rest) for k in names}
+        self.last_gramian, self.last_names = G, drawn.names
+        self.info = diagnostics(G, drawn.names)
+        return dict(self._last)
+
+    def _weights(self, G: Tensor, losses: Losses) -> Tensor:
+        """``weigh(G, losses)`` after checking ``G``, checked in turn (shape, finite), float64."""
+        names = losses.names
         if not bool(torch.isfinite(G).all()):
             bad = [k for k, row in zip(names, G.tolist()) if not all(map(math.isfinite, row))]
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradients of {bad} are not finite (their Gramian rows "
                 "hold NaN or inf) although the losses are; the balancer's state is unchanged"
             )
-        before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
-        try:
-            w = self.weigh(G, losses)
-            if not isinstance(w, Tensor) or w.shape != (len(names),):
-                raise RuntimeError(
-                    f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
-                    f"tensor of shape ({len(names)},) for the parts {names}"
-                )
-            w = w.detach().to(torch.float64)
-            if not bool(torch.isfinite(w).all()):
-                raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
-                    "balancer's state is unchanged"
-                )
-        except Exception:
-            self.load_state_dict(before)  # a failed call leaves the balancer as it was
-            raise
-        self._last = dict(zip(names, w.cpu().tolist()))
-        self.info = diagnostics(G, names)
-        return dict(self._last)
+        w = self.weigh(G, losses)
+        if not isinstance(w, Tensor) or w.shape != (len(names),):
+            raise RuntimeError(
+                f"{type(self).__name__}.weigh returned {getattr(w, 'shape', type(w))}; expected a "
+                f"tensor of shape ({len(names)},) for the parts {names}"
+            )
+        w = w.detach().to(torch.float64)
+        if not bool(torch.isfinite(w).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite weights {w.tolist()} from G {G.tolist()}; the "
+                "balancer's state is unchanged"
+            )
+        return w
 
     def close(self) -> None:
         """Remove the forward hooks placed for a ``features`` module."""
@@ -309,7 +367,8 @@ class GramianBalancer(Balancer):
     def __repr__(self) -> str:
         extra = f", features={self.features!r}" if self.mode == "features" else ""
         every = f", every={self.every}" if self.every != 1 else ""
-        return f"{type(self).__name__}(gramian={self.mode!r}{extra}{every})"
+        approx = "".join(f", {k}={getattr(self, k)}" for k in ("subset", "sketch") if getattr(self, k) is not None)
+        return f"{type(self).__name__}(gramian={self.mode!r}{extra}{every}{approx})"
 
 
 def _representations(out: Any) -> list[Tensor]:
@@ -327,16 +386,44 @@ def _representations(out: Any) -> list[Tensor]:
     return []
 
 
+PAIR_COSINES_UP_TO = 32
+"""Up to this many parts, :func:`diagnostics` gives every pairwise cosine; above, their summary (the ``T (T - 1)
+/ 2`` entries cost 0.4-0.7 s and 61 MB per step at ``T = 1024`` as Python floats, and as many history columns)."""
+
+
 def diagnostics(G: Tensor, names: list[str]) -> dict[str, float]:
-    """``norm/<a>`` = ``sqrt(G_aa)`` and ``cos/<a>/<b>`` = ``G_ab / sqrt(G_aa G_bb)`` (NaN for a zero gradient)."""
+    """``norm/<a>`` = ``sqrt(G_aa)`` for every part; with at most :data:`PAIR_COSINES_UP_TO` parts
+    ``cos/<a>/<b>`` = ``G_ab / sqrt(G_aa G_bb)`` for every pair (NaN for a zero gradient), with more their
+    summary over the pairs of nonzero gradients (:func:`cosine_summary`). The balancer's ``last_gramian``
+    holds every cosine in any case."""
+    if len(names) > PAIR_COSINES_UP_TO:
+        d = G.detach().to(torch.float64).diagonal().clamp_min(0).sqrt()
+        info = dict(zip((f"norm/{k}" for k in names), d.cpu().tolist()))
+        info.update(cosine_summary(G))
+        return info
     g = G.detach().to(torch.float64).cpu().tolist()  # one transfer, then plain floats (T^2 / 2 cosines)
-    d = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(names))]
-    info: dict[str, float] = {f"norm/{k}": d[i] for i, k in enumerate(names)}
+    dd = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(names))]
+    info = {f"norm/{k}": dd[i] for i, k in enumerate(names)}
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
-            den = d[i] * d[j]
+            den = dd[i] * dd[j]
             info[f"cos/{a}/{names[j]}"] = g[i][j] / den if den > 0 else float("nan")
     return info
+
+
+def cosine_summary(G: Tensor) -> dict[str, float]:
+    """Over the pairs ``a < b`` of parts with nonzero gradients, of ``cos_ab = G_ab / sqrt(G_aa G_bb)``:
+    ``cos/mean``, ``cos/min``, ``cos/max`` and ``cos/conflicting`` (the fraction of pairs with ``cos_ab <
+    0``); NaN when there is no such pair. (Keys with one ``/`` after ``cos``: no part-pair key has that form.)"""
+    G = G.detach().to(torch.float64)
+    d = G.diagonal().clamp_min(0).sqrt()
+    iu = torch.triu_indices(G.shape[0], G.shape[0], 1, device=G.device)
+    den = d[iu[0]] * d[iu[1]]
+    c = (G[iu[0], iu[1]] / den)[den > 0]
+    if c.numel() == 0:
+        return dict.fromkeys(("cos/mean", "cos/min", "cos/max", "cos/conflicting"), float("nan"))
+    stats = torch.stack([c.mean(), c.min(), c.max(), (c < 0).to(torch.float64).mean()]).cpu().tolist()
+    return dict(zip(("cos/mean", "cos/min", "cos/max", "cos/conflicting"), stats))
 
 
 def normalized(w: Tensor, T: int) -> Tensor:
@@ -345,4 +432,4 @@ def normalized(w: Tensor, T: int) -> Tensor:
     return w * (T / s) if float(s.abs()) > 1e-300 else torch.ones_like(w)
 
 
-__all__ = ["GramianBalancer", "diagnostics", "normalized"]
+__all__ = ["PAIR_COSINES_UP_TO", "GramianBalancer", "cosine_summary", "diagnostics", "normalized"]

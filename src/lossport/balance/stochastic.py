@@ -11,14 +11,19 @@ the weights move on the cross matrix ``J_1 J_2^T`` of the Jacobians of two of th
 the true Gramian ``E[J] E[J]^T``, which ``J J^T`` of one batch is not: its diagonal carries the gradients'
 variance), and the update is taken on the third. Here (``batches=3``, the default) the main batch, whose
 weighted total is backpropagated, is the third; the two others come from the :class:`~lossport.balance.base.Context`
-(:func:`lossport.train` draws them from independent shuffles of the training data). The cross matrix needs
-the two explicit ``T x P`` Jacobians on the shared parameters (memory ``2 T P``; ``gramian="params"`` only:
-in features mode the coordinates are one batch's examples, and two batches have different ones); a part absent
-from an extra batch has a zero row there. The diagnostics in ``info`` (``norm/``, ``cos/``) are then those of
-the cross matrix: estimates of the true gradients' norms and cosines. Given the same matrix the weights are
-TorchJD's ``SDMGradWeighting`` / ``MoDoWeighting`` (which take that matrix), times ``T`` (tested).
+(:func:`lossport.train` draws them from independent shuffles of the training data). The cross matrix is taken
+on the shared parameters layer by layer, like the Gramian, from each batch's layer inputs and per-part output
+gradients, without forming a Jacobian (:func:`lossport.gramian.cross_gramian`; ``gramian="params"`` only: in
+features mode the coordinates are one batch's examples, and two batches have different ones); a part absent
+from an extra batch has a zero row (first batch) or column (second batch) there. Under torchrun the global
+matrix ``(1/R^2) sum_{r,q} J_1^r J_2^q^T`` needs the cross-rank terms, which per-rank cross matrices do not
+give: there the two explicit ``T x P`` Jacobians are all-reduced (:func:`lossport.distributed.all_reduce_jacobian`,
+memory ``2 T P``) and multiplied, so 2 processes give the 1-process matrix. The diagnostics in ``info``
+(``norm/``, ``cos/``) are then those of the cross matrix: estimates of the true gradients' norms and cosines.
+Given the same matrix the weights are TorchJD's ``SDMGradWeighting`` / ``MoDoWeighting`` (which take that
+matrix), times ``T`` (tested).
 
-``batches=1`` keeps one batch's Gramian ``J J^T`` (one forward, no explicit Jacobian): a biased estimate,
+``batches=1`` keeps one batch's Gramian ``J J^T`` (one forward instead of three): a biased estimate,
 which the papers' convergence guarantees do not cover, for when the three forwards cost too much. (The official
 SDMGrad code computes its three batches' gradients into aliases of one tensor, so it ends up using one batch's
 gradients: see ``/work/shared/reference/balancing-methods.md``.)
@@ -37,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..gramian import jacobian
+from ..gramian import cross_gramian, jacobian
 from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
@@ -80,9 +85,10 @@ class CRMOGM(GramianBalancer):
             or type(inner).compute_gramian is not GramianBalancer.compute_gramian  # ExcessMTL needs the gradients
         ):
             raise TypeError(f"CRMOGM: base must be a method whose weights are a function of the Gramian, not {inner!r}")
-        if inner.mode != "params" or inner.every != 1 or inner.params is not None:
+        if inner.mode != "params" or inner.every != 1 or inner.params is not None or inner.subset or inner.sketch:
             raise ValueError(
-                f"CRMOGM: give the engine options (gramian=, features=, every=, params=) to CRMOGM, not to its base "
+                f"CRMOGM: give the engine options (gramian=, features=, every=, params=, subset=, sketch=) to CRMOGM, "
+                f"not to its base "
                 f"{inner!r}; only the base's weigh is used"
             )
         self.base = inner
@@ -164,8 +170,11 @@ class _CarriedSimplex(GramianBalancer):
             return super().compute_gramian(losses)
         assert self.context is not None  # checked by __call__
         params = self.shared(losses)
-        J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
-        return cross(J1, J2)
+        if distributed.is_distributed():  # the ranks' cross terms J_1^r J_2^q^T: all-reduced explicit Jacobians
+            J1, J2 = (jacobian_rows(evaluate(), losses.names, params) for evaluate in self.context.extra[:2])
+            return cross(J1, J2)
+        one, two = (evaluate() for evaluate in self.context.extra[:2])
+        return cross_rows(one, two, losses.names, params)
 
     def update(self, G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(new w, output weights)`` (both on the simplex) from ``G`` and the current ``w`` of the parts present."""
@@ -202,6 +211,22 @@ def jacobian_rows(other: Losses, names: list[str], params: list[Tensor], scale: 
         if rows is not None:
             J[[names.index(k) for k in present]] = rows.to(dtype)
     return distributed.all_reduce_jacobian(J) if distributed.is_distributed() else J
+
+
+def cross_rows(one: Losses, two: Losses, names: list[str], params: list[Tensor]) -> Tensor:
+    """``J_1 J_2^T`` (``T x T``, float64, rows and columns in ``names`` order) of two other batches' parts on
+    ``params``, by :func:`lossport.gramian.cross_gramian` (no explicit Jacobian); a part that batch ``i`` lacks
+    has a zero row (``i = 1``) or column (``i = 2``). One process only: under torchrun the global matrix needs
+    the ranks' cross terms, which :func:`jacobian_rows` and :func:`cross` give."""
+    M = torch.zeros(len(names), len(names), dtype=torch.float64, device=params[0].device)
+    rows = [k for k in names if k in one.parts]
+    cols = [k for k in names if k in two.parts]
+    if rows and cols:
+        sub = cross_gramian([one.parts[k] for k in rows], [two.parts[k] for k in cols], params)
+        r = torch.tensor([names.index(k) for k in rows], device=M.device)
+        c = torch.tensor([names.index(k) for k in cols], device=M.device)
+        M[r[:, None], c[None, :]] = sub.to(M.device)
+    return M
 
 
 def cross(A: Tensor, B: Tensor, chunk: int = 1 << 16) -> Tensor:
@@ -245,8 +270,8 @@ class SDMGrad(_CarriedSimplex):
         batch's Gramian: biased; module docstring).
 
     Factor ``T``: the paper's and TorchJD's weights ``(w + lambda w~) / (1 + lambda)`` sum to 1. Cost with
-    ``batches=3``: three forwards, two explicit Jacobians (``2 T`` backward passes, memory ``2 T P``) and the
-    backward of the total."""
+    ``batches=3``: three forwards, the per-part backward passes of the two extra batches (heads once, trunk
+    batched, as for the Gramian; no explicit Jacobian outside torchrun) and the backward of the total."""
 
     name = "sdmgrad"
     kind: ClassVar[str] = "gramian"

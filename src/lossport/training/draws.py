@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .. import distributed
 from ..balance import Balancer
 from .data import Source, make_source
 
@@ -112,4 +113,83 @@ def _cycle(src: Source, what: str) -> Iterator[Any]:
             raise ValueError(f"{what} gave no batch")
 
 
-__all__ = ["Draws"]
+class RoundDraws:
+    """:class:`Draws` for a framework's loop (:mod:`lossport.lightning`, :mod:`lossport.hf`): one draw per
+    training batch, rounds begun by the framework's epochs, and a state that resumes the streams.
+
+    The state holds the streams' generator states at the start of the round in progress (``start``), the
+    number of draws taken in it (``taken``), the round's index (``round``) and the states now (``now``). A run
+    resumed in the same round restores ``start`` and draws (and drops) the batches the saved run had taken, so
+    the next draw is the one the saved run would have made; a run resumed in a later round restores ``now``
+    (the states the next round starts from, as in :func:`~lossport.train`).
+    """
+
+    def __init__(self, draws: Draws) -> None:
+        if draws.active and distributed.is_distributed():
+            raise ValueError(
+                "the balancer draws extra (or meta) batches, which the Lightning and Hugging Face integrations draw "
+                "on one process only (every rank would draw the same batch, not its share of a global one); train "
+                "such balancers with lossport.train under torchrun, or on one process"
+            )
+        self.draws = draws
+        self._it: Iterator[tuple[list[Any], Any]] | None = None
+        self._start: list[torch.Tensor] = []
+        self._round = -1
+        self.taken = 0
+        self._pending: dict[str, Any] | None = None
+
+    def begin(self, round_index: int) -> None:
+        """Start round ``round_index`` (0-based); after :meth:`load_state_dict`, resume the saved streams."""
+        gens = self.draws.generators()
+        skip = 0
+        if self._pending is not None:
+            saved, self._pending = self._pending, None
+            same = int(saved["round"]) == round_index
+            for g, s in zip(gens, saved["start"] if same else saved["now"]):
+                g.set_state(s)
+            skip = int(saved["taken"]) if same else 0
+        self._start = [g.get_state() for g in gens]
+        self._round, self.taken = round_index, 0
+        self._it = self.draws.round()
+        self.skip_to(skip)
+
+    @property
+    def started(self) -> bool:
+        """Whether a round is in progress (:meth:`begin` was called)."""
+        return self._it is not None
+
+    def skip_to(self, taken: int) -> None:
+        """Draw and drop batches until ``taken`` draws were made in the round (a framework skipping batches)."""
+        while self.taken < taken:
+            self.next()
+
+    def next(self) -> tuple[list[Any], Any]:
+        """The extra batches and the meta batch (``None`` without one) of the next training batch."""
+        if self._it is None:
+            raise RuntimeError("RoundDraws.next() before begin(): no round in progress")
+        self.taken += 1
+        return next(self._it)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"round", "taken", "start", "now"}`` (generator states as uint8 tensors)."""
+        if self._pending is not None:  # saved again before resuming: keep the loaded state
+            return dict(self._pending)
+        return {
+            "round": self._round,
+            "taken": self.taken,
+            "start": [s.clone() for s in self._start] or [g.get_state() for g in self.draws.generators()],
+            "now": [g.get_state() for g in self.draws.generators()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the next :meth:`begin` (see the class docstring)."""
+        n = len(self.draws.generators())
+        if len(state.get("now", ())) != n or len(state.get("start", ())) != n:
+            raise ValueError(
+                f"the checkpoint's extra/meta batch streams are {len(state.get('now', ()))}, this run's balancer "
+                f"draws {n}; resume with the same balancer (and meta_data=) as the run that saved it"
+            )
+        self._pending = dict(state)
+
+
+__all__ = ["Draws", "RoundDraws"]
