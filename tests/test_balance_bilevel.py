@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -614,3 +615,46 @@ def test_forum_inner_steps_are_libmtls_sgd_with_its_early_stop(inner_lr):
     ref = torch.stack([((out[k] - b[k]) ** 2).mean() for k in NAMES]).detach()
     assert torch.allclose(got, ref, rtol=1e-9), (got, ref)
     assert stopped == (inner_lr > 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 30.0])  # SLSQP stalls at its start from ~100
+def test_forum_qp_in_slack_variables_is_libmtls_qp(scale):
+    """FORUM._solve (the QP in (u, t'), well scaled) against LibMTL's QP in w solved by SLSQP."""
+    g = torch.Generator().manual_seed(int(scale))
+    T = 4
+    U = torch.randn(T, 12, generator=g, dtype=torch.float64)
+    U = U / U.norm(dim=1, keepdim=True)
+    gq = scale * torch.randn(12, generator=g, dtype=torch.float64)
+    gq_alpha = torch.randn(T, generator=g, dtype=torch.float64)
+    A = torch.cat([torch.zeros(T + 1, T, dtype=torch.float64), torch.cat([U, gq[None]])], 1)
+    A[T, :T] = gq_alpha  # g_q = (gq_alpha, gq); the u rows have no alpha part
+    sq = float(A[T] @ A[T]) + 1e-8
+    pi = [0.1 - float(A[t] @ A[T]) / sq for t in range(T)]
+    ref = forum_qp_scipy(A @ A.T, pi, 0.1 * sq)
+    M = torch.cat([U, gq[None]]) @ torch.cat([U, gq[None]]).T
+    w, got_pi = FORUM()._solve(M, gq_alpha)
+    assert np.allclose(got_pi.numpy(), pi, atol=1e-12)
+    assert np.allclose(w.numpy(), ref, atol=1e-6), (w, ref)
+
+
+def test_forum_qp_when_the_inner_steps_diverged():
+    """||g_q||^2 ~ 4e24 (a captured step): no solver warning, w feasible, the coupling constraint active."""
+    M = torch.tensor(
+        [[1.0, 0.0963, -0.2039, -7.18], [0.0963, 1.0, -0.00547, -0.425], [-0.2039, -0.00547, 1.0, 36.0],
+         [-7.18, -0.425, 36.0, 3.76e24]], dtype=torch.float64,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w, pi = FORUM()._solve(M, torch.zeros(3, dtype=torch.float64))
+    assert float(w[:3].min()) >= 0 and abs(float(w[:3].sum()) - 1) < 1e-12
+    assert float(w[3]) >= float(pi @ w[:3]) - 1e-15 and float(w[3]) == pytest.approx(0.1)
+    # w_4 = pi^T u: u minimises u^T A u + phi b^T u on the simplex (the other terms are ~1e-23 of these)
+    from scipy.optimize import minimize
+
+    A, bb = M[:3, :3].numpy(), M[:3, 3].numpy()
+    res = minimize(
+        lambda u: u @ A @ u + 0.1 * bb @ u, np.full(3, 1 / 3), jac=lambda u: 2 * A @ u + 0.1 * bb,
+        bounds=[(0, None)] * 3, constraints=[{"type": "eq", "fun": lambda u: u.sum() - 1}], method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )  # fmt: skip
+    assert np.allclose(w[:3].numpy(), res.x, atol=1e-7), (w, res.x)

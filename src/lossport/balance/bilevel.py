@@ -551,20 +551,35 @@ class FORUM(LearnedBalancer):
 
     def _solve(self, M: Tensor, gq_alpha: Tensor) -> tuple[Tensor, Tensor]:
         """LibMTL's QP (class docstring, step 3): its solution ``w`` (``T + 1``) and ``pi`` (``T``). ``M``: the
-        Gramian of ``[u_1; ...; u_T; grad_omega f]`` (float64)."""
+        Gramian of ``[u_1; ...; u_T; grad_omega f]`` (float64).
+
+        Solved in the variables ``(u, t')``, ``u = w_{1..T}`` and ``w_{T+1} = pi^T u + t' / sq`` (``sq = ||g_q||^2
+        + 1e-8``, ``t' >= 0`` the coupling constraint's slack): with ``pi = phi - b / sq`` (``b_i = <u_i, g_q>``)
+        and ``1^T u = 1`` the objective ``w^T G w - phi sq w_{T+1}`` becomes, exactly and up to a constant,
+        ``u^T (A - (sq + e) / sq^2 b b^T) u + phi (1 + 2e / sq) b^T u + 2e / sq^2 t' b^T u + (sq - e) / sq^2 t'^2
+        + phi (1 - 2e / sq) t'`` (``A`` the unit rows' Gramian, ``e = 1e-8``), whose terms are all of the size of
+        ``A``'s. In ``w`` the terms in ``||g_q||^2`` cancel to ``A``'s size, which float64 loses when ``||g_q||^2``
+        is large (``pi_i = phi - b_i / sq`` rounds to ``phi``); the constraints are ``u >= 0``, ``1^T u = 1``,
+        ``t' >= 0`` and ``w_{T+1} >= 0``."""
         T = M.shape[0] - 1
         dev = M.device
-        sq = float(M[T, T] + gq_alpha @ gq_alpha) + 1e-8
-        ug = M[:T, T]
-        pi = self.phi - ug / sq
-        G = M.clone()
-        G[T, T] = sq - 1e-8
-        q = torch.zeros(T + 1, dtype=torch.float64, device=dev)
-        q[T] = -self.phi * sq
-        C = torch.cat([torch.eye(T + 1, dtype=torch.float64, device=dev), torch.cat([-pi, pi.new_ones(1)])[None]])
-        E = torch.cat([pi.new_ones(T), pi.new_zeros(1)])[None]
-        w = interior_qp(2 * G, q, C, pi.new_zeros(T + 2), E, pi.new_ones(1))
-        self.info["forum/qp_objective"] = float(w @ G @ w + q @ w)
+        e = 1e-8
+        sq = float(M[T, T] + gq_alpha @ gq_alpha) + e
+        b = M[:T, T]
+        pi = self.phi - b / sq
+        Q = torch.zeros(T + 1, T + 1, dtype=torch.float64, device=dev)
+        Q[:T, :T] = 2 * (M[:T, :T] - (sq + e) / sq**2 * torch.outer(b, b))
+        Q[:T, T] = Q[T, :T] = 2 * e / sq**2 * b
+        Q[T, T] = 2 * (sq - e) / sq**2
+        q = torch.cat([self.phi * (1 + 2 * e / sq) * b, b.new_full((1,), self.phi * (1 - 2 * e / sq))])
+        C = torch.cat(
+            [torch.eye(T + 1, dtype=torch.float64, device=dev), torch.cat([pi, b.new_full((1,), 1 / sq)])[None]]
+        )
+        E = torch.cat([b.new_ones(T), b.new_zeros(1)])[None]
+        x = interior_qp(Q, q, C, b.new_zeros(T + 2), E, b.new_ones(1))
+        u, t = x[:T], x[T]
+        w = torch.cat([u, (self.phi * u.sum() - (b @ u) / sq + t / sq)[None]])
+        self.info["forum/qp_objective"] = float(0.5 * x @ Q @ x + q @ x)
         return w, pi
 
     def __repr__(self) -> str:
