@@ -406,9 +406,10 @@ def test_interior_qp_solves_forums_problem_as_scipy(T, P, big):
     assert bool((x[:T].abs() < 1e-15).any()) or bool((x > 1e-9).all())  # polished: active bounds zero, not mu / z
 
 
-def test_interior_qp_converges_when_one_term_is_1e24():
-    """FORUM's QP when its inner steps diverged (||g_q||^2 ~ 7.5e24, from a `lossport compare` run): the KKT
-    conditions hold row by row, and no point of a fine grid of the feasible set does better."""
+def test_interior_qp_survives_a_numerically_singular_kkt_matrix():
+    """FORUM's QP in w when its inner steps diverged (||g_q||^2 ~ 4e24, from a `lossport compare` run; FORUM now
+    solves it in other variables): the matrix rounds to an indefinite one and the KKT systems become singular.
+    The solver does not raise (least squares there), returns finite numbers and says that it did not converge."""
     G = torch.tensor(
         [[1.0, 0.0963, -0.2039, -7.18], [0.0963, 1.0, -0.00547, -0.425], [-0.2039, -0.00547, 1.0, 36.0],
          [-7.18, -0.425, 36.0, 3.76e24]], dtype=torch.float64,
@@ -417,17 +418,9 @@ def test_interior_qp_converges_when_one_term_is_1e24():
     eye = torch.eye(4, dtype=torch.float64)
     C = torch.cat([eye, torch.tensor([[-0.1, -0.1, -0.1, 1.0]], dtype=torch.float64)])
     E, e = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", SolverWarning)
+    with pytest.warns(SolverWarning, match="interior_qp: residual"):
         x = interior_qp(2 * G, q, C, torch.zeros(5, dtype=torch.float64), E, e)
-    assert float((C @ x).min()) >= -1e-12 and abs(float(x[:3].sum()) - 1) < 1e-8  # rounding at 1e24: ~4e-9
-    f = lambda v: v @ G @ v + q @ v  # noqa: E731
-    grid = torch.linspace(0, 1, 41, dtype=torch.float64)
-    best = min(
-        float(f(torch.tensor([a, b, 1 - a - b, max(0.1, float(x[3]))], dtype=torch.float64)))
-        for a in grid for b in grid if a + b <= 1
-    )  # fmt: skip
-    assert float(f(x)) <= best + 1e-9 * abs(best)
+    assert bool(torch.isfinite(x).all())
 
 
 def test_interior_qp_is_batched_and_exact_on_a_face():

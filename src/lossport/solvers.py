@@ -516,9 +516,11 @@ def interior_qp(
     max_iter: int = 60,
 ) -> Tensor:
     """``argmin_x 1/2 x^T Q x + q^T x  s.t.  C x >= d,  E x = e`` for small dense convex problems (``Q`` PSD),
-    batched over leading dimensions, float64, on the tensors' device: Mehrotra's predictor-corrector
-    primal-dual interior-point method (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Alg. 16.4), which
-    converges in a few tens of Newton steps to the tolerance. Each step solves the reduced KKT system
+    batched over leading dimensions, float64, on the tensors' device: a primal-dual interior-point method
+    (Nocedal & Wright, *Numerical Optimization*, 2nd ed., §16.6) with Mehrotra's adaptive centring
+    ``sigma = (mu_aff / mu)^3`` from an affine predictor step, but without his second-order corrector term (with
+    it the iterates oscillated between two vertices on some of FORUM's problems), which converges in a few tens
+    of Newton steps to the tolerance. A numerically singular system is solved by least squares. Each step solves the reduced KKT system
     ``[[Q + C^T (Z/S) C, -E^T], [E, 0]]`` (``Z``, ``S``: the inequality multipliers and slacks), so ``Q`` may be
     singular when ``C`` bounds every variable (FORUM's problem). Shapes: ``Q`` ``(*b, n, n)``, ``q`` ``(*b, n)``,
     ``C`` ``(*b, m, n)``, ``d`` ``(*b, m)``, ``E`` ``(*b, k, n)``, ``e`` ``(*b, k)`` (``E`` of full row rank).
@@ -560,8 +562,8 @@ def _interior(Q: Tensor, q: Tensor, C: Tensor, d: Tensor, E: Tensor, e: Tensor, 
         _, _, dsa, dza = _newton(K, D, C, rd, rp, rs, s, z, -s * z, n)
         a_aff = torch.minimum(_step_to_boundary(s, dsa), _step_to_boundary(z, dza)).clamp(max=1.0)
         mu_aff = ((s + a_aff[..., None] * dsa) * (z + a_aff[..., None] * dza)).mean(-1)
-        sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0, 1) ** 3
-        comp = -s * z - dsa * dza + (sigma * mu)[..., None]
+        sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(1e-3, 1) ** 3  # Mehrotra's centring
+        comp = -s * z + (sigma * mu)[..., None]  # without his second-order term: it made FORUM's steps oscillate
         dx, dy, ds, dz = _newton(K, D, C, rd, rp, rs, s, z, comp, n)
         a = (0.995 * torch.minimum(_step_to_boundary(s, ds), _step_to_boundary(z, dz))).clamp(max=1.0)
         a = a[..., None]

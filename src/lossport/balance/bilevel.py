@@ -433,10 +433,10 @@ class FORUM(LearnedBalancer):
 
     When the inner steps diverge (the ``1e5`` stop is checked before each step, so the last one can reach
     ``f ~ 1e12``; with LibMTL's ``inner_lr = 0.1`` this happens on ``lossport compare``'s built-in data),
-    ``||g_q||^2`` reaches ``1e22``-``1e27`` beside the unit entries of the normalised Gramian: in float64 the QP
-    is then numerically ill-posed (its matrix rounds to an indefinite one), and
-    :func:`~lossport.solvers.interior_qp` warns with its residual and returns its last iterate (LibMTL's cvxpy
-    gets the same matrix). A smaller ``inner_lr`` avoids it.
+    ``||g_q||^2`` reaches ``1e22``-``1e27`` beside the unit entries of the normalised Gramian. Written in ``w``
+    (LibMTL's cvxpy form) the QP is then numerically ill-posed in float64 (its matrix rounds to an indefinite
+    one, ``pi`` rounds to ``phi``); lossport solves it in the slack variables of :meth:`_solve`, where every
+    term keeps the Gramian's scale, so the answer stays exact there.
     """
 
     name = "forum"
