@@ -520,7 +520,8 @@ def interior_qp(
     (Nocedal & Wright, *Numerical Optimization*, 2nd ed., §16.6) with Mehrotra's adaptive centring
     ``sigma = (mu_aff / mu)^3`` from an affine predictor step, but without his second-order corrector term (with
     it the iterates oscillated between two vertices on some of FORUM's problems), which converges in a few tens
-    of Newton steps to the tolerance. A numerically singular system is solved by least squares. Each step solves the reduced KKT system
+    of Newton steps to the tolerance. A numerically singular system is solved by least squares. Each step
+    solves the reduced KKT system
     ``[[Q + C^T (Z/S) C, -E^T], [E, 0]]`` (``Z``, ``S``: the inequality multipliers and slacks), so ``Q`` may be
     singular when ``C`` bounds every variable (FORUM's problem). Shapes: ``Q`` ``(*b, n, n)``, ``q`` ``(*b, n)``,
     ``C`` ``(*b, m, n)``, ``d`` ``(*b, m)``, ``E`` ``(*b, k, n)``, ``e`` ``(*b, k)`` (``E`` of full row rank).
