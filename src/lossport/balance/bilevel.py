@@ -404,7 +404,8 @@ class FORUM(LearnedBalancer):
        cancels);
     3. ``pi_i = phi - <g_q, u_i> / (||g_q||^2 + 1e-8)``; with ``A = [u_1; ...; u_T; g_q]``, ``w`` solves the QP
        ``min_w w^T A A^T w - phi (||g_q||^2 + 1e-8) w_{T+1}`` s.t. ``w >= 0``, ``sum_{i <= T} w_i = 1``, ``w_{T+1} >=
-       sum_i pi_i w_i`` (LibMTL solves it by cvxpy; lossport by :func:`~lossport.solvers.interior_qp`);
+       sum_i pi_i w_i`` (LibMTL solves it by cvxpy; lossport by :func:`~lossport.solvers.interior_qp`, in the
+       slack variables of :meth:`_solve`);
     4. ``lambda <- lambda + beta_r (w_{1..T} - lambda)``, ``beta_r = (r + 1)^(-3/4)``, ``r`` the round (epoch)
        index, as LibMTL (so ``lambda = w`` throughout the first round), ``lambda`` starting at 0;
     5. ``nu = max(sum_i lambda_i pi_i, 0)``; the update direction is ``d = sum_i lambda_i u_i + nu g_q``: the net
