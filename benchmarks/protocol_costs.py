@@ -10,10 +10,12 @@ Variants: ``sum`` (the plain sum), ``sdmgrad`` and ``modo`` with ``batches=1`` (
 ``batches=3`` (the papers' cross matrix ``J_1 J_2^T`` of two extra batches, layer by layer:
 :func:`lossport.gramian.cross_gramian`), the same with ``explicit J`` (the cross matrix from the two explicit
 ``T x P`` Jacobians, as before that function and as under torchrun still), ``auto_lambda`` (look-ahead
-on a meta batch, finite differences) and ``moml`` (an inner and a meta batch, two explicit Jacobians over every
-parameter). Interleaved rounds; the median of ``reps`` is printed with its ratio to ``sum``.
+on a meta batch, finite differences), ``moml`` (an inner and a meta batch, two explicit Jacobians over every
+parameter) and ``forum`` (five inner SGD steps on the main batch, one explicit Jacobian of the meta batch over every
+parameter, a QP). Interleaved rounds; the median of ``reps`` is printed with its ratio to ``sum``.
 
     .venv/bin/python benchmarks/protocol_costs.py            # T = 8 and 32, ~2 min on the 2-core machine
+    .venv/bin/python benchmarks/protocol_costs.py --variants forum moml
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from lossport.balance import MOML, AutoLambda, Balancer, Context, MoDo, SDMGrad
+from lossport.balance import FORUM, MOML, AutoLambda, Balancer, Context, MoDo, SDMGrad
 from lossport.balance.stochastic import cross, jacobian_rows
 from lossport.result_types import Losses
 
@@ -63,6 +65,7 @@ VARIANTS: dict[str, Callable[[], Balancer] | None] = {
     "modo b=3 explicit J": lambda: MoDoExplicit(),
     "auto_lambda": lambda: AutoLambda(),
     "moml": lambda: MOML(),
+    "forum": lambda: FORUM(),
 }
 
 
@@ -103,11 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="a subset of the variants (sum always)")
     args = ap.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose among {list(VARIANTS)}")
     torch.set_num_threads(1)
     for T in args.tasks:
         m = Model(T)
-        steps = {name: make_step(m, make) for name, make in VARIANTS.items()}
+        chosen = {"sum", *args.variants}
+        steps = {name: make_step(m, make) for name, make in VARIANTS.items() if name in chosen}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for f in steps.values():
             f()  # warm-up

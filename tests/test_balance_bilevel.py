@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import lossport
-from lossport.balance import LDCMTL, MOML, AutoLambda, Context, resolve
+from lossport.balance import FORUM, LDCMTL, MOML, AutoLambda, Context, resolve
 from lossport.balance.bilevel import discrepancy_objective
 
 NAMES = ["a", "b", "c"]
@@ -418,3 +419,242 @@ def test_moml_trains_resumes_bit_identically_and_refuses_bad_options(tmp_path):
         MOML(normalization="loss")
     with pytest.raises(ValueError, match="MOML uses 2 independent training batches per step and got 0 extra"):
         MOML()(lossport.Objective(SPEC)(Net(), batch()))
+
+
+# ----------------------------------------------------------------------------------------------- FORUM
+def forum_qp_scipy(AAT, pi, wc):
+    """LibMTL's FORUM QP (min w^T AAT w - wc w_T, sum w[:T] = 1, w_T >= pi^T w[:T], w >= 0) by scipy's SLSQP."""
+    from scipy.optimize import minimize
+
+    G, T = AAT.numpy(), len(pi)
+    lin = np.r_[np.zeros(T), wc]
+    res = minimize(
+        lambda w: w @ G @ w - lin @ w,
+        np.r_[np.full(T, 1.0 / T), 1.0],
+        jac=lambda w: 2 * G @ w - lin,
+        bounds=[(0, None)] * (T + 1),
+        constraints=[
+            {"type": "eq", "fun": lambda w: w[:T].sum() - 1},
+            {"type": "ineq", "fun": lambda w: w[T] - np.asarray(pi) @ w[:T]},
+        ],
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return res.x
+
+
+def libmtl_forum(steps, epochs, phi=0.1, inner_step=5, inner_lr=0.1, lr=1e-2):
+    """LibMTL's bacth_forward_FORUM written out (inner batch b_s, outer batch o_s; ``epochs[s]``: the epoch of
+    step s), with scipy's SLSQP for cvxpy."""
+    net = Net().double()
+    tw = torch.full((3,), 1 / 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    tw_opt = torch.optim.Adam([tw], lr=lr)
+    lam_buf = np.zeros(3)
+
+    def parts(model, data):
+        out = model(data["x"])
+        return torch.stack([((out[k] - data[k]) ** 2).mean() for k in NAMES])
+
+    def flat_grad(y, xs, **kw):
+        g = torch.autograd.grad(y, xs, allow_unused=True, **kw)
+        return torch.cat([(torch.zeros_like(q) if x is None else x).reshape(-1) for x, q in zip(g, xs)])
+
+    history = []
+    for s in range(steps):
+        b, o = dbl(batch(s)), dbl(batch(100 + s))
+        g_f = flat_grad(torch.softmax(tw, -1) @ parts(net, b), [tw, *net.parameters()])
+        inner = copy.deepcopy(net)
+        inner_opt = torch.optim.SGD(inner.parameters(), lr=inner_lr)
+        for _ in range(inner_step):
+            loss = torch.softmax(tw.detach(), -1) @ parts(inner, b)
+            if loss.item() > 1e5:
+                break
+            inner_opt.zero_grad()
+            loss.backward()
+            inner_opt.step()
+        g_q = g_f.clone()
+        g_q[:3] -= torch.autograd.grad(torch.softmax(tw, -1) @ parts(inner, b), tw)[0]
+        Lo = parts(net, o)
+        gF = torch.stack([flat_grad(Lo[t], list(net.parameters()), retain_graph=True) for t in range(3)])
+        gF = torch.cat([torch.zeros(3, 3, dtype=torch.float64), gF / gF.norm(dim=1, keepdim=True)], 1)
+        sq = g_q.norm() ** 2 + 1e-8
+        pi = [phi - float(g_q @ gF[t] / sq) for t in range(3)]
+        A = torch.cat([gF, g_q[None]])
+        w = forum_qp_scipy(A @ A.T, pi, phi * float(sq))
+        lam_buf = lam_buf + (1 / (epochs[s] + 1) ** 0.75) * (w[:3] - lam_buf)
+        nu = max(float(lam_buf @ np.asarray(pi)), 0.0)
+        g_final = torch.tensor(lam_buf) @ gF + nu * g_q
+        tw.grad = g_final[:3].clone()
+        beg = 3
+        for q in net.parameters():
+            q.grad = g_final[beg : beg + q.numel()].view_as(q).clone()
+            beg += q.numel()
+        tw_opt.step()
+        opt.step()
+        history.append((lam_buf.copy(), torch.softmax(tw.detach(), -1)))
+    return net, history
+
+
+def lossport_forum(steps, end_rounds=(), **kw):
+    net = Net().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    bal = FORUM(lr=1e-2, **kw)
+    obj = lossport.Objective(SPEC)
+    history = []
+    for s in range(steps):
+        b, o = dbl(batch(s)), dbl(batch(100 + s))
+        ctx = Context(meta=lambda o=o: obj(net, o), train=lambda b=b: obj(net, b), optimizer=opt)
+        out = bal(obj(net, b), ctx)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        bal.step()
+        if s in end_rounds:
+            bal.end_round({})
+        alpha = torch.stack([bal.parameters()[j].detach() for j in range(3)])
+        history.append((np.array([bal.info[f"forum/lambda/{k}"] for k in NAMES]), torch.softmax(alpha, -1)))
+    return net, history, bal
+
+
+@pytest.mark.parametrize("inner_lr", [0.1, 0.5])
+def test_forum_follows_libmtls_update_over_four_steps(inner_lr):
+    ref_net, ref = libmtl_forum(4, epochs=[0, 0, 1, 1], inner_lr=inner_lr)
+    net, got, bal = lossport_forum(4, end_rounds=(1,), inner_lr=inner_lr)
+    for (lam_r, p_r), (lam, p) in zip(ref, got):
+        assert np.allclose(lam, lam_r, rtol=1e-6, atol=1e-8), (lam, lam_r)
+        assert torch.allclose(p, p_r, rtol=1e-6, atol=1e-9), (p, p_r)
+    assert not np.allclose(ref[1][0], ref[2][0])  # lambda moved, by the EMA after the first round
+    assert not torch.allclose(ref[-1][1], torch.full((3,), 1 / 3, dtype=torch.float64))  # alpha moved
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9)
+    assert bal.state_dict()["round"] == 1
+
+
+def test_forum_leaves_the_net_as_it_was_and_refuses_bad_options():
+    net = Net()
+    obj = lossport.Objective(SPEC)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    bal = FORUM()
+    with pytest.raises(ValueError, match=r"FORUM is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
+        bal(obj(net, batch()))
+    out = bal(
+        obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt)
+    )
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert float(out.extra["forum/meta"].detach()) == 0.0
+    out.total.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    for bad, msg in [
+        ({"phi": -1.0}, "phi must be finite and >= 0"),
+        ({"inner_step": 0}, "inner_step must be an integer >= 1"),
+        ({"inner_lr": 0.0}, "inner_lr must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            FORUM(**bad)
+    assert resolve("forum").__class__ is FORUM and lossport.balance.kind_of("forum") == "learned"
+    state = bal.state_dict()
+    bad = lossport.Objective(SPEC)(net, {**batch(), "b": torch.full((16, 1), float("inf"))})
+    with pytest.raises(FloatingPointError, match=r"FORUM: the gradients of the parts .* are not finite"):
+        bal(bad, Context(meta=lambda: obj(net, batch(5)), train=lambda: bad, optimizer=opt))
+    after = bal.state_dict()
+    assert after["lambda"] == state["lambda"] and torch.equal(after["values"]["a"], state["values"]["a"])
+
+
+def test_forum_trains_resumes_bit_identically(tmp_path):
+    data = batch(7, n=48)
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        net = Net()
+        r = lossport.train(
+            net, data, SPEC, balance=FORUM(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0,
+            optimizer="sgd", lr=0.05, **kw,
+        )  # fmt: skip
+        return net, r
+
+    full, r_full = run(3)
+    run(2, checkpoint=tmp_path)
+    resumed, r_res = run(3, checkpoint=tmp_path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    assert r_full.history["weight/a"] == r_res.history["weight/a"]
+    assert all(math.isfinite(v) for k in NAMES for v in r_full.history[f"weight/{k}"])
+
+
+@pytest.mark.parametrize("inner_lr", [0.1, 40.0])  # 40: f passes 1e5 and the inner steps stop early
+def test_forum_inner_steps_are_libmtls_sgd_with_its_early_stop(inner_lr):
+    net = Net().double()
+    b = dbl(batch(3))
+    obj = lossport.Objective(SPEC)
+    bal = FORUM(inner_lr=inner_lr)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    ctx = Context(meta=lambda: obj(net, b), train=lambda: obj(net, b), optimizer=opt)
+    losses = obj(net, b)
+    bal._ensure(losses)
+    p = [1 / 3] * 3
+    f = sum(pk * losses.parts[k] for pk, k in zip(p, NAMES))
+    params = list(net.parameters())
+    g_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)])
+    before = [x.detach().clone() for x in params]
+    got = bal._inner_values(losses, ctx, params, p, g_f, float(f.detach()))
+    assert all(torch.equal(x, y) for x, y in zip(params, before))  # the net's parameters are put back
+    inner = copy.deepcopy(net)  # LibMTL's loop on a copy
+    inner_opt = torch.optim.SGD(inner.parameters(), lr=inner_lr)
+    stopped = False
+    for _ in range(5):
+        out = inner(b["x"])
+        loss = sum(pk * ((out[k] - b[k]) ** 2).mean() for pk, k in zip(p, NAMES))
+        if loss.item() > 1e5:
+            stopped = True
+            break
+        inner_opt.zero_grad()
+        loss.backward()
+        inner_opt.step()
+    out = inner(b["x"])
+    ref = torch.stack([((out[k] - b[k]) ** 2).mean() for k in NAMES]).detach()
+    assert torch.allclose(got, ref, rtol=1e-9), (got, ref)
+    assert stopped == (inner_lr > 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 30.0])  # SLSQP stalls at its start from ~100
+def test_forum_qp_in_slack_variables_is_libmtls_qp(scale):
+    """FORUM._solve (the QP in (u, t'), well scaled) against LibMTL's QP in w solved by SLSQP."""
+    g = torch.Generator().manual_seed(int(scale))
+    T = 4
+    U = torch.randn(T, 12, generator=g, dtype=torch.float64)
+    U = U / U.norm(dim=1, keepdim=True)
+    gq = scale * torch.randn(12, generator=g, dtype=torch.float64)
+    gq_alpha = torch.randn(T, generator=g, dtype=torch.float64)
+    A = torch.cat([torch.zeros(T + 1, T, dtype=torch.float64), torch.cat([U, gq[None]])], 1)
+    A[T, :T] = gq_alpha  # g_q = (gq_alpha, gq); the u rows have no alpha part
+    sq = float(A[T] @ A[T]) + 1e-8
+    pi = [0.1 - float(A[t] @ A[T]) / sq for t in range(T)]
+    ref = forum_qp_scipy(A @ A.T, pi, 0.1 * sq)
+    M = torch.cat([U, gq[None]]) @ torch.cat([U, gq[None]]).T
+    w, got_pi = FORUM()._solve(M, gq_alpha)
+    assert np.allclose(got_pi.numpy(), pi, atol=1e-12)
+    assert np.allclose(w.numpy(), ref, atol=1e-6), (w, ref)
+
+
+def test_forum_qp_when_the_inner_steps_diverged():
+    """||g_q||^2 ~ 4e24 (a captured step): no solver warning, w feasible, the coupling constraint active."""
+    M = torch.tensor(
+        [[1.0, 0.0963, -0.2039, -7.18], [0.0963, 1.0, -0.00547, -0.425], [-0.2039, -0.00547, 1.0, 36.0],
+         [-7.18, -0.425, 36.0, 3.76e24]], dtype=torch.float64,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w, pi = FORUM()._solve(M, torch.zeros(3, dtype=torch.float64))
+    assert float(w[:3].min()) >= 0 and abs(float(w[:3].sum()) - 1) < 1e-12
+    assert float(w[3]) >= float(pi @ w[:3]) - 1e-15 and float(w[3]) == pytest.approx(0.1)
+    # w_4 = pi^T u: u minimises u^T A u + phi b^T u on the simplex (the other terms are ~1e-23 of these)
+    from scipy.optimize import minimize
+
+    A, bb = M[:3, :3].numpy(), M[:3, 3].numpy()
+    res = minimize(
+        lambda u: u @ A @ u + 0.1 * bb @ u, np.full(3, 1 / 3), jac=lambda u: 2 * A @ u + 0.1 * bb,
+        bounds=[(0, None)] * 3, constraints=[{"type": "eq", "fun": lambda u: u.sum() - 1}], method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )  # fmt: skip
+    assert np.allclose(w[:3].numpy(), res.x, atol=1e-7), (w, res.x)

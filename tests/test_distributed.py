@@ -121,6 +121,7 @@ METHODS = [
     "ntkmtl_sr",
     "auto_lambda",
     "moml",
+    "forum",
 ]
 
 

@@ -12,6 +12,7 @@ from scipy.optimize import minimize, nnls
 from lossport.solvers import (
     SolverWarning,
     box_qp,
+    interior_qp,
     kkt_residual,
     min_norm_simplex,
     newton_positive,
@@ -357,3 +358,86 @@ def test_newton_positive_without_root_warns_quickly_and_non_finite_raises():
     G[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         newton_positive(G, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ interior_qp
+def forum_problem(T, P, seed, big=1.0):
+    """FORUM's QP (lossport.balance.bilevel.FORUM): T unit rows and one row g_q of norm ~big."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(T + 1, P, generator=g, dtype=torch.float64)
+    A[:T] /= A[:T].norm(dim=1, keepdim=True)
+    A[T] *= big
+    sq = float(A[T] @ A[T])
+    pi = 0.1 - (A[:T] @ A[T]) / sq
+    Q = 2 * A @ A.T
+    q = torch.zeros(T + 1, dtype=torch.float64)
+    q[T] = -0.1 * sq
+    C = torch.cat([torch.eye(T + 1, dtype=torch.float64), torch.cat([-pi, torch.ones(1, dtype=torch.float64)])[None]])
+    E = torch.cat([torch.ones(T, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])[None]
+    return Q, q, C, torch.zeros(T + 2, dtype=torch.float64), E, torch.ones(1, dtype=torch.float64)
+
+
+def scipy_qp(Q, q, C, d, E, e):
+    Qn, qn, Cn, dn, En, en = (t.numpy() for t in (Q, q, C, d, E, e))
+    res = minimize(
+        lambda x: 0.5 * x @ Qn @ x + qn @ x,
+        np.linalg.lstsq(En, en, rcond=None)[0].clip(0),
+        jac=lambda x: Qn @ x + qn,
+        constraints=[{"type": "ineq", "fun": lambda x: Cn @ x - dn}, {"type": "eq", "fun": lambda x: En @ x - en}],
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 2000},
+    )
+    return res.x, res.fun
+
+
+@pytest.mark.parametrize(("T", "P", "big"), [(2, 10, 1.0), (3, 20, 1.0), (5, 4, 0.01), (8, 100, 1.0), (32, 50, 1e3)])
+def test_interior_qp_solves_forums_problem_as_scipy(T, P, big):
+    prob = forum_problem(T, P, seed=T, big=big)
+    Q, q, C, d, E, e = prob
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        x = interior_qp(*prob)
+    ref, fref = scipy_qp(*prob)
+    f = float(0.5 * x @ Q @ x + q @ x)
+    scale = 1 + float(x @ Q.abs() @ x.abs() + q.abs() @ x.abs())  # the size of the objective's terms
+    assert f <= fref + 1e-9 * scale  # no worse than SLSQP's (whose point may violate a constraint by ~1e-8)
+    assert float((C @ x - d).min()) >= -1e-12 * float(x.abs().max()) and float((E @ x - e).abs().max()) < 1e-12
+    assert np.allclose(x.numpy(), ref, atol=1e-6 * float(np.abs(ref).max()))
+    assert bool((x[:T].abs() < 1e-15).any()) or bool((x > 1e-9).all())  # polished: active bounds zero, not mu / z
+
+
+def test_interior_qp_survives_a_numerically_singular_kkt_matrix():
+    """FORUM's QP in w when its inner steps diverged (||g_q||^2 ~ 4e24, from a `lossport compare` run; FORUM now
+    solves it in other variables): the matrix rounds to an indefinite one and the KKT systems become singular.
+    The solver does not raise (least squares there), returns finite numbers and says that it did not converge."""
+    G = torch.tensor(
+        [[1.0, 0.0963, -0.2039, -7.18], [0.0963, 1.0, -0.00547, -0.425], [-0.2039, -0.00547, 1.0, 36.0],
+         [-7.18, -0.425, 36.0, 3.76e24]], dtype=torch.float64,
+    )  # fmt: skip
+    q = torch.tensor([0.0, 0.0, 0.0, -0.1 * 3.76e24], dtype=torch.float64)
+    eye = torch.eye(4, dtype=torch.float64)
+    C = torch.cat([eye, torch.tensor([[-0.1, -0.1, -0.1, 1.0]], dtype=torch.float64)])
+    E, e = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    with pytest.warns(SolverWarning, match="interior_qp: residual"):
+        x = interior_qp(2 * G, q, C, torch.zeros(5, dtype=torch.float64), E, e)
+    assert bool(torch.isfinite(x).all())
+
+
+def test_interior_qp_is_batched_and_exact_on_a_face():
+    probs = [forum_problem(4, 12, seed=s) for s in range(3)]
+    stacked = [torch.stack(ts) for ts in zip(*probs)]
+    X = interior_qp(*stacked)
+    for x, prob in zip(X, probs):
+        assert torch.allclose(x, interior_qp(*prob), atol=1e-12)
+    # min ||x - c||^2 on the simplex: the projection, known exactly
+    c = torch.tensor([0.9, 0.5, -0.3, 0.1], dtype=torch.float64)
+    eye = torch.eye(4, dtype=torch.float64)
+    x = interior_qp(2 * eye, -2 * c, eye, torch.zeros(4, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64),
+                    torch.ones(1, dtype=torch.float64))  # fmt: skip
+    assert torch.allclose(x, project_simplex(c), atol=1e-14)
+
+
+def test_interior_qp_warns_when_out_of_steps():
+    prob = forum_problem(6, 30, seed=1)
+    with pytest.warns(SolverWarning, match="interior_qp: residual"):
+        interior_qp(*prob, max_iter=0)  # the starting point (no active constraint guessed) is not optimal

@@ -162,6 +162,6 @@ def test_methods_with_extra_or_meta_batches_run_on_the_toy_where_every_batch_is_
         three = toy.run(name, (9.0, 9.0), steps=150, lr=2e-2)
         one = toy.run(name, (9.0, 9.0), steps=150, lr=2e-2, batches=1)
         assert torch.equal(three.xs, one.xs), name
-    for name in ("auto_lambda", "moml"):
+    for name in ("auto_lambda", "moml", "forum"):
         t = toy.run(name, (-8.5, 7.5), steps=150, lr=2e-2)
         assert bool(torch.isfinite(t.xs).all()) and not torch.equal(t.xs[-1], t.xs[0]), name

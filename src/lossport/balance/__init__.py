@@ -58,10 +58,10 @@ from .stochastic import CRMOGM, MoCo, MoDo, SDMGrad  # noqa: E402
 
 __all__ += ["CRMOGM", "PCD", "MoCo", "MoDo", "SDMGrad"]
 
-from .bilevel import LDCMTL, MOML, AutoLambda  # noqa: E402
+from .bilevel import FORUM, LDCMTL, MOML, AutoLambda  # noqa: E402
 from .group import GO4Align  # noqa: E402
 
-__all__ += ["LDCMTL", "MOML", "AutoLambda", "GO4Align"]
+__all__ += ["FORUM", "LDCMTL", "MOML", "AutoLambda", "GO4Align"]
 
 from .preference import COSMOS, PBI  # noqa: E402
 

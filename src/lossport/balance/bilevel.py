@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -32,11 +32,12 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..result_types import Losses
-from ..solvers import min_norm_simplex
+from ..solvers import interior_qp, min_norm_simplex
 from .base import Context, register
 from .learned import LearnedBalancer
 from .loss_level import _training
 from .stochastic import cross, jacobian_rows
+from .surgery import _zero_valued
 
 _NORMALIZATIONS = ("initial", "log", "none")
 
@@ -386,9 +387,213 @@ class MOML(LearnedBalancer):
         return f"MOML(inner_lr={self.inner_lr}, lr={self.lr}, normalization={self.normalization!r})"
 
 
+@register("forum")
+class FORUM(LearnedBalancer):
+    """FORUM (Ye, Lin, Zhou, Zhang, Tsang, "A First-Order Multi-Gradient Algorithm for Multi-Objective Bi-Level
+    Optimization", ECAI 2024), as LibMTL's bilevel trainer implements it (``bacth_forward_FORUM``). The variables
+    are ``z = (alpha, omega)``: the task-weight logits ``alpha`` (``p = softmax(alpha)``) and the net's parameters
+    ``omega`` (every parameter of the net's optimizer). The lower level is ``f(alpha, omega) = sum_i p_i s_i L_i``
+    on the main batch (LibMTL's inner batch), the upper levels are the parts ``F_i = M_i`` of the meta batch
+    (LibMTL's outer batch). The bilevel problem is relaxed by the value function: ``q(z) = f(alpha, omega) -
+    f(alpha, omega^K)``, ``omega^K`` the net after ``K`` plain SGD steps on ``f`` (first order: ``omega^K`` is held
+    fixed when differentiating). At each step:
+
+    1. ``g_q = grad_z f(alpha, omega) - (grad_alpha f(alpha, omega^K), 0)`` (``grad_alpha f = (diag(p) - p p^T)
+       (s L)``: loss values only);
+    2. ``u_i = (0, grad_omega M_i / ||grad_omega M_i||)`` (the normalised meta gradients; the static weight
+       cancels);
+    3. ``pi_i = phi - <g_q, u_i> / (||g_q||^2 + 1e-8)``; with ``A = [u_1; ...; u_T; g_q]``, ``w`` solves the QP
+       ``min_w w^T A A^T w - phi (||g_q||^2 + 1e-8) w_{T+1}`` s.t. ``w >= 0``, ``sum_{i <= T} w_i = 1``, ``w_{T+1} >=
+       sum_i pi_i w_i`` (LibMTL solves it by cvxpy; lossport by :func:`~lossport.solvers.interior_qp`, in the
+       slack variables of :meth:`_solve`);
+    4. ``lambda <- lambda + beta_r (w_{1..T} - lambda)``, ``beta_r = (r + 1)^(-3/4)``, ``r`` the round (epoch)
+       index, as LibMTL (so ``lambda = w`` throughout the first round), ``lambda`` starting at 0;
+    5. ``nu = max(sum_i lambda_i pi_i, 0)``; the update direction is ``d = sum_i lambda_i u_i + nu g_q``: the net
+       receives ``d``'s ``omega`` part, ``alpha`` takes one Adam step (``lr``) along its ``alpha`` part.
+
+    The net's gradient is LibMTL's exactly (factor 1), written as a weighting of the main batch plus one
+    correction: the weights ``b_i = nu p_i`` (so the weighted total's gradient is ``nu grad_omega f``) and the
+    zero-valued extra term ``forum/meta``, ``sum_x <x - sg(x), c_x>`` over the optimizer's parameters with ``c =
+    sum_i lambda_i u_i`` (as the surgery methods' correction, :mod:`lossport.balance.surgery`). The heads get
+    their part of ``d`` too (LibMTL's gradient covers every parameter).
+
+    :param phi: the constraint's margin ``phi`` (LibMTL's ``--FORUM_phi`` 0.1).
+    :param inner_step: ``K``, the lower-level SGD steps of ``omega^K`` (LibMTL's ``--inner_step`` 5).
+    :param inner_lr: their step size (LibMTL's ``--inner_lr`` 0.1); not the net's learning rate.
+    :param lr: ``alpha``'s Adam learning rate (LibMTL's ``--outer_lr`` 1e-3).
+
+    As LibMTL, the inner steps stop early once ``f`` exceeds ``1e5`` (a too large ``inner_lr``). The first
+    inner step reuses the main batch's gradient ``grad_omega f`` (LibMTL runs that forward again: the same up to
+    dropout masks); the inner steps run on the net's own parameters, which (and the buffers, when the balancer
+    is attached to the net through an :class:`~lossport.Objective`) are then put back; the meta forward updates
+    BatchNorm statistics, as LibMTL's does. A meta gradient that is exactly zero stays zero (LibMTL divides by
+    its norm). Parts missing from the main batch are left out of the step; ``lambda`` is kept per part. Cost per
+    step: ``K`` backwards on the main batch, ``T`` backwards of the meta batch for its ``T x P`` Jacobian (memory
+    ``T P``), two forwards without gradient, a QP in ``T + 1`` variables. Under torchrun the gradients and the
+    Jacobian are averaged over the ranks.
+
+    When the inner steps diverge (the ``1e5`` stop is checked before each step, so the last one can reach
+    ``f ~ 1e12``; with LibMTL's ``inner_lr = 0.1`` this happens on ``lossport compare``'s built-in data),
+    ``||g_q||^2`` reaches ``1e22``-``1e27`` beside the unit entries of the normalised Gramian. Written in ``w``
+    (LibMTL's cvxpy form) the QP is then numerically ill-posed in float64 (its matrix rounds to an indefinite
+    one, ``pi`` rounds to ``phi``); lossport solves it in the slack variables of :meth:`_solve`, where every
+    term keeps the Gramian's scale, so the answer stays exact there.
+    """
+
+    name = "forum"
+    kind: ClassVar[str] = "learned"
+    meta = True
+
+    def __init__(self, phi: float = 0.1, inner_step: int = 5, inner_lr: float = 0.1, lr: float = 1e-3) -> None:
+        super().__init__(lr=lr, init=0.0)
+        if not phi >= 0 or math.isinf(phi):
+            raise ValueError(f"FORUM: phi must be finite and >= 0, not {phi!r}")
+        if isinstance(inner_step, bool) or not isinstance(inner_step, int) or inner_step < 1:
+            raise ValueError(f"FORUM: inner_step must be an integer >= 1, not {inner_step!r}")
+        if not inner_lr > 0:
+            raise ValueError(f"FORUM: inner_lr must be > 0, not {inner_lr!r}")
+        self.phi, self.inner_step, self.inner_lr = float(phi), inner_step, float(inner_lr)
+        self._net: Any = None
+        self._lambda: dict[str, float]
+        self._round: int
+        self.add_state("_lambda", {})  # LibMTL's lambda_buffer, per part
+        self.add_state("_round", 0)  # rounds (epochs) completed: beta = (round + 1)^(-3/4)
+
+    def attach(self, net: nn.Module) -> None:
+        self._net = weakref.ref(net)
+
+    def end_round(self, round_means: Mapping[str, float]) -> None:
+        self._round += 1
+
+    def step(self, recompute: Callable[[], Losses] | None = None) -> None:
+        """Nothing: ``alpha``'s Adam step is taken in the call (LibMTL steps it with the net, on the same
+        gradients)."""
+
+    def balance(self, losses: Losses) -> tuple[dict[str, Tensor | float], dict[str, Tensor]]:
+        self._ensure(losses)
+        names = losses.names
+        if not torch.is_grad_enabled() or not names:
+            return dict.fromkeys(names, 1.0), {}
+        ctx = self.context
+        assert ctx is not None and ctx.optimizer is not None and ctx.meta is not None and ctx.train is not None
+        params = [x for g in ctx.optimizer.param_groups for x in g["params"] if x.requires_grad]
+        dev = params[0].device
+        p = torch.softmax(torch.stack([self._params[k].detach() for k in names]).to(dev, torch.float64), 0)
+        s = torch.tensor([_static(losses, k) for k in names], dtype=torch.float64, device=dev)
+        sp = (s * p).tolist()
+        f = torch.stack([losses.parts[k] * sp[i] for i, k in enumerate(names)]).sum()
+        g_f = _flat(_mean_over_ranks(torch.autograd.grad(f, params, retain_graph=True, allow_unused=True), params))
+        values = torch.stack([losses.parts[k].detach() for k in names]).to(dev, torch.float64)
+        ahead = self._inner_values(losses, ctx, params, sp, g_f, float(f.detach()))
+        soft = torch.diag(p) - torch.outer(p, p)
+        gq_alpha = soft @ (s * values) - soft @ (s * ahead)
+        U = jacobian_rows(ctx.meta(), names, params)  # the meta parts' gradients, normalised below
+        Ug = torch.cat([U, g_f.to(U.dtype)[None]])
+        M = cross(Ug, Ug)  # one pass over the T + 1 rows
+        del Ug
+        if not (bool(torch.isfinite(M).all()) and bool(torch.isfinite(gq_alpha).all())):
+            raise FloatingPointError(
+                f"FORUM: the gradients of the parts {names} (main batch, meta batch) or their values after the "
+                f"{self.inner_step} inner steps (inner_lr={self.inner_lr}) are not finite; no step was taken and "
+                "the balancer's state is unchanged (a smaller inner_lr keeps the inner steps finite)"
+            )
+        norms = M.diagonal()[:-1].sqrt()
+        inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        scale = torch.cat([inv, inv.new_ones(1)])
+        w, pi = self._solve(M * scale[:, None] * scale[None], gq_alpha)
+        beta = (self._round + 1) ** -0.75
+        for i, k in enumerate(names):
+            old = self._lambda.get(k, 0.0)
+            self._lambda[k] = old + beta * (float(w[i]) - old)
+        lam = torch.tensor([self._lambda[k] for k in names], dtype=torch.float64, device=dev)
+        nu = max(float(lam @ pi), 0.0)
+        grad_alpha = nu * gq_alpha
+        if bool(torch.isfinite(grad_alpha).all()):
+            for k, g in zip(names, grad_alpha.tolist()):
+                self._params[k].grad = torch.full_like(self._params[k], g)
+            assert self._opt is not None
+            self._opt.step()
+        for x in self._params.values():
+            x.grad = None
+        c = (lam * inv).to(U.dtype) @ U
+        self.info.update({"forum/nu": nu, **{f"forum/lambda/{k}": float(v) for k, v in zip(names, lam)}})
+        return {k: nu * pk for k, pk in zip(names, p.tolist())}, {"forum/meta": _zero_valued(params, c)}
+
+    def _inner_values(
+        self, losses: Losses, ctx: Context, params: list[Tensor], sp: list[float], g_f: Tensor, f0: float
+    ) -> Tensor:
+        """The main batch's part values at ``omega^K`` (``K`` SGD steps on ``f``; the parameters and buffers are
+        put back)."""
+        assert ctx.train is not None
+        names = losses.names
+        saved = [x.data for x in params]
+        net = self._net() if self._net is not None else None
+        buffers = [] if net is None else [(b, b.detach().clone()) for b in net.buffers()]
+        flat, grad, value = _flat([x.detach() for x in params]), g_f, f0
+        try:
+            for i in range(self.inner_step):
+                if i > 0:
+                    out = ctx.train()
+                    f = torch.stack([out.parts[k] * sp[j] for j, k in enumerate(names)]).sum()
+                    value = float(f.detach())
+                    if value <= 1e5:
+                        grads = torch.autograd.grad(f, params, allow_unused=True)
+                        grad = _flat(_mean_over_ranks(grads, params))
+                if value > 1e5:  # LibMTL: "caused by too large inner_lr and inner_step"
+                    break
+                flat = flat - self.inner_lr * grad.to(flat.dtype)
+                _assign(params, _unflatten(flat, params))
+            with torch.no_grad():
+                out = ctx.train()
+            return torch.stack([out.parts[k] for k in names]).to(params[0].device, torch.float64)
+        finally:
+            _assign(params, saved)
+            AutoLambda._restore(buffers)
+
+    def _solve(self, M: Tensor, gq_alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """LibMTL's QP (class docstring, step 3): its solution ``w`` (``T + 1``) and ``pi`` (``T``). ``M``: the
+        Gramian of ``[u_1; ...; u_T; grad_omega f]`` (float64).
+
+        Solved in the variables ``(u, t')``, ``u = w_{1..T}`` and ``w_{T+1} = pi^T u + t' / sq`` (``sq = ||g_q||^2
+        + 1e-8``, ``t' >= 0`` the coupling constraint's slack): with ``pi = phi - b / sq`` (``b_i = <u_i, g_q>``)
+        and ``1^T u = 1`` the objective ``w^T G w - phi sq w_{T+1}`` becomes, exactly and up to a constant,
+        ``u^T (A - (sq + e) / sq^2 b b^T) u + phi (1 + 2e / sq) b^T u + 2e / sq^2 t' b^T u + (sq - e) / sq^2 t'^2
+        + phi (1 - 2e / sq) t'`` (``A`` the unit rows' Gramian, ``e = 1e-8``), whose terms are all of the size of
+        ``A``'s. In ``w`` the terms in ``||g_q||^2`` cancel to ``A``'s size, which float64 loses when ``||g_q||^2``
+        is large (``pi_i = phi - b_i / sq`` rounds to ``phi``); the constraints are ``u >= 0``, ``1^T u = 1``,
+        ``t' >= 0`` and ``w_{T+1} >= 0``."""
+        T = M.shape[0] - 1
+        dev = M.device
+        e = 1e-8
+        sq = float(M[T, T] + gq_alpha @ gq_alpha) + e
+        b = M[:T, T]
+        pi = self.phi - b / sq
+        Q = torch.zeros(T + 1, T + 1, dtype=torch.float64, device=dev)
+        Q[:T, :T] = 2 * (M[:T, :T] - (sq + e) / sq**2 * torch.outer(b, b))
+        Q[:T, T] = Q[T, :T] = 2 * e / sq**2 * b
+        Q[T, T] = 2 * (sq - e) / sq**2
+        q = torch.cat([self.phi * (1 + 2 * e / sq) * b, b.new_full((1,), self.phi * (1 - 2 * e / sq))])
+        C = torch.cat(
+            [torch.eye(T + 1, dtype=torch.float64, device=dev), torch.cat([pi, b.new_full((1,), 1 / sq)])[None]]
+        )
+        E = torch.cat([b.new_ones(T), b.new_zeros(1)])[None]
+        x = interior_qp(Q, q, C, b.new_zeros(T + 2), E, b.new_ones(1))
+        u, t = x[:T], x[T]
+        w = torch.cat([u, (self.phi * u.sum() - (b @ u) / sq + t / sq)[None]])
+        self.info["forum/qp_objective"] = float(0.5 * x @ Q @ x + q @ x)
+        return w, pi
+
+    def __repr__(self) -> str:
+        return f"FORUM(phi={self.phi}, inner_step={self.inner_step}, inner_lr={self.inner_lr}, lr={self.lr})"
+
+
 def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
     """``flat`` cut into tensors shaped (and typed) as ``params``."""
     return [x.view_as(p).to(p.dtype) for x, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
+def _flat(xs: list[Tensor]) -> Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
 
 
 def _static(losses: Losses, k: str) -> float:
@@ -441,4 +646,4 @@ def _mean_over_ranks(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> 
     return [x.view_as(p) for x, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
 
-__all__ = ["LDCMTL", "MOML", "AutoLambda", "discrepancy_objective"]
+__all__ = ["FORUM", "LDCMTL", "MOML", "AutoLambda", "discrepancy_objective"]
