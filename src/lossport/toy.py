@@ -127,9 +127,11 @@ def run(
     return Trajectory(str(name), (float(start[0]), float(start[1])), torch.stack(xs), torch.stack(ls))
 
 
-def plot(trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path: str | None = None) -> Any:
-    """One panel per method: the trajectories over the contours of ``L1 + L2``, the Pareto segment in grey.
-    Needs matplotlib (``pip install lossport[plot]``)."""
+def plot(
+    trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path: str | None = None, cols: int = 0
+) -> Any:
+    """One panel per method: the trajectories over the contours of ``L1 + L2``, the Pareto segment in grey;
+    ``cols`` panels a row (0: all in one row). Needs matplotlib (``pip install lossport[plot]``)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover
@@ -139,8 +141,12 @@ def plot(trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path:
     l1, l2 = losses(torch.stack([X1, X2]), scale)  # element-wise over the grid
     z = l1 + l2
     n = len(trajectories)
-    fig = Figure(figsize=(3.4 * n, 3.4), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    c = n if cols <= 0 else min(cols, n)
+    r = -(-n // c)
+    fig = Figure(figsize=(3.4 * c, 3.4 * r), layout="constrained")
+    axes = fig.subplots(r, c, squeeze=False).flatten()
+    for ax in axes[n:]:
+        ax.set_axis_off()
     for ax, (method, trajs) in zip(axes, trajectories.items()):
         ax.contour(X1.numpy(), X2.numpy(), z.numpy(), levels=25, cmap="Greys", linewidths=0.5)
         ax.plot([-7, 7], [PARETO_X2, PARETO_X2], color="grey", lw=4, alpha=0.5)
