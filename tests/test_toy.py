@@ -108,19 +108,24 @@ WEIGH = {
     "fairgrad": lambda G, x0: W.fairgrad(G, 2.0, x0),
     "mgda": lambda G, x0: 2 * W.mgda(G),
     "pcgrad": lambda G, x0: pcgrad2(G),
+    "ew": lambda G, x0: torch.ones(G.shape[:-1], dtype=torch.float64),
 }
 
 
-def run_starts(method, steps, lr, starts=toy.STARTS, scale=0.1):
+def run_starts(method, steps, lr, starts=toy.STARTS, scale=0.1, record=None):
     """The five starts at once, as :func:`lossport.toy.run` with the balancer ``method`` (Gramian of the two
     gradients on ``x``, warm-started weights from :mod:`lossport.balance.weighting`, ``x.grad = J^T w``, Adam;
     Adam is element-wise, so one optimiser over the stacked starts is five independent ones). Returns the end
-    points (S x 2) and the number of steps that warned."""
+    points (S x 2) and the number of steps that warned; ``record`` (a list) receives the points every
+    ``steps // 1000`` steps."""
     weigh = WEIGH[method]
     x = torch.tensor(starts, dtype=torch.float64).T.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     warm, warned = None, 0
-    for _ in range(steps):
+    every = max(1, steps // 1000)
+    for step in range(steps):
+        if record is not None and step % every == 0:
+            record.append(x.detach().T.clone())
         l1, l2 = toy.losses(x, scale)
         (g1,) = torch.autograd.grad(l1.sum(), x, retain_graph=True)
         (g2,) = torch.autograd.grad(l2.sum(), x)
@@ -131,6 +136,8 @@ def run_starts(method, steps, lr, starts=toy.STARTS, scale=0.1):
         warned += bool(rec)
         x.grad = (J.mT @ warm.unsqueeze(-1)).squeeze(-1).T
         opt.step()
+    if record is not None:
+        record.append(x.detach().T.clone())
     return x.detach().T, warned
 
 
@@ -204,15 +211,21 @@ def test_pcgrad_from_every_start_fails_from_the_rightmost_and_favours_l2():
     assert toy.pareto_residual(ends[4]) < 1e-3  # (9, -1) reaches the front
 
 
-if __name__ == "__main__":  # the protocol figures: python tests/test_toy.py [steps lr [methods]]
+if __name__ == "__main__":  # the protocol figures: python tests/test_toy.py [steps lr [methods [figure.png]]]
     import sys
     import time
 
     torch.set_num_threads(1)
     steps, lr = (int(sys.argv[1]), float(sys.argv[2])) if len(sys.argv) > 2 else (35_000, 1e-3)
+    trajectories = {}
     for m in sys.argv[3].split(",") if len(sys.argv) > 3 else WEIGH:
         t0 = time.time()
-        ends, warned = run_starts(m, steps, lr)
+        points = []
+        ends, warned = run_starts(m, steps, lr, record=points)
+        xs = torch.stack(points, 1)  # S x K x 2
+        trajectories[m] = [
+            toy.Trajectory(m, s, xs[i], torch.stack(toy.losses(xs[i].T), -1)) for i, s in enumerate(toy.STARTS)
+        ]
         for start, end in zip(toy.STARTS, ends):
             l1, l2 = toy.losses(end)
             print(
@@ -220,3 +233,6 @@ if __name__ == "__main__":  # the protocol figures: python tests/test_toy.py [st
                 f"L1/0.1 {float(l1) / 0.1:.4f} L2 {float(l2):.4f} residual {toy.pareto_residual(end):.1e}"
             )
         print(f"{m}: {warned} steps warned, {time.time() - t0:.0f} s", flush=True)
+    if len(sys.argv) > 4:
+        toy.plot(trajectories, path=sys.argv[4], cols=3)
+        print(f"figure: {sys.argv[4]}")

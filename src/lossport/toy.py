@@ -87,7 +87,10 @@ def run(
     """Optimise ``x`` from ``start`` with Adam (``lr``) on the two losses balanced by ``balancer`` (a name, an
     instance, or ``None`` for the plain sum). Gradient-level balancers get ``params=[x]``; FAMO its loss floors
     ``-21 scale`` and ``-21`` (the authors' ``l*``) unless given. The authors use lr 1e-3 for 35,000-50,000 steps;
-    the default here, lr 1e-2 for 5,000 steps, covers the same distance and shows the same behaviours."""
+    the default here, lr 1e-2 for 5,000 steps, covers a similar distance (lr x steps). With larger steps the
+    runs drift along the front differently once there (end points up to 1 apart in x1 for Nash-MTL), and
+    methods whose steps shrink in the flat region below the x-axis (MGDA, PCGrad) need the authors' longer run to
+    cross it: ``tests/test_toy.py`` compares the protocols from the five starts."""
     x = torch.tensor([float(start[0]), float(start[1])], dtype=torch.float64, requires_grad=True)
     name = balancer if isinstance(balancer, str) else type(balancer).__name__ if balancer is not None else "sum"
     if isinstance(balancer, str):
