@@ -247,7 +247,7 @@ def _alpha_fair_one(
         if 1 + cos >= bound ** (-2):
             x, ok = 1.0 / (n * (1 + cos) ** 0.5), True
     else:
-        x, res = _newton_core(Gk, power, x, 1e-12, 100, bound**2)
+        x, res = _newton_core(Gk, power, x, 1e-12, 100, bound * bound)
         ok = bool(res < 1e-6) and float(_cancellation(Gk, x)) >= bound ** (-2)
     mu = RIDGE_BOUND ** (-(1.0 + power))
     if not ok:  # no root, or one with weights beyond the bound: the ridge problem (strongly convex, coercive)
@@ -314,7 +314,7 @@ def _alpha_fair_batch(G: Tensor, power: float, x0: Tensor | None, bound: float) 
     else:
         x = dn ** (-e) if x0 is None else (x0 * (s**e)[:, None]).clamp_min(1e-12)
         Gs = torch.where(good[:, None, None], Gn, torch.diag_embed(dn))  # placeholders: solved one by one
-        x, res = _newton_core(Gs, power, x, 1e-12, 100, bound**2)
+        x, res = _newton_core(Gs, power, x, 1e-12, 100, bound * bound)
         good &= (res < 1e-6) & (_cancellation(Gs, x) >= bound ** (-2))
     return x / (s**e)[:, None], good
 
