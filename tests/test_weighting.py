@@ -144,6 +144,14 @@ def test_fairgrad_equals_the_authors_least_squares_on_random_and_rank_deficient_
         assert rel(G @ ours, ours ** (-1 / alpha)) < 1e-10
 
 
+def test_nash_mtl_and_fairgrad_accept_any_bound():
+    """A bound of 1e300 or inf (never bound the root) gives the root itself on a regular Gramian."""
+    G = gram(4, 4, 6, spread=1.0)
+    for bound in (1e300, float("inf")):
+        assert torch.allclose(W.fairgrad(G, 2.0, bound=bound), W.fairgrad(G, 2.0), rtol=1e-12)
+        assert torch.allclose(W.nash_mtl(G, bound=bound), W.nash_mtl(G), rtol=1e-12)
+
+
 def toy_gramian(x1, x2):
     from lossport import toy
 
