@@ -104,6 +104,68 @@ def main(argv: list[str] | None = None) -> None:
         t = interleaved(fns, max(1, reps // 3) if m == 64 else reps)
         tj = f"{t['torchjd']:>20.2f} {t['torchjd'] / t['fair']:>7.1f}" if HAVE_TORCHJD else ""
         print(f"{m:>5} {t['nash']:>9.2f} {t['fair']:>12.2f} {tj}")
+    fairgrad_near_the_front(reps)
+
+
+def toy_gramian(x1: float, x2: float) -> torch.Tensor:
+    """The Gramian of the two gradients of :mod:`lossport.toy` (losses 0.1 L1, L2) at ``(x1, x2)``."""
+    from lossport import toy
+
+    x = torch.tensor([x1, x2], dtype=torch.float64, requires_grad=True)
+    l1, l2 = toy.losses(x)
+    J = torch.stack([torch.autograd.grad(l1, x, retain_graph=True)[0], torch.autograd.grad(l2, x)[0]])
+    return J @ J.T
+
+
+def fairgrad_near_the_front(reps: int) -> None:
+    """FairGrad (alpha 2) on toy Gramians ``delta`` above the Pareto set at x1 = -3, 0, 3, 5: cold, warm-started
+    from the root at ``delta * 1.01`` (a previous step), and the authors' ``least_squares`` (default tolerances,
+    from 1/T: it stops early there; its relative residual is printed). ``bounded``: how many of the 4 took the
+    bounded (ridge) problem instead of the root (the weighted gradients cancel beyond 1e-4: 1 + cos < 1e-8)."""
+    import warnings
+
+    import numpy as np
+
+    try:
+        from scipy.optimize import least_squares
+    except ImportError:  # pragma: no cover
+        return
+    print("\nFairGrad alpha=2 near the toy problem's front (4 points; ms per call, median; residual: relative, max)")
+    head = f"{'delta':>7} {'1+cos':>8} {'cold ms':>8} {'warm ms':>8} {'authors ms':>11} {'ours resid':>11}"
+    print(f"{head} {'authors resid':>14} {'bounded':>8}")
+    front = [(-3.0, -8.3705), (0.0, -8.3551), (3.0, -8.3705), (5.0, -8.3969)]
+    for delta in (1e-1, 1e-2, 1e-3):
+        Gs = [toy_gramian(x1, x2 + delta) for x1, x2 in front]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prev = [W.fairgrad(toy_gramian(x1, x2 + 1.01 * delta), 2.0) for x1, x2 in front]
+
+            def authors(G: torch.Tensor) -> np.ndarray:
+                A = G.numpy()
+                f = lambda x: A @ x - np.power(1 / x, 0.5)  # noqa: E731
+                return least_squares(f, np.ones(2) / 2, bounds=(0, np.inf)).x
+
+            fns = {
+                "cold": lambda Gs=Gs: [W.fairgrad(G, 2.0) for G in Gs],
+                "warm": lambda Gs=Gs, prev=prev: [W.fairgrad(G, 2.0, p) for G, p in zip(Gs, prev)],
+                "authors": lambda Gs=Gs: [authors(G) for G in Gs],
+            }
+            t = interleaved(fns, reps)
+            theirs = [torch.from_numpy(authors(G)) for G in Gs]
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            ours = [W.fairgrad(G, 2.0) for G in Gs]
+
+        def resid(G: torch.Tensor, w: torch.Tensor) -> float:
+            return float((G @ w - w**-0.5).abs().max() / (w**-0.5).abs().max())
+
+        cos = max(float(1 + G[0, 1] / (G[0, 0] * G[1, 1]).sqrt()) for G in Gs)
+        r_ours = max(resid(G, w) for G, w in zip(Gs, ours))
+        r_theirs = max(resid(G, w) for G, w in zip(Gs, theirs))
+        print(
+            f"{delta:>7g} {cos:>8.1e} {t['cold'] / 4:>8.2f} {t['warm'] / 4:>8.2f} {t['authors'] / 4:>11.2f} "
+            f"{r_ours:>11.1e} {r_theirs:>14.1e} {len(rec):>8}"
+        )
 
 
 if __name__ == "__main__":

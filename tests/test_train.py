@@ -539,6 +539,7 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
         "rlw",
         "pcgrad",
         "nash_mtl",
+        "fairgrad",
         "graddrop",
         "db_mtl",
         "excess_mtl",
@@ -555,7 +556,7 @@ def test_checkpoint_resume_in_process_and_refusal_to_overwrite(tmp_path: Path) -
 )
 def test_resume_restores_balancer_state_and_randomness(tmp_path: Path, name: str) -> None:
     """Balancers with learned parameters and their own optimizer (uw, famo, gradnorm), random weights or
-    random orders (rlw, pcgrad) and warm-started solvers (nash_mtl): 2 rounds + resume for 2 more gives the
+    random orders (rlw, pcgrad) and warm-started solvers (nash_mtl, fairgrad): 2 rounds + resume for 2 more gives the
     weights and history of 4 rounds in one go, bit for bit."""
     d = make_data(32)
     kw = {"balance": name, "batch_size": 8, "seed": 3, "progress": False}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize
+from scipy.optimize import least_squares, minimize
 from torchjd.aggregation import (
     AlignedMTLWeighting,
     ConFIG,
@@ -140,6 +140,77 @@ def test_fairgrad_against_torchjd_least_squares(T, r, spread):
         ours = W.fairgrad(G, alpha)
         assert rel(ours, ref) < 1e-5
         assert rel(G @ ours, ours ** (-1 / alpha)) < 1e-11  # the root to (near) float64 precision
+
+
+def authors_fairgrad(G, alpha, tight=False):
+    """The FairGrad authors' solve: scipy ``least_squares`` on ``G w - w^(-1/alpha)`` from ``1/T``, bounds
+    ``[0, inf)`` (default tolerances; ``tight``: 1e-15 and 10,000 evaluations). Returns ``(w, status)``."""
+    A = G.numpy()
+    kw = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15, "max_nfev": 10_000} if tight else {}
+    res = least_squares(
+        lambda x: A @ x - np.power(1 / x, 1 / alpha), np.ones(len(A)) / len(A), bounds=(0, np.inf), **kw
+    )
+    return torch.from_numpy(res.x), res.status
+
+
+@pytest.mark.parametrize("T,r,seed", [(4, 2, 0), (6, 3, 1), (8, 5, 2), (3, 3, 3)])
+def test_fairgrad_equals_the_authors_least_squares_on_random_and_rank_deficient_gramians(T, r, seed):
+    """Fewer independent directions than parts (r < T) but a common descent direction (every gradient has a
+    positive first coordinate), so the root exists; the authors' solver converges there and we agree."""
+    J = jac(T, r, seed, spread=1.0)
+    J[:, 0] = J[:, 0].abs() + 0.5
+    G = J @ J.T
+    for alpha in (1.0, 2.0, 5.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)
+            ours = W.fairgrad(G, alpha)
+        ref, status = authors_fairgrad(G, alpha)
+        assert status > 0 and rel(ours, ref) < 1e-5, (alpha, ours, ref)
+        assert rel(G @ ours, ours ** (-1 / alpha)) < 1e-10
+
+
+def test_nash_mtl_and_fairgrad_accept_any_bound():
+    """A bound of 1e300 or inf (never bound the root) gives the root itself on a regular Gramian."""
+    G = gram(4, 4, 6, spread=1.0)
+    for bound in (1e300, float("inf")):
+        assert torch.allclose(W.fairgrad(G, 2.0, bound=bound), W.fairgrad(G, 2.0), rtol=1e-12)
+        assert torch.allclose(W.nash_mtl(G, bound=bound), W.nash_mtl(G), rtol=1e-12)
+
+
+def toy_gramian(x1, x2):
+    from lossport import toy
+
+    x = torch.tensor([x1, x2], dtype=torch.float64, requires_grad=True)
+    l1, l2 = toy.losses(x)
+    J = torch.stack([torch.autograd.grad(l1, x, retain_graph=True)[0], torch.autograd.grad(l2, x)[0]])
+    return J @ J.T
+
+
+# points of the toy problem above its Pareto set (x2*(x1) + delta): nearly opposite gradients whose norms differ
+# by up to 1e3 (1 + cos from 3e-5 down to 1e-9)
+FRONT = [(-3.0, -8.3705), (0.0, -8.3551), (3.0, -8.3705), (5.0, -8.3969)]
+
+
+@pytest.mark.parametrize("x1,x2", FRONT)
+def test_fairgrad_near_the_front_is_the_root_the_authors_solver_approaches(x1, x2):
+    """Near the front FairGrad's root is large (weights 1e4-1e6) and the authors' least_squares stops early
+    (its default tolerances; relative residual 0.1-0.7 there); with tight tolerances it reaches the root we
+    return. Closer still (1 + cos ~ 1e-9: the weighted gradients cancel to 1e-4 of their size) the root is
+    replaced by the bounded one, with a warning."""
+    for delta in (0.1, 0.01):
+        G = toy_gramian(x1, x2 + delta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)
+            ours = W.fairgrad(G, 2.0)
+        resid = rel(G @ ours, ours**-0.5)
+        assert resid < 1e-8
+        tight, status = authors_fairgrad(G, 2.0, tight=True)
+        assert status > 0 and rel(ours, tight) < 1e-7, (delta, ours, tight)
+        default, _ = authors_fairgrad(G, 2.0)
+        assert resid < 1e-6 * rel(G @ default, default**-0.5)
+    with pytest.warns(SolverWarning, match="no bounded positive root"):
+        w = W.fairgrad(toy_gramian(x1, x2 + 1e-3), 2.0)
+    assert torch.isfinite(w).all() and float(w.min()) > 0
 
 
 def test_batched_weightings_equal_one_by_one():

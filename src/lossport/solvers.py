@@ -366,11 +366,19 @@ def _newton_core(
         grad = (G @ z.unsqueeze(-1)).squeeze(-1) - z ** (-power)
         return grad, grad.abs().amax(-1) / (z ** (-power)).abs().amax(-1)
 
+    absG = G.abs()
+    ulp = G.shape[-1] * torch.finfo(torch.float64).eps
+
+    def floor(z: Tensor) -> Tensor:
+        """The rounding level of the residual at ``z``: ``T eps max_i (|G| z)_i / max_i z_i^-p``."""
+        return ulp * (absG @ z.unsqueeze(-1)).squeeze(-1).amax(-1) / (z ** (-power)).amax(-1)
+
     grad, res = residual(x)
     active = torch.ones_like(res, dtype=torch.bool)
     for _ in range(max_iter):
-        # each problem stops on its own: converged, diverging (no root), or stalled (no step decreases f)
-        active &= (res >= tol) & ((x * scale).amax(-1) <= diverge)
+        # each problem stops on its own: converged (to tol, or to the rounding level of G x near a singular G,
+        # where the residual only bounces), diverging (no root), or stalled (no step decreases f)
+        active &= (res >= tol) & (res > floor(x)) & ((x * scale).amax(-1) <= diverge)
         if not bool(active.any()):
             break
         H = G + torch.diag_embed(power * x ** (-power - 1))

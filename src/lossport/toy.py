@@ -87,7 +87,10 @@ def run(
     """Optimise ``x`` from ``start`` with Adam (``lr``) on the two losses balanced by ``balancer`` (a name, an
     instance, or ``None`` for the plain sum). Gradient-level balancers get ``params=[x]``; FAMO its loss floors
     ``-21 scale`` and ``-21`` (the authors' ``l*``) unless given. The authors use lr 1e-3 for 35,000-50,000 steps;
-    the default here, lr 1e-2 for 5,000 steps, covers the same distance and shows the same behaviours."""
+    the default here, lr 1e-2 for 5,000 steps, covers a similar distance (lr x steps). With larger steps the
+    runs drift along the front differently once there (end points up to 1 apart in x1 for Nash-MTL), and
+    methods whose steps shrink in the flat region below the x-axis (MGDA, PCGrad) need the authors' longer run to
+    cross it: ``tests/test_toy.py`` compares the protocols from the five starts."""
     x = torch.tensor([float(start[0]), float(start[1])], dtype=torch.float64, requires_grad=True)
     name = balancer if isinstance(balancer, str) else type(balancer).__name__ if balancer is not None else "sum"
     if isinstance(balancer, str):
@@ -138,9 +141,11 @@ def _context(balancer: Balancer | None, evaluate: Callable[[], Losses], opt: tor
     return Context(extra=extra, meta=evaluate, train=evaluate, optimizer=opt)
 
 
-def plot(trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path: str | None = None) -> Any:
-    """One panel per method: the trajectories over the contours of ``L1 + L2``, the Pareto segment in grey.
-    Needs matplotlib (``pip install lossport[plot]``)."""
+def plot(
+    trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path: str | None = None, cols: int = 0
+) -> Any:
+    """One panel per method: the trajectories over the contours of ``L1 + L2``, the Pareto segment in grey;
+    ``cols`` panels a row (0: all in one row). Needs matplotlib (``pip install lossport[plot]``)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover
@@ -150,8 +155,12 @@ def plot(trajectories: dict[str, list[Trajectory]], *, scale: float = 0.1, path:
     l1, l2 = losses(torch.stack([X1, X2]), scale)  # element-wise over the grid
     z = l1 + l2
     n = len(trajectories)
-    fig = Figure(figsize=(3.4 * n, 3.4), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    c = n if cols <= 0 else min(cols, n)
+    r = -(-n // c)
+    fig = Figure(figsize=(3.4 * c, 3.4 * r), layout="constrained")
+    axes = fig.subplots(r, c, squeeze=False).flatten()
+    for ax in axes[n:]:
+        ax.set_axis_off()
     for ax, (method, trajs) in zip(axes, trajectories.items()):
         ax.contour(X1.numpy(), X2.numpy(), z.numpy(), levels=25, cmap="Greys", linewidths=0.5)
         ax.plot([-7, 7], [PARETO_X2, PARETO_X2], color="grey", lw=4, alpha=0.5)

@@ -1,0 +1,91 @@
+"""Toy-problem figures (issue 15, item 3): each registered balancer's trajectories from the five standard starts.
+
+The two-task problem of :mod:`lossport.toy` (losses 0.1 L1, L2 as in Nash-MTL and FAMO), Adam, every method of
+``lossport.balance.available()`` (or ``--methods``) through :func:`lossport.toy.run`, so methods registered later
+are included when the script is rerun. Writes
+
+* ``--paper-out`` (``docs/toy.png``): the methods whose papers show the toy problem (sum, MGDA, PCGrad, CAGrad,
+  Nash-MTL, FAMO, FairGrad) that ran;
+* ``--out`` (``docs/toy-all.png``): every method that ran, ``--cols`` panels a row;
+
+and prints, per method, the end points, how many of the five reached the Pareto set (min-norm residual below
+1e-2, ``x2 < -8.3``, ``|x1| <= 7.05``), the steps that warned and the seconds. A method that cannot run on this
+problem (e.g. Uncertainty weighting needs losses >= 0, Krum needs at least 3 parts) is listed with its error.
+
+The default protocol, Adam lr 3.5e-2 for 1,000 steps (the one of ``tests/test_toy.py``), covers the distance of
+the authors' lr 1e-3 for 35,000 steps: Nash-MTL and FairGrad reach the front from all five starts in both, but
+methods whose steps shrink in the flat region below the x-axis (the sum, MGDA, PCGrad) have not crossed it yet
+from some starts; ``python tests/test_toy.py 35000 1e-3 ew,mgda,pcgrad,nash_mtl docs/toy-protocol.png`` runs
+those in the authors' protocol (BENCHMARKS.md compares the end points).
+
+    .venv/bin/python benchmarks/toy_figures.py                       # every method, ~1 h on a loaded machine
+    .venv/bin/python benchmarks/toy_figures.py --methods ew,mgda,nash_mtl,fairgrad --out /tmp/toy.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from lossport import toy
+from lossport.balance import available
+
+PAPER = ("ew", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo", "fairgrad")
+"""Methods whose papers report the toy problem (CAGrad, Nash-MTL, FAMO and FairGrad figures)."""
+
+
+def on_front(end: torch.Tensor) -> bool:
+    """Whether ``end`` is on the Pareto set: Pareto-stationary to 1e-2, on the segment ``|x1| <= 7.05`` below
+    ``x2 = -8.3``."""
+    return toy.pareto_residual(end) < 1e-2 and float(end[1]) < -8.3 and abs(float(end[0])) <= 7.05
+
+
+def run_method(method: str, steps: int, lr: float) -> tuple[list[toy.Trajectory] | None, int, str]:
+    """The five trajectories of ``method``, the number of steps that warned, and an error (empty if it ran)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            trajs = [toy.run(method, s, steps=steps, lr=lr) for s in toy.STARTS]
+        except (ValueError, TypeError, RuntimeError) as e:
+            return None, len(rec), f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+    return trajs, len(rec), ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="", help="comma-separated names (default: every registered method)")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=3.5e-2)
+    ap.add_argument("--cols", type=int, default=6)
+    ap.add_argument("--out", default="docs/toy-all.png")
+    ap.add_argument("--paper-out", default="docs/toy.png")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or available()
+    print(f"Adam lr {args.lr:g}, {args.steps} steps, starts {list(toy.STARTS)}")
+    ran: dict[str, list[toy.Trajectory]] = {}
+    for m in methods:
+        t0 = time.time()
+        trajs, warned, err = run_method(m, args.steps, args.lr)
+        if trajs is None:
+            print(f"{m:14s} not run: {err}", flush=True)
+            continue
+        ran[m] = trajs
+        ends = " ".join(f"({float(t.end[0]):6.2f},{float(t.end[1]):6.2f})" for t in trajs)
+        front = sum(on_front(t.end) for t in trajs)
+        print(f"{m:14s} {ends}  front {front}/5  warned {warned:5d}  {time.time() - t0:5.0f} s", flush=True)
+    if args.paper_out:
+        paper = {m: ran[m] for m in PAPER if m in ran}
+        if paper:
+            toy.plot(paper, path=args.paper_out, cols=4)
+            print(f"figure: {args.paper_out}")
+    if args.out and ran:
+        toy.plot(ran, path=args.out, cols=args.cols)
+        print(f"figure: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
