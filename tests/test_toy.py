@@ -249,4 +249,3 @@ if __name__ == "__main__":  # the protocol figures: python tests/test_toy.py [st
     if len(sys.argv) > 4:
         toy.plot(trajectories, path=sys.argv[4], cols=3)
         print(f"figure: {sys.argv[4]}")
-
