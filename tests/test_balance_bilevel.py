@@ -287,25 +287,32 @@ def test_auto_lambda_leaves_the_net_as_it_was_and_needs_its_context():
     assert resolve("autol").__class__ is AutoLambda and lossport.balance.kind_of("auto_lambda") == "learned"
 
 
+def trained(make, epochs, **kw):
+    """A fresh ``Net`` trained by ``lossport.train`` on ``batch(7, n=48)`` with the balancer ``make()`` (3 batches a
+    round, SGD lr 0.05); returns the net and the result."""
+    torch.manual_seed(0)
+    net = Net()
+    r = lossport.train(
+        net, batch(7, n=48), SPEC, balance=make(), epochs=epochs, batch_size=16, progress=False, seed=0,
+        optimizer="sgd", lr=0.05, **kw,
+    )  # fmt: skip
+    return net, r
+
+
+def resumed_run(make, tmp_path):
+    """``(net, result)`` of 3 uninterrupted rounds and of 2 rounds checkpointed then resumed to 3."""
+    full = trained(make, 3)
+    trained(make, 2, checkpoint=tmp_path)
+    return full, trained(make, 3, checkpoint=tmp_path, resume=True)
+
+
 def test_auto_lambda_trains_resumes_bit_identically_and_takes_meta_data(tmp_path):
     data = batch(7, n=48)
-
-    def run(epochs, **kw):
-        torch.manual_seed(0)
-        net = Net()
-        r = lossport.train(
-            net, data, SPEC, balance=AutoLambda(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0,
-            optimizer="sgd", lr=0.05, **kw,
-        )  # fmt: skip
-        return net, r
-
-    full, r_full = run(3)
-    run(2, checkpoint=tmp_path)
-    resumed, r_res = run(3, checkpoint=tmp_path, resume=True)
+    (full, r_full), (resumed, r_res) = resumed_run(lambda: AutoLambda(lr=1e-2), tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
     assert r_full.history["weight/a"] == r_res.history["weight/a"]
     assert len(set(r_full.history["weight/b"])) == 3  # the weights move round by round
-    _, r_meta = run(1, meta_data=batch(9, n=32))
+    _, r_meta = trained(lambda: AutoLambda(lr=1e-2), 1, meta_data=batch(9, n=32))
     assert r_meta.history["weight/a"] != r_full.history["weight/a"][:1]
     with pytest.raises(ValueError, match="meta_data= is given but the run's balancer \\(LDCMTL\\) uses no meta batch"):
         lossport.train(Net(), data, SPEC, balance="ldc_mtl", epochs=1, progress=False, meta_data=data)
@@ -397,19 +404,7 @@ def test_moml_follows_libmtls_update_over_four_steps():
 
 
 def test_moml_trains_resumes_bit_identically_and_refuses_bad_options(tmp_path):
-    data = batch(7, n=48)
-
-    def run(epochs, **kw):
-        torch.manual_seed(0)
-        net = Net()
-        r = lossport.train(
-            net, data, SPEC, balance=MOML(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0, **kw
-        )
-        return net, r
-
-    full, r_full = run(3)
-    run(2, checkpoint=tmp_path)
-    resumed, _ = run(3, checkpoint=tmp_path, resume=True)
+    (full, r_full), (resumed, _) = resumed_run(lambda: MOML(lr=1e-2), tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
     assert sum(r_full.history[f"weight/{k}"][-1] for k in NAMES) == pytest.approx(3.0)
     assert len(set(r_full.history["weight/a"])) == 3
@@ -563,20 +558,7 @@ def test_forum_leaves_the_net_as_it_was_and_refuses_bad_options():
 
 
 def test_forum_trains_resumes_bit_identically(tmp_path):
-    data = batch(7, n=48)
-
-    def run(epochs, **kw):
-        torch.manual_seed(0)
-        net = Net()
-        r = lossport.train(
-            net, data, SPEC, balance=FORUM(lr=1e-2), epochs=epochs, batch_size=16, progress=False, seed=0,
-            optimizer="sgd", lr=0.05, **kw,
-        )  # fmt: skip
-        return net, r
-
-    full, r_full = run(3)
-    run(2, checkpoint=tmp_path)
-    resumed, r_res = run(3, checkpoint=tmp_path, resume=True)
+    (full, r_full), (resumed, r_res) = resumed_run(lambda: FORUM(lr=1e-2), tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
     assert r_full.history["weight/a"] == r_res.history["weight/a"]
     assert all(math.isfinite(v) for k in NAMES for v in r_full.history[f"weight/{k}"])
