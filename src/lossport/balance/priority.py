@@ -138,8 +138,8 @@ def pcd_direction(G: Tensor, taus: Tensor, tol: float = 1e-9, dependence_tol: fl
     ill-conditioned ``G_SS``), exactly: up to 16 parts by enumerating the active sets
     (:func:`_enumerate_active_sets`, ``2^(T-1)`` small solves), above by the dual active-set method
     (:func:`_active_set`, about ``T`` iterations; a ``ValueError`` if rounding defeats it too). When the
-    constraints cannot all hold (two anti-parallel secondaries, say) returns ``(1, 0, ..., 0)``: the primary gradient alone, as TorchJD. With linearly dependent gradients
-    ``mu`` is not unique (``d`` is)."""
+    constraints cannot all hold (two anti-parallel secondaries, say) returns ``(1, 0, ..., 0)``: the primary
+    gradient alone, as TorchJD. With linearly dependent gradients ``mu`` is not unique (``d`` is)."""
     G = G.detach().to(torch.float64)
     T = G.shape[0]
     w = torch.zeros(T, dtype=torch.float64, device=G.device)
