@@ -68,6 +68,19 @@ from .base import Balancer
 _MODES = ("params", "features")
 
 
+def gram64(Y: Tensor, chunk: int = 1 << 15) -> Tensor:
+    """``Y Y^T`` in float64 for a ``T x P`` ``Y`` of any float dtype, casting ``chunk`` columns at a time (no float64
+    copy of ``Y``: the chunks stay in cache); equal to ``Y.double() @ Y.double().T`` up to the order of the float64
+    sums."""
+    if Y.dtype == torch.float64:
+        return Y @ Y.T
+    out = torch.zeros(Y.shape[0], Y.shape[0], dtype=torch.float64, device=Y.device)
+    for c in Y.split(chunk, dim=1):
+        c64 = c.to(torch.float64)
+        out.addmm_(c64, c64.T)
+    return out
+
+
 class GramianBalancer(Balancer):
     """Base of every method whose weights are a function of the Gramian (see the module docstring).
 

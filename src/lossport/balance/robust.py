@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..result_types import Losses
 from .base import register
-from .gramian_base import GramianBalancer
+from .gramian_base import GramianBalancer, gram64
 from .surgery import _BLOCK, _Surgery
 from .weighting import check_gramian
 
@@ -222,8 +222,7 @@ class ExcessMTL(GramianBalancer):
     def compute_gramian(self, losses: Losses) -> Tensor:
         J, _ = self.compute_jacobian(losses)
         self._jac = J.detach()
-        J64 = self._jac.to(torch.float64)
-        return J64 @ J64.T
+        return gram64(self._jac)  # float64, without a float64 copy of J
 
     def balance(self, losses: Losses) -> dict[str, Tensor | float]:
         try:
@@ -246,9 +245,9 @@ class ExcessMTL(GramianBalancer):
         dtype = self._dtype or J.dtype  # the accumulators' dtype: the one asked by to(), else the gradients'
         for i, k in enumerate(names):
             sq_i = J[i].detach().to(dtype) ** 2
-            acc = self._sq[k].to(sq_i) + sq_i if k in self._sq else sq_i
+            acc = self._sq[k].to(sq_i) + sq_i if k in self._sq else sq_i.clone()
             self._sq[k] = acc
-            e = float((sq_i / torch.sqrt(acc + 1e-7)).sum())
+            e = float(sq_i.div_(torch.add(acc, 1e-7).sqrt_()).sum())  # sq_i / sqrt(acc + 1e-7), one buffer
             n = self._steps.get(k, 0)
             self._steps[k] = n + 1
             if n < self.n_warmup_steps:

@@ -41,7 +41,7 @@ from ..gramian import jacobian
 from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
-from .gramian_base import GramianBalancer
+from .gramian_base import GramianBalancer, gram64
 from .surgery import _Surgery
 from .weighting import check_gramian
 
@@ -327,19 +327,6 @@ class MoDo(_CarriedSimplex):
         return super().__repr__()[:-1] + f", gamma={self.gamma}, rho={self.rho}, batches={self.batches})"
 
 
-def _gram64(Y: Tensor, chunk: int = 1 << 15) -> Tensor:
-    """``Y Y^T`` in float64 for a ``T x P`` ``Y`` of any float dtype, casting ``chunk`` columns at a time (no float64
-    copy of ``Y``: the chunks stay in cache); equal to ``Y.double() @ Y.double().T`` up to the order of the float64
-    sums."""
-    if Y.dtype == torch.float64:
-        return Y @ Y.T
-    out = torch.zeros(Y.shape[0], Y.shape[0], dtype=torch.float64, device=Y.device)
-    for c in Y.split(chunk, dim=1):
-        c64 = c.to(torch.float64)
-        out.addmm_(c64, c64.T)
-    return out
-
-
 @register("moco")
 class MoCo(_Surgery):
     """MoCo (Fernando et al., "Mitigating Gradient Bias in Multi-objective
@@ -420,7 +407,7 @@ class MoCo(_Surgery):
         Y.add_(target.sub_(Y).mul_(beta_k))  # target - Y = -(Y - target) exactly
         del target
         lam = torch.tensor([self._lambda.get(n, 1.0 / T) for n in names], dtype=torch.float64, device=J.device)
-        YY = _gram64(Y) + self.rho * torch.eye(T, dtype=torch.float64, device=J.device)
+        YY = gram64(Y) + self.rho * torch.eye(T, dtype=torch.float64, device=J.device)
         lam = torch.softmax(lam - self.gamma / k**self.gamma_sigma * (YY @ lam), dim=0)
         keep = self._dtype or Y.dtype  # the tracks' dtype: the one asked by to(), else the gradients'
         # the rows of this step's Y are the tracks (views, no copy) when every track is renewed; with a missing part
