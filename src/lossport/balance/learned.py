@@ -85,10 +85,17 @@ class LearnedBalancer(Balancer):
         self._params = {
             k: nn.Parameter(torch.as_tensor(values[k], dtype=dtype, device=device).detach().clone()) for k in names
         }
-        # foreach: one kernel per Adam update over all the scalars, rather than a Python loop over them
-        self._opt = torch.optim.Adam(
-            [self._params[k] for k in names], lr=self.lr, weight_decay=self.weight_decay, foreach=True
-        )
+        self._opt = torch.optim.Adam([self._params[k] for k in names], lr=self.lr, weight_decay=self.weight_decay)
+        self._fast_adam()
+
+    def _fast_adam(self) -> None:
+        """Adam's implementation (not its maths): fused (one kernel for the whole update) on the CPU and CUDA,
+        else foreach; not torch's default Python loop over the scalars. Set again after loading Adam's state,
+        whose param groups carry the flags of the run that saved it."""
+        assert self._opt is not None
+        fused = all(p.device.type in ("cpu", "cuda") for p in self._params.values())
+        for group in self._opt.param_groups:
+            group["fused"], group["foreach"] = (True, None) if fused else (None, True)
 
     def parameters(self) -> list[nn.Parameter]:
         return [self._params[k] for k in self._names]
@@ -144,6 +151,7 @@ class LearnedBalancer(Balancer):
         assert self._opt is not None
         if state["optimizer"] is not None:
             self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))  # casts Adam's state to the parameters
+            self._fast_adam()
 
     def to(self: L, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> L:
         """Move the declared state, the parameters and Adam's state. The parameters are new ``nn.Parameter``
@@ -163,6 +171,7 @@ class LearnedBalancer(Balancer):
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
         if adam is not None and self._opt is not None:
             self._opt.load_state_dict(adam)  # torch casts the moments to the parameters' device and dtype
+            self._fast_adam()
         return self
 
     def __repr__(self) -> str:
