@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..result_types import Losses
 from .base import register
-from .gramian_base import GramianBalancer, gram64
+from .gramian_base import GramianBalancer, _shallow_restore, _shallow_snapshot, gram64
 from .surgery import _BLOCK, _Surgery
 from .weighting import check_gramian
 
@@ -218,6 +218,12 @@ class ExcessMTL(GramianBalancer):
             ("_restarts", 0),
         ):
             self.add_state(name, value)
+
+    def _snapshot(self) -> Any:
+        return _shallow_snapshot(self)  # the accumulators are replaced at each step, never changed in place
+
+    def _restore(self, before: Any) -> None:
+        _shallow_restore(self, before)
 
     def compute_gramian(self, losses: Losses) -> Tensor:
         J, _ = self.compute_jacobian(losses)
