@@ -180,10 +180,10 @@ class ExcessMTL(GramianBalancer):
 
     Factor ``T``: the paper's and TorchJD's weights sum to 1 (the official code and LibMTL start from 1 per
     part, lossport's ``b = 1`` at the start too). Follows TorchJD 0.18's ``ExcessMTLWeighting`` (tested equal).
-    Needs the per-part gradients (``T x P`` memory, plus the ``T x P`` accumulated squares in the state, copied
-    once per computed step so that a failed step leaves the state unchanged); ``gramian="params"`` only. The
-    accumulators restart (counted in ``info`` as ``excess_mtl/restarts``) if the set of shared parameters
-    changes. State per part name: a missing part keeps its accumulator and weight; the weights of the parts
+    Needs the per-part gradients (``T x P`` memory, plus the ``T x P`` accumulated squares in the state, replaced
+    by new tensors at each step, so a failed step restores the old ones without copying them); ``gramian="params"``
+    only. The accumulators restart (counted in ``info`` as ``excess_mtl/restarts``) if the set of shared
+    parameters changes. State per part name: a missing part keeps its accumulator and weight; the weights of the parts
     present are a softmax over their log-weights."""
 
     name = "excess_mtl"
