@@ -181,15 +181,20 @@ class LearnedBalancer(Balancer):
 def _finite(tensors: list[Tensor]) -> bool:
     """Whether every element of ``tensors`` (the scalars' gradients) is finite: one check per device and dtype, one
     host sync each."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
     for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
-    return all(bool(torch.isfinite(torch.cat(g)).all()) for g in groups.values())
+        groups.setdefault((t.device, t.dtype, t.dim() == 0), []).append(t)
+    return all(
+        bool(torch.isfinite(torch.stack(g) if scalar else torch.cat([t.reshape(-1) for t in g])).all())
+        for (_, _, scalar), g in groups.items()
+    )
 
 
 def _values(method: str, losses: Losses) -> list[float]:
     """The parts' values as floats (one host sync), each checked finite and ``>= 0`` (:func:`_positive`)."""
-    vals = torch.stack([v.detach().to(torch.float64) for v in losses.parts.values()]).tolist()
+    parts = [v.detach() for v in losses.parts.values()]
+    same = len({(v.dtype, v.device) for v in parts}) == 1
+    vals = (torch.stack(parts) if same else torch.stack([v.to(torch.float64) for v in parts])).tolist()
     for k, v in zip(losses.parts, vals, strict=True):
         _positive(method, k, v, _UNBOUNDED)
     return vals
