@@ -152,8 +152,9 @@ class TrimmedMean(_Surgery):
                 "trim_number"
             )
         c = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
+        scaled = not bool((s == 1).all())  # static weights all 1: the rows are J's (x * 1 = x), no product
         for a in range(0, J.shape[1], _BLOCK):  # column blocks: the sort's temporaries stay small
-            rows = J[:, a : a + _BLOCK] * s[:, None]
+            rows = J[:, a : a + _BLOCK] * s[:, None] if scaled else J[:, a : a + _BLOCK]
             c[a : a + _BLOCK] = T * trimmed_mean(rows, self.trim_number) - rows.sum(0)
         return torch.ones(T, dtype=J.dtype, device=J.device), c, {}
 
