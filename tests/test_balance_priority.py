@@ -140,3 +140,65 @@ def test_train_three_steps_with_finite_weights():
     assert len(r.history.batch_values("loss")) == 3
     assert all(math.isfinite(r.history[f"weight/{k}"][-1]) for k in NAMES)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def _many_jacobians(T, seed):
+    """T x 300 Jacobians: random, rank 3, ill-conditioned (singular values 1 .. 1e-4), a primary opposed to the
+    sum of the secondaries, and infeasible (two anti-parallel secondaries)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randn(T, 300, generator=g, dtype=torch.float64)
+    low = torch.randn(T, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 300, generator=g, dtype=torch.float64)
+    U, _, V = torch.linalg.svd(torch.randn(T, 300, generator=g, dtype=torch.float64), full_matrices=False)
+    ill = U @ torch.diag(torch.logspace(0, -4, T, dtype=torch.float64)) @ V
+    conflict = torch.randn(T, 300, generator=g, dtype=torch.float64)
+    conflict[0] = -conflict[1:].sum(0)
+    bad = torch.randn(T, 300, generator=g, dtype=torch.float64)
+    bad[2] = -0.5 * bad[1]
+    return {"random": rand, "rank_deficient": low, "ill_conditioned": ill, "conflict": conflict, "infeasible": bad}
+
+
+@pytest.mark.parametrize("T", [32, 64])
+@pytest.mark.parametrize("force_active_set", [False, True])
+def test_many_parts_equal_torchjd(T, force_active_set, monkeypatch):
+    """T = 32 and 64 (beyond the enumeration's 16 parts): the weights equal TorchJD's; with the dual solver made
+    to fail (it returns mu = 0, which violates the constraints), every solve goes through the active-set method."""
+    import lossport.balance.priority as priority
+
+    calls = []
+    if force_active_set:
+        monkeypatch.setattr(priority, "box_qp", lambda Gs, q, x0: torch.zeros_like(q))
+        real = priority._active_set
+        monkeypatch.setattr(priority, "_active_set", lambda *a: calls.append(1) or real(*a))
+    names = [f"p{i}" for i in range(T)]
+    for seed in range(2):
+        for tau in (0.02, 0.3):
+            for kind, J in _many_jacobians(T, seed).items():
+                mine, ref = PCD(tau=tau, beta=0.9), PCDWeighting(tau=tau, beta=0.9)
+                for step in range(2):
+                    Js = J * (1 + 0.5 * step)
+                    G = Js @ Js.T
+                    w, r = mine.weigh(G, fake_losses(names)), ref(G)
+                    assert torch.allclose(w, r, rtol=1e-5, atol=1e-9 * float(r.abs().max())), (kind, tau, step)
+    if force_active_set:
+        assert len(calls) >= 30  # every case with a violated constraint took the active-set path
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_active_set_equals_enumeration(seed):
+    """The active-set method and the exact enumeration give the same multipliers (T = 4..10), and the same
+    verdict on infeasible constraints."""
+    from lossport.balance.priority import _active_set, _enumerate_active_sets
+
+    T = 4 + seed % 7
+    for kind, J in _many_jacobians(T, seed).items():
+        G = J @ J.T
+        Gs = G[1:, 1:]
+        q = G[1:, 0] - 0.3 * Gs.diagonal()
+        atol = 1e-9 * float(G.diagonal().max())
+        if float(q.min()) >= -atol:
+            continue  # g_1 satisfies every constraint: pcd_direction returns before any solver
+        mu, done = _active_set(Gs, q, atol, 1e-9)
+        e = _enumerate_active_sets(Gs, q, atol, 1e-9)
+        assert done and (mu is None) == (e is None), kind
+        if e is not None:
+            assert mu is not None and torch.allclose(mu, e, rtol=1e-6, atol=1e-9 * float(e.abs().max())), kind

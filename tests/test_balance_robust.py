@@ -278,3 +278,29 @@ def test_excess_mtl_accumulators_take_the_dtype_asked_by_to_and_move_with_it():
     assert all(v.dtype == torch.float32 for v in plain.state_dict()["sq"].values())  # else the gradients' dtype
     plain.to(torch.float64)
     assert all(v.dtype == torch.float64 for v in plain._sq.values())  # declared state: to() casts it
+
+
+def test_excess_mtl_failed_call_leaves_its_state_as_it_was(monkeypatch):
+    """A call that fails after the state was updated (here: an error raised after weigh_jacobian) restores the
+    accumulators, step counts and log-weights (the snapshot shares the accumulator tensors, which are replaced at
+    each step, never changed in place); the next call then equals a twin's that never saw the failed one."""
+    net = Net()
+    bal, twin = ExcessMTL(), ExcessMTL()
+    obj, obj2 = lossport.Objective(SPEC, balance=bal), lossport.Objective(SPEC, balance=twin)
+    for s in range(2):
+        assert obj(net, batch(s)).weights == obj2(net, batch(s)).weights
+    before = bal.state_dict()
+    real = ExcessMTL.weigh_jacobian
+
+    def failing(self, J, names):
+        real(self, J, names)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ExcessMTL, "weigh_jacobian", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        obj(net, batch(5))
+    monkeypatch.setattr(ExcessMTL, "weigh_jacobian", real)
+    after = bal.state_dict()
+    assert after["steps"] == before["steps"] and after["logw"] == before["logw"]
+    assert all(torch.equal(after["sq"][k], before["sq"][k]) for k in NAMES)
+    assert obj(net, batch(6)).weights == obj2(net, batch(6)).weights

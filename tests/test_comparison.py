@@ -82,3 +82,62 @@ def test_compare_trains_each_baseline_once_per_seed_and_scores_methods():
         scores = {k: row.metrics[k][s] for k in row.metrics}
         assert row.delta[s] == pytest.approx(delta_m(scores, table.baseline))
     assert "single-task" in table.table() and "mgda" in table.table()
+
+
+def test_a_failing_method_gets_a_failed_row_and_the_others_run(tmp_path):
+    """A method whose training raises (PCD with a primary part the spec lacks) is reported in the table and the
+    CSV with its error; the methods after it still run and score."""
+    import csv
+
+    import torch
+    from torch import nn
+
+    import lossport
+    from lossport.balance import PCD
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(3, 8)
+            self.a = nn.Linear(8, 1)
+            self.b = nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.trunk(x))
+            return {"a": self.a(h), "b": self.b(h)}
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3, generator=g)
+    data = {"x": x, "a": x[:, :1] * 3, "b": x[:, 1:2] - x[:, 2:]}
+
+    def bad_pcd():
+        return PCD(primary="zz")
+
+    table = lossport.compare(
+        Net,
+        data,
+        {"a": "mse", "b": "mse"},
+        methods=["ew", bad_pcd, "mgda"],
+        metrics={"a": ["mae"], "b": ["mae"]},
+        test=data,
+        seeds=2,
+        epochs=1,
+        batch_size=16,
+    )
+    failed = table.row("bad_pcd")
+    assert failed.error is not None and failed.error.startswith("seed 0: ValueError:") and "'zz'" in failed.error
+    assert not failed.metrics and not failed.delta and not failed.seconds_per_step
+    for ok in ("ew", "mgda"):
+        assert table.row(ok).error is None and len(table.row(ok).delta) == 2
+    text = table.table()
+    assert any(line.startswith("bad_pcd") and "failed" in line for line in text.splitlines())
+    assert f"bad_pcd failed: {failed.error}" in text
+    table.to_csv(str(tmp_path / "t.csv"))
+    with open(tmp_path / "t.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert rows["bad_pcd"]["error"] == failed.error and rows["bad_pcd"]["delta_m_mean"] == ""
+    assert rows["mgda"]["error"] == "" and float(rows["mgda"]["delta_m_mean"]) == pytest.approx(
+        sum(table.row("mgda").delta) / 2
+    )
+    fig = table.plot()  # the failed row (no Delta-m%) is left out of the figure
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["ew", "mgda"]

@@ -266,3 +266,17 @@ def test_features_module_returning_a_dict_of_tensors_is_concatenated():
     ).double()
     bal.balance(losses)
     torch.testing.assert_close(bal.seen[0], J @ J.T)
+
+
+def test_gram64_equals_the_float64_product():
+    """gram64 (chunks of columns cast to float64) equals the Gramian of the float64 copy, for float32 and float64
+    inputs and a width that is not a multiple of the chunk."""
+    from lossport.balance.gramian_base import gram64
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        Y = torch.randn(5, 1000, generator=g).to(dtype)
+        ref = Y.double() @ Y.double().T
+        out = gram64(Y, chunk=300)
+        assert out.dtype == torch.float64
+        assert torch.allclose(out, ref, rtol=1e-13, atol=1e-12)

@@ -97,3 +97,24 @@ def test_auto_refuses_a_total_loss_beside_its_components():
     total = Objective("loss")(net, batch)
     parts = Objective(["loss_dict/ce", "loss_dict/l1"], weights=[1.0, 5.0])(net, batch)
     assert torch.allclose(total.total, parts.total)
+
+
+def test_weighted_total_with_scalar_tensor_weights_is_the_sum_with_gradients_to_both():
+    """Many parts with scalar tensor weights (learned ones) take the dot-product path: the same value and the same
+    gradients, to the parts and to the weights, as the term-by-term sum; mixed weights take the term-by-term sum."""
+    from lossport.result_types import weighted_total
+
+    g = torch.Generator().manual_seed(0)
+    for T in (3, 8):
+        p = torch.rand(T, generator=g).requires_grad_()
+        s = torch.randn(T, generator=g).requires_grad_()
+        names = [f"p{i}" for i in range(T)]
+        parts, weights = dict(zip(names, p.unbind(0))), dict(zip(names, torch.exp(s).unbind(0)))
+        total = weighted_total(parts, weights, {"reg": 0.5 * s.sum()})
+        ref = (torch.exp(s) * p).sum() + 0.5 * s.sum()
+        assert torch.allclose(total, ref, rtol=1e-6)
+        gp, gs = torch.autograd.grad(total, [p, s])
+        rp, rs = torch.autograd.grad(ref, [p, s])
+        assert torch.allclose(gp, rp, rtol=1e-6) and torch.allclose(gs, rs, rtol=1e-6)
+    mixed = dict(zip(names, [1.0, *torch.exp(s).unbind(0)[1:]]))
+    assert torch.allclose(weighted_total(parts, mixed, {}), p[0] + (torch.exp(s[1:]) * p[1:]).sum(), rtol=1e-6)

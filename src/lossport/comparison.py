@@ -50,12 +50,14 @@ def delta_m(method: Mapping[str, float], baseline: Mapping[str, float]) -> float
 
 @dataclass
 class Row:
-    """Results of one method over the seeds."""
+    """Results of one method over the seeds; ``error`` says why the method failed (then it has no results: a
+    failure on any seed discards the seeds before it, whose mean would cover fewer seeds than the other rows')."""
 
     method: str
     metrics: dict[str, list[float]] = field(default_factory=dict)
     delta: list[float] = field(default_factory=list)
     seconds_per_step: list[float] = field(default_factory=list)
+    error: str | None = None
 
     def mean(self, key: str) -> float:
         return statistics.fmean(self.metrics[key])
@@ -80,10 +82,14 @@ class Comparison:
         raise KeyError(f"no method {method!r}; methods: {[r.method for r in self.rows]}")
 
     def table(self) -> str:
-        """A plain-text table: method, Delta-m% (mean ± std), each metric (mean ± std), seconds per step."""
+        """A plain-text table: method, Delta-m% (mean ± std), each metric (mean ± std), seconds per step; a failed
+        method's row says ``failed`` and the error, listed below the table."""
         head = ["method", "delta_m%", *self.metric_names, "s/step"]
         lines = []
         for r in self.rows:
+            if r.error is not None:
+                lines.append([r.method, "failed", *["-"] * len(self.metric_names), "-"])
+                continue
             cells = [r.method]
             cells.append(_pm(r.delta) if r.delta else "-")
             cells += [_pm(r.metrics[k]) if k in r.metrics else "-" for k in self.metric_names]
@@ -94,6 +100,7 @@ class Comparison:
         out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
         arrows = ", ".join(f"{k} {'↑' if higher_is_better(k) else '↓'}" for k in self.metric_names)
         out.append(f"(delta_m%: lower is better, negative beats single-task; {arrows})")
+        out += [f"{r.method} failed: {r.error}" for r in self.rows if r.error is not None]
         return "\n".join(out)
 
     __str__ = table
@@ -104,14 +111,14 @@ class Comparison:
             cols = ["method", "delta_m_mean", "delta_m_std"]
             for k in self.metric_names:
                 cols += [f"{k}_mean", f"{k}_std"]
-            w.writerow([*cols, "seconds_per_step"])
+            w.writerow([*cols, "seconds_per_step", "error"])
             for r in self.rows:
                 vals: list[Any] = [r.method]
                 vals += [statistics.fmean(r.delta), _std(r.delta)] if r.delta else ["", ""]
                 for k in self.metric_names:
                     vals += [r.mean(k), r.std(k)] if k in r.metrics else ["", ""]
                 vals.append(statistics.fmean(r.seconds_per_step) if r.seconds_per_step else "")
-                w.writerow(vals)
+                w.writerow([*vals, r.error or ""])
 
     def plot(self, pareto: tuple[str, str] | None = None):  # type: ignore[no-untyped-def]
         """A figure: Delta-m% per method with std error bars and, for two metrics ``pareto``, a scatter of
@@ -179,6 +186,32 @@ def _train_eval(
     return {k: float(v) for k, v in scores.items() if k in wanted}, seconds / steps
 
 
+def _method_row(
+    label: str,
+    method: Any,
+    seeds: Sequence[int],
+    baseline: Mapping[str, float],
+    run: Callable[[Any, int], tuple[dict[str, float], float]],
+) -> Row:
+    """One method's row over the seeds. An exception while building the balancer, training or scoring it (any
+    ``Exception``: a solver giving up, a method that does not fit the problem, non-finite values) makes the row a
+    failed one, with the seed and the error, and the comparison goes on with the next method."""
+    row = Row(label)
+    for seed in seeds:
+        try:
+            balance = method() if callable(method) and not isinstance(method, str) else method
+            scores, sps = run(balance, seed)
+            d = delta_m(scores, baseline) if baseline else None
+        except Exception as e:  # reported in the row; the other methods still run
+            return Row(label, error=f"seed {seed}: {type(e).__name__}: {e}")
+        for k, v in scores.items():
+            row.metrics.setdefault(k, []).append(v)
+        row.seconds_per_step.append(sps)
+        if d is not None:
+            row.delta.append(d)
+    return row
+
+
 def compare(
     make_net: Callable[[], nn.Module],
     data: Any,
@@ -203,6 +236,9 @@ def compare(
         seeds: a count (seeds 0..n-1) or the list of seeds.
         single_task: train the baselines and report Delta-m% (otherwise only the metrics).
         **train_kwargs: passed to :func:`lossport.train` (``epochs``, ``batch_size``, ``lr``, ``validation``...).
+
+    A method that raises on any seed gets a failed row (:attr:`Row.error`: the seed and the error) and the others
+    still run; a failing single-task baseline stops the comparison (every Delta-m% needs it).
     """
     if not isinstance(loss, Mapping):
         raise ValueError("compare needs a dict loss spec {task: loss}, so that single-task baselines can be built")
@@ -210,6 +246,10 @@ def compare(
     if unknown:
         raise ValueError(f"metrics name tasks {unknown} that are not in the loss spec {list(loss)}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+    def _run(balance: Any, seed: int) -> tuple[dict[str, float], float]:
+        return _train_eval(make_net, data, loss, balance, seed, test, metrics, train_kwargs)
+
     metric_names = [f"{t}/{m}" for t, ms in metrics.items() for m in ms]
     rows: list[Row] = []
     baseline: dict[str, float] = {}
@@ -230,16 +270,7 @@ def compare(
         rows.append(base)
     for method in methods:
         label = method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
-        row = Row(str(label if method is not None else "sum"))
-        for seed in seed_list:
-            balance = method() if callable(method) and not isinstance(method, str) else method
-            scores, sps = _train_eval(make_net, data, loss, balance, seed, test, metrics, train_kwargs)
-            for k, v in scores.items():
-                row.metrics.setdefault(k, []).append(v)
-            row.seconds_per_step.append(sps)
-            if baseline:
-                row.delta.append(delta_m(scores, baseline))
-        rows.append(row)
+        rows.append(_method_row(str(label if method is not None else "sum"), method, seed_list, baseline, _run))
     return Comparison(rows=rows, baseline=baseline, metric_names=metric_names)
 
 

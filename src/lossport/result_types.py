@@ -49,11 +49,17 @@ def weighted_total(
     parts: Mapping[str, Tensor], weights: Mapping[str, Tensor | float], extra: Mapping[str, Tensor]
 ) -> Tensor:
     """``sum_i weights[i] * parts[i] + sum(extra)`` as a scalar tensor. With many parts and plain-number
-    weights the parts are stacked and dotted with the weights: two autograd nodes instead of ``2 T``."""
+    weights (or scalar tensor weights of the parts' dtype and device) the parts are stacked and dotted with the
+    weights: two autograd nodes instead of ``2 T``."""
     ws = [weights[k] for k in parts]
     ps = list(parts.values())
-    if len(ps) > 4 and all(type(w) is float for w in ws) and len({(p.dtype, p.device, p.dim()) for p in ps}) == 1:
+    same = len(ps) > 4 and len({(p.dtype, p.device, p.dim()) for p in ps}) == 1
+    if same and all(type(w) is float for w in ws):
         terms = [torch.stack(ps) @ torch.tensor(ws, dtype=ps[0].dtype, device=ps[0].device), *extra.values()]
+    elif same and ps[0].dim() == 0 and all(isinstance(w, Tensor) and w.dim() == 0 for w in ws) and (
+        len({(w.dtype, w.device) for w in ws} | {(ps[0].dtype, ps[0].device)}) == 1  # type: ignore[union-attr]
+    ):  # tensor weights (learned ones: UW, IMTL-L) of the parts' dtype: a dot product too, gradient to both
+        terms = [torch.stack(ps) @ torch.stack(ws), *extra.values()]  # type: ignore[arg-type]
     else:
         terms = [_times(p, w) for p, w in zip(ps, ws)] + list(extra.values())
     if not terms:

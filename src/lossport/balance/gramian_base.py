@@ -68,6 +68,42 @@ from .base import Balancer
 _MODES = ("params", "features")
 
 
+def gram64(Y: Tensor, chunk: int = 1 << 15) -> Tensor:
+    """``Y Y^T`` in float64 for a ``T x P`` ``Y`` of any float dtype, casting ``chunk`` columns at a time (no float64
+    copy of ``Y``: the chunks stay in cache); equal to ``Y.double() @ Y.double().T`` up to the order of the float64
+    sums."""
+    if Y.dtype == torch.float64:
+        return Y @ Y.T
+    out = torch.zeros(Y.shape[0], Y.shape[0], dtype=torch.float64, device=Y.device)
+    for c in Y.split(chunk, dim=1):
+        c64 = c.to(torch.float64)
+        out.addmm_(c64, c64.T)
+    return out
+
+
+def _shallow_snapshot(bal: Balancer) -> dict[str, Any]:
+    """The declared state of ``bal`` without copying its tensors: containers copied one level down, generators by
+    their state. Valid only for a balancer that replaces its state tensors rather than changing them in place."""
+    out: dict[str, Any] = {}
+    for n in bal.__dict__.get("_state_names", ()):
+        v = getattr(bal, n)
+        if isinstance(v, torch.Generator):
+            out[n] = (v, v.get_state())
+        else:
+            out[n] = dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+    return out
+
+
+def _shallow_restore(bal: Balancer, before: Mapping[str, Any]) -> None:
+    """Restore what :func:`_shallow_snapshot` gave."""
+    for n, v in before.items():
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], torch.Generator):
+            v[0].set_state(v[1])
+            setattr(bal, n, v[0])
+        else:
+            setattr(bal, n, v)
+
+
 class GramianBalancer(Balancer):
     """Base of every method whose weights are a function of the Gramian (see the module docstring).
 
@@ -316,7 +352,7 @@ class GramianBalancer(Balancer):
         """Compute ``G`` (of a random subset of the parts with ``subset=``), check it, weigh it and keep the
         weights; a call that fails restores the state (random generators included)."""
         names = losses.names
-        before = self.state_dict()  # weigh may move random orders, EMA targets, warm starts on
+        before = self._snapshot()  # weigh may move random orders, EMA targets, warm starts on
         try:
             drawn = losses
             if self.subset is not None and self.subset < len(names):
@@ -324,7 +360,7 @@ class GramianBalancer(Balancer):
             G = self.compute_gramian(drawn)
             w = self._weights(G, drawn)
         except Exception:
-            self.load_state_dict(before)  # a failed call leaves the balancer as it was
+            self._restore(before)  # a failed call leaves the balancer as it was
             raise
         got = dict(zip(drawn.names, w.cpu().tolist()))
         rest = sum(got.values()) / len(got)  # subset=k: the parts not drawn get the drawn parts' mean weight
@@ -355,6 +391,15 @@ class GramianBalancer(Balancer):
                 "balancer's state is unchanged"
             )
         return w
+
+    def _snapshot(self) -> Any:
+        """The state to restore if a call fails: a copy (:meth:`state_dict`). A method whose state tensors are only
+        ever replaced, never changed in place, overrides it with :func:`_shallow_snapshot` (no copy of them)."""
+        return self.state_dict()
+
+    def _restore(self, before: Any) -> None:
+        """Restore what :meth:`_snapshot` gave."""
+        self.load_state_dict(before)
 
     def close(self) -> None:
         """Remove the forward hooks placed for a ``features`` module."""

@@ -86,6 +86,16 @@ class LearnedBalancer(Balancer):
             k: nn.Parameter(torch.as_tensor(values[k], dtype=dtype, device=device).detach().clone()) for k in names
         }
         self._opt = torch.optim.Adam([self._params[k] for k in names], lr=self.lr, weight_decay=self.weight_decay)
+        self._fast_adam()
+
+    def _fast_adam(self) -> None:
+        """Adam's implementation (not its maths): fused (one kernel for the whole update) on the CPU and CUDA,
+        else foreach; not torch's default Python loop over the scalars. Set again after loading Adam's state,
+        whose param groups carry the flags of the run that saved it."""
+        assert self._opt is not None
+        fused = all(p.device.type in ("cpu", "cuda") for p in self._params.values())
+        for group in self._opt.param_groups:
+            group["fused"], group["foreach"] = (True, None) if fused else (None, True)
 
     def parameters(self) -> list[nn.Parameter]:
         return [self._params[k] for k in self._names]
@@ -103,7 +113,7 @@ class LearnedBalancer(Balancer):
         step, as the scaler does for the net: the parameters and Adam's state are left unchanged."""
         if self._opt is None or all(p.grad is None for p in self._params.values()):
             return
-        if not all(bool(torch.isfinite(p.grad).all()) for p in self._params.values() if p.grad is not None):
+        if not _finite([p.grad for p in self._params.values() if p.grad is not None]):
             for p in self._params.values():
                 p.grad = None
             self.info["skipped_nonfinite_step"] = 1.0
@@ -141,6 +151,7 @@ class LearnedBalancer(Balancer):
         assert self._opt is not None
         if state["optimizer"] is not None:
             self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))  # casts Adam's state to the parameters
+            self._fast_adam()
 
     def to(self: L, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> L:
         """Move the declared state, the parameters and Adam's state. The parameters are new ``nn.Parameter``
@@ -160,10 +171,38 @@ class LearnedBalancer(Balancer):
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
         if adam is not None and self._opt is not None:
             self._opt.load_state_dict(adam)  # torch casts the moments to the parameters' device and dtype
+            self._fast_adam()
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lr={self.lr})"
+
+
+def _finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of ``tensors`` (the scalars' gradients) is finite: one check per device and dtype, one
+    host sync each."""
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype, t.dim() == 0), []).append(t)
+    return all(
+        bool(torch.isfinite(torch.stack(g) if scalar else torch.cat([t.reshape(-1) for t in g])).all())
+        for (_, _, scalar), g in groups.items()
+    )
+
+
+def _values(method: str, losses: Losses) -> list[float]:
+    """The parts' values as floats (one host sync), each checked finite and ``>= 0`` (:func:`_positive`)."""
+    parts = [v.detach() for v in losses.parts.values()]
+    same = len({(v.dtype, v.device) for v in parts}) == 1
+    vals = (torch.stack(parts) if same else torch.stack([v.to(torch.float64) for v in parts])).tolist()
+    for k, v in zip(losses.parts, vals, strict=True):
+        _positive(method, k, v, _UNBOUNDED)
+    return vals
+
+
+def _stacked(params: Mapping[str, nn.Parameter], names: list[str]) -> Tensor:
+    """The parameters of ``names`` as one vector (differentiable: one node in the graph instead of ``T``)."""
+    return torch.stack([params[k] for k in names])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -210,15 +249,18 @@ class Uncertainty(LearnedBalancer):
         unknown = [k for k in self.forms if k != "*" and k not in self._params]
         if unknown:
             raise ValueError(f"Uncertainty: form given for {unknown}, which are not loss parts ({self._names})")
-        b: dict[str, Tensor] = {}
-        reg: Tensor | None = None
-        for k in losses.parts:
-            _positive("Uncertainty", k, float(losses.parts[k].detach()), _UNBOUNDED)
-            s = self._params[k]
-            b[k] = self._c(k) * torch.exp(-s)
-            reg = 0.5 * s if reg is None else reg + 0.5 * s
-            self.info[f"uw/weight/{k}"] = float(b[k].detach())
-        return b, ({"uncertainty/log_var": reg} if reg is not None else {})
+        names = list(losses.parts)
+        if not names:
+            return {}, {}
+        _values("Uncertainty", losses)
+        s = _stacked(self._params, names)
+        c = torch.tensor([self._c(k) for k in names], dtype=s.dtype, device=s.device)
+        weights = c * torch.exp(-s)
+        b = dict(zip(names, weights.unbind(0), strict=True))
+        reg = (0.5 * s).sum()
+        for k, v in zip(names, weights.detach().tolist(), strict=True):
+            self.info[f"uw/weight/{k}"] = v
+        return b, {"uncertainty/log_var": reg}
 
     def __repr__(self) -> str:
         return f"Uncertainty(form={self.forms.get('*', self.forms)!r}, lr={self.lr}, init={self.init})"
@@ -242,15 +284,17 @@ class IMTLL(LearnedBalancer):
 
     def balance(self, losses: Losses) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         self._ensure(losses)
-        b: dict[str, Tensor] = {}
-        reg: Tensor | None = None
-        for k in losses.parts:
-            _positive("IMTLL", k, float(losses.parts[k].detach()), _UNBOUNDED)
-            s = self._params[k]
-            b[k] = torch.exp(s)
-            reg = -s if reg is None else reg - s
-            self.info[f"imtl_l/weight/{k}"] = float(b[k].detach())
-        return b, ({"imtl_l/scale": reg} if reg is not None else {})
+        names = list(losses.parts)
+        if not names:
+            return {}, {}
+        _values("IMTLL", losses)
+        s = _stacked(self._params, names)
+        weights = torch.exp(s)
+        b = dict(zip(names, weights.unbind(0), strict=True))
+        reg = -s.sum()
+        for k, v in zip(names, weights.detach().tolist(), strict=True):
+            self.info[f"imtl_l/weight/{k}"] = v
+        return b, {"imtl_l/scale": reg}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ class RLW(Balancer):
         # host draws (the weights are numbers): a seed gives the same weights on every device
         eps = torch.randn(len(names), generator=self.generator, dtype=torch.float64, device="cpu")
         w = len(names) * torch.softmax(eps, 0)
-        return {k: float(x) for k, x in zip(names, w, strict=True)}
+        return dict(zip(names, w.tolist(), strict=True))
 
     def __repr__(self) -> str:
         return f"RLW(seed={self.seed})"

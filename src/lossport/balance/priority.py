@@ -5,9 +5,9 @@ part as closely as possible, subject to every *secondary* part getting at least 
 first-order progress a step along its own normalised gradient would give. The rule is taken from TorchJD 0.18's
 ``PCD`` / ``PCDWeighting`` documentation, which cites "Not All Objectives Are Born Equal: Priority-Constrained
 Descent for Hierarchical Multi-Objective Optimization" (TMLR 2026, arXiv 2606.29521, reference code
-github.com/DaraVaram/priority-constrained-descent); the paper itself was not read here. The QP is solved by a
-different method than TorchJD's (a complementarity solver with an exact active-set enumeration as fallback,
-instead of Goldfarb-Idnani); the tests check the weights against TorchJD's.
+github.com/DaraVaram/priority-constrained-descent); the paper itself was not read here. The QP is solved first by
+a complementarity solver, with exact fallbacks: an enumeration of the active sets up to 16 parts, a dual active-set
+method (Goldfarb-Idnani, written here on the Gramian) above; the tests check the weights against TorchJD's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .base import register
 from .gramian_base import GramianBalancer
 from .weighting import check_gramian
 
-_MAX_ENUMERATED = 16  # parts; the exact fallback enumerates 2^(T-1) active sets
+_MAX_ENUMERATED = 16  # parts; up to here the exact fallback enumerates the 2^(T-1) active sets
 
 
 def _independent(A: Tensor, dependence_tol: float) -> tuple[Tensor, Tensor]:
@@ -73,6 +73,59 @@ def _enumerate_active_sets(Gs: Tensor, q: Tensor, atol: float, dependence_tol: f
     return None
 
 
+def _step(G: Tensor, active: list[int], p: int, dependence_tol: float) -> tuple[Tensor, float]:
+    """For a candidate constraint ``p`` and the active set ``A``: ``r`` solving ``G_AA r = G_Ap`` (the
+    coefficients of ``g_p`` on the active gradients) and ``||z||^2 = G_pp - G_pA r``, the squared norm of
+    ``g_p``'s component ``z`` orthogonal to them; ``0.0`` when it is below ``dependence_tol * G_pp`` (``g_p``
+    depends on the active gradients)."""
+    if not active:
+        return G.new_zeros(0), float(G[p, p])
+    idx = torch.tensor(active, dtype=torch.long, device=G.device)
+    r = torch.linalg.solve(G[idx][:, idx], G[idx, p])
+    z2 = float(G[p, p] - G[p, idx] @ r)
+    return r, (z2 if z2 > dependence_tol * float(G[p, p]) else 0.0)
+
+
+def _active_set(Gs: Tensor, q: Tensor, atol: float, dependence_tol: float) -> tuple[Tensor | None, bool]:
+    """The dual multipliers ``mu`` of the PCD dual by a dual active-set method (Goldfarb & Idnani, "A numerically
+    stable dual method for solving strictly convex quadratic programs", Math. Programming 27, 1983) for the
+    identity Hessian, written on the Gramian: ``d = g_1 + sum_j mu_j g_j`` stays the minimiser with the
+    constraints of the active set ``A`` as equalities. Each iteration takes the most violated constraint ``p``
+    (slack ``q_p + (Gs mu)_p < -atol``) and raises ``mu_p`` by ``t`` while moving ``mu_A`` by ``-t r``
+    (``G_AA r = G_Ap``) so the active constraints stay tight: the full step ``t = -slack_p / ||z||^2`` (``z``
+    the part of ``g_p`` orthogonal to the active gradients) adds ``p`` to ``A``; a shorter step at which an active
+    multiplier reaches 0 drops that constraint first. When ``g_p`` depends on the active gradients (``z = 0``) only
+    the dropping step exists; without one the constraints are infeasible. The active gradients stay linearly
+    independent, so each solve is well posed. Returns ``(mu, True)``, ``(None, True)`` when infeasible, or
+    ``(mu, False)`` after ``20 T`` iterations (a guard against cycling by rounding)."""
+    n = Gs.shape[0]
+    mu = torch.zeros(n, dtype=Gs.dtype, device=Gs.device)
+    active: list[int] = []
+    for _ in range(20 * max(n, 1)):
+        slack = q + Gs @ mu
+        slack[active] = math.inf  # tight by construction; only an inactive constraint can enter
+        p = int(slack.argmin())
+        if float(slack[p]) >= -atol:
+            return mu, True
+        while True:  # raise mu_p until constraint p is tight, dropping the active constraints that block it
+            r, z2 = _step(Gs, active, p, dependence_tol)
+            t_full = -float(q[p] + Gs[p] @ mu) / z2 if z2 > 0 else math.inf
+            ratios = [(float(mu[i]) / float(ri), k) for k, (i, ri) in enumerate(zip(active, r)) if float(ri) > 0]
+            t_part, k = min(ratios) if ratios else (math.inf, -1)
+            if math.isinf(t_full) and math.isinf(t_part):
+                return None, True  # g_p is a non-positive combination of active gradients: infeasible
+            t = min(t_full, t_part)
+            if active:
+                mu[active] -= t * r
+            mu[p] += t
+            if t_full <= t_part:
+                active.append(p)
+                break
+            mu[active[k]] = 0.0
+            del active[k]
+    return mu, False
+
+
 def pcd_direction(G: Tensor, taus: Tensor, tol: float = 1e-9, dependence_tol: float = 1e-9) -> Tensor:
     """The weights ``w = (1, mu_2, ..., mu_T)`` of ``d = g_1 + sum_j mu_j g_j``, the solution of::
 
@@ -82,10 +135,11 @@ def pcd_direction(G: Tensor, taus: Tensor, tol: float = 1e-9, dependence_tol: fl
     the solution of the dual ``min_{mu >= 0} 1/2 mu^T G_SS mu + mu^T (G_S1 - tau * diag G_SS)`` (``S`` the
     secondaries). First by :func:`~lossport.solvers.box_qp`; if its answer fails the KKT check (a constraint
     violated by more than ``tol * max diag G``, or a positive multiplier on an inactive constraint: singular or
-    ill-conditioned ``G_SS``), by enumerating the active sets (:func:`_enumerate_active_sets`, exact, ``2^(T-1)``
-    small solves, at most 16 parts). When the constraints cannot all hold (two anti-parallel secondaries, say)
-    returns ``(1, 0, ..., 0)``: the primary gradient alone, as TorchJD. With linearly dependent gradients
-    ``mu`` is not unique (``d`` is)."""
+    ill-conditioned ``G_SS``), exactly: up to 16 parts by enumerating the active sets
+    (:func:`_enumerate_active_sets`, ``2^(T-1)`` small solves), above by the dual active-set method
+    (:func:`_active_set`, about ``T`` iterations; a ``ValueError`` if rounding defeats it too). When the
+    constraints cannot all hold (two anti-parallel secondaries, say) returns ``(1, 0, ..., 0)``: the primary
+    gradient alone, as TorchJD. With linearly dependent gradients ``mu`` is not unique (``d`` is)."""
     G = G.detach().to(torch.float64)
     T = G.shape[0]
     w = torch.zeros(T, dtype=torch.float64, device=G.device)
@@ -100,12 +154,15 @@ def pcd_direction(G: Tensor, taus: Tensor, tol: float = 1e-9, dependence_tol: fl
         qp = box_qp(Gs, q[None], torch.zeros(1, T - 1, dtype=torch.float64, device=G.device))[0]
     mu: Tensor | None = qp
     if not _kkt_ok(Gs, q, qp, atol, dependence_tol):
-        if T > _MAX_ENUMERATED:
-            raise ValueError(
-                f"PCD: the dual solver failed on a singular or ill-conditioned Gramian of {T} parts and the exact "
-                f"fallback enumerates active sets only up to {_MAX_ENUMERATED} parts"
-            )
-        mu = _enumerate_active_sets(Gs, q, atol, dependence_tol)
+        if T <= _MAX_ENUMERATED:
+            mu = _enumerate_active_sets(Gs, q, atol, dependence_tol)
+        else:
+            mu, done = _active_set(Gs, q, atol, dependence_tol)
+            if not done or (mu is not None and not _kkt_ok(Gs, q, mu, atol, dependence_tol)):
+                raise ValueError(
+                    f"PCD: neither the dual solver nor the active-set method solved the QP of {T} parts to the "
+                    f"tolerance tol={tol:g} (rounding errors on a near-singular Gramian)"
+                )
     if mu is not None:
         w[1:] = mu
     return w

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..result_types import Losses
 from .base import register
-from .gramian_base import GramianBalancer
+from .gramian_base import GramianBalancer, _shallow_restore, _shallow_snapshot, gram64
 from .surgery import _BLOCK, _Surgery
 from .weighting import check_gramian
 
@@ -152,8 +152,9 @@ class TrimmedMean(_Surgery):
                 "trim_number"
             )
         c = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
+        scaled = not bool((s == 1).all())  # static weights all 1: the rows are J's (x * 1 = x), no product
         for a in range(0, J.shape[1], _BLOCK):  # column blocks: the sort's temporaries stay small
-            rows = J[:, a : a + _BLOCK] * s[:, None]
+            rows = J[:, a : a + _BLOCK] * s[:, None] if scaled else J[:, a : a + _BLOCK]
             c[a : a + _BLOCK] = T * trimmed_mean(rows, self.trim_number) - rows.sum(0)
         return torch.ones(T, dtype=J.dtype, device=J.device), c, {}
 
@@ -180,10 +181,10 @@ class ExcessMTL(GramianBalancer):
 
     Factor ``T``: the paper's and TorchJD's weights sum to 1 (the official code and LibMTL start from 1 per
     part, lossport's ``b = 1`` at the start too). Follows TorchJD 0.18's ``ExcessMTLWeighting`` (tested equal).
-    Needs the per-part gradients (``T x P`` memory, plus the ``T x P`` accumulated squares in the state, copied
-    once per computed step so that a failed step leaves the state unchanged); ``gramian="params"`` only. The
-    accumulators restart (counted in ``info`` as ``excess_mtl/restarts``) if the set of shared parameters
-    changes. State per part name: a missing part keeps its accumulator and weight; the weights of the parts
+    Needs the per-part gradients (``T x P`` memory, plus the ``T x P`` accumulated squares in the state, replaced
+    by new tensors at each step, so a failed step restores the old ones without copying them); ``gramian="params"``
+    only. The accumulators restart (counted in ``info`` as ``excess_mtl/restarts``) if the set of shared
+    parameters changes. State per part name: a missing part keeps its accumulator and weight; the weights of the parts
     present are a softmax over their log-weights."""
 
     name = "excess_mtl"
@@ -219,11 +220,16 @@ class ExcessMTL(GramianBalancer):
         ):
             self.add_state(name, value)
 
+    def _snapshot(self) -> Any:
+        return _shallow_snapshot(self)  # the accumulators are replaced at each step, never changed in place
+
+    def _restore(self, before: Any) -> None:
+        _shallow_restore(self, before)
+
     def compute_gramian(self, losses: Losses) -> Tensor:
         J, _ = self.compute_jacobian(losses)
         self._jac = J.detach()
-        J64 = self._jac.to(torch.float64)
-        return J64 @ J64.T
+        return gram64(self._jac)  # float64, without a float64 copy of J
 
     def balance(self, losses: Losses) -> dict[str, Tensor | float]:
         try:
@@ -246,9 +252,9 @@ class ExcessMTL(GramianBalancer):
         dtype = self._dtype or J.dtype  # the accumulators' dtype: the one asked by to(), else the gradients'
         for i, k in enumerate(names):
             sq_i = J[i].detach().to(dtype) ** 2
-            acc = self._sq[k].to(sq_i) + sq_i if k in self._sq else sq_i
+            acc = self._sq[k].to(sq_i) + sq_i if k in self._sq else sq_i.clone()
             self._sq[k] = acc
-            e = float((sq_i / torch.sqrt(acc + 1e-7)).sum())
+            e = float(sq_i.div_(torch.add(acc, 1e-7).sqrt_()).sum())  # sq_i / sqrt(acc + 1e-7), one buffer
             n = self._steps.get(k, 0)
             self._steps[k] = n + 1
             if n < self.n_warmup_steps:

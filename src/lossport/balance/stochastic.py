@@ -46,7 +46,7 @@ from ..gramian import cross_gramian, jacobian
 from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
-from .gramian_base import GramianBalancer
+from .gramian_base import GramianBalancer, gram64
 from .surgery import _Surgery
 from .weighting import check_gramian
 
@@ -423,18 +423,22 @@ class MoCo(_Surgery):
         if self._width is not None and J.shape[1] != self._width:
             tracks = {}
             state["_restarts"] = self._restarts + 1
-        vals = torch.tensor([float(losses.parts[n].detach()) for n in names], dtype=J.dtype, device=J.device)
-        target = J / (J.norm(dim=1, keepdim=True) + 1e-8) * (vals * s)[:, None]
+        vals = torch.stack([losses.parts[n].detach() for n in names]).to(J)
+        # in place, with the same roundings as Y - beta_k (Y - J / (||J|| + 1e-8) * (vals s)): one T x P buffer
+        target = torch.div(J, J.norm(dim=1, keepdim=True) + 1e-8).mul_((vals * s)[:, None])
         beta_k = self.beta / k**self.beta_sigma
         Y = torch.stack([tracks[n].to(J) if n in tracks else torch.zeros_like(J[0]) for n in names])
-        Y = Y - beta_k * (Y - target)
+        Y.add_(target.sub_(Y).mul_(beta_k))  # target - Y = -(Y - target) exactly
+        del target
         lam = torch.tensor([self._lambda.get(n, 1.0 / T) for n in names], dtype=torch.float64, device=J.device)
-        YY = (Y.to(torch.float64) @ Y.to(torch.float64).T) + self.rho * torch.eye(
-            T, dtype=torch.float64, device=J.device
-        )
+        YY = gram64(Y) + self.rho * torch.eye(T, dtype=torch.float64, device=J.device)
         lam = torch.softmax(lam - self.gamma / k**self.gamma_sigma * (YY @ lam), dim=0)
         keep = self._dtype or Y.dtype  # the tracks' dtype: the one asked by to(), else the gradients'
-        state["_y"] = {**tracks, **{n: Y[i].detach().to(keep, copy=True) for i, n in enumerate(names)}}
+        # the rows of this step's Y are the tracks (views, no copy) when every track is renewed; with a missing part
+        # (whose track then holds its whole step's Y alive: at most one older Y) copies
+        views = keep == Y.dtype and set(tracks) <= set(names)
+        rows = Y.detach().unbind(0) if views else [Y[i].detach().to(keep, copy=True) for i in range(T)]
+        state["_y"] = {**tracks, **dict(zip(names, rows))}
         state["_lambda"] = {**self._lambda, **dict(zip(names, lam.tolist()))}
         d = T * (lam.to(J.dtype) @ Y)
         return torch.ones(T, dtype=J.dtype, device=J.device), d - s @ J, state

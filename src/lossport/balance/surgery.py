@@ -258,13 +258,17 @@ class DBMTL(_Surgery):
             if self._shapes is not None and shapes != self._shapes:
                 avg = {}
                 state["_restarts"] = self._restarts + 1
-            h = torch.stack(
-                [
-                    g[i] + rate * (avg[n].to(g.device) - g[i]) if n in avg else (1 - rate) * g[i]
-                    for i, n in enumerate(names)
-                ]
-            )
-            state["_avg"] = {**avg, **{n: h[i].detach().clone() for i, n in enumerate(names)}}
+            # h_i = g_i + rate (avg_i - g_i), or (1 - rate) g_i for a new part, in one T x P buffer (same roundings)
+            h = torch.stack([avg[n].to(g) if n in avg else g[i] for i, n in enumerate(names)])
+            h.sub_(g).mul_(rate).add_(g)
+            for i, n in enumerate(names):
+                if n not in avg:
+                    h[i] = (1 - rate) * g[i]
+            # the rows of h are the new averages (views, no copy) when every average is renewed; otherwise copies,
+            # so that a missing part's average does not keep this whole T x P tensor alive
+            views = set(avg) <= set(names)
+            rows = h.detach().unbind(0) if views else [h[i].detach().clone() for i in range(len(names))]
+            state["_avg"] = {**avg, **dict(zip(names, rows))}
             state["_shapes"] = shapes
             norms = h.norm(dim=1)
         else:
