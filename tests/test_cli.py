@@ -87,3 +87,27 @@ def test_cli_inspect_on_the_demo_net(tmp_path, capsys):
     assert d["parts"] == ["left", "right", "ink"]
     assert d["reach"]["ink"] == ["trunk.0", "trunk.2", "trunk.5", "ink"]
     assert d["shared"] == ["trunk.0", "trunk.2", "trunk.5"]
+
+
+def test_compare_exits_1_when_a_method_failed_after_writing_the_table(tmp_path, capsys):
+    """A registered method that raises (here a user's own balancer) gets a failed row; the command still writes
+    the table and the figure, and exits 1 so that a script sees the comparison is incomplete."""
+    from lossport.balance import base
+
+    class Refuses(base.Balancer):
+        kind = "loss"
+
+        def balance(self, losses):
+            raise ValueError("this method refuses every batch")
+
+    base.register("refuses_every_batch")(Refuses)
+    try:
+        args = ["compare", "--methods", "ew,refuses_every_batch", "--seeds", "1", "--epochs", "1", "--size", "128"]
+        code = main([*args, "--out", str(tmp_path)])
+    finally:
+        del base._REGISTRY["refuses_every_batch"], base._CANONICAL[Refuses]
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "failed: refuses_every_batch" in captured.err
+    assert "refuses_every_batch failed: seed 0: ValueError: this method refuses every batch" in captured.out
+    assert (tmp_path / "compare.csv").exists() and (tmp_path / "compare.png").exists()

@@ -195,6 +195,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     fig = table.plot(pareto=("left/accuracy", "ink/mae"))
     fig.savefig(args.out / "compare.png", dpi=120)
     print(f"table: {args.out / 'compare.csv'}\nfigure: {args.out / 'compare.png'}")
+    failed = [r.method for r in table.rows if r.error is not None]
+    if failed:  # the table is written, but a script running this must see that it is incomplete
+        print(f"failed: {', '.join(failed)} (errors listed below the table and in compare.csv)", file=sys.stderr)
+        return 1
     return 0
 
 
