@@ -56,8 +56,13 @@ def weighted_total(
     same = len(ps) > 4 and len({(p.dtype, p.device, p.dim()) for p in ps}) == 1
     if same and all(type(w) is float for w in ws):
         terms = [torch.stack(ps) @ torch.tensor(ws, dtype=ps[0].dtype, device=ps[0].device), *extra.values()]
-    elif same and ps[0].dim() == 0 and all(isinstance(w, Tensor) and w.dim() == 0 for w in ws) and (
-        len({(w.dtype, w.device) for w in ws} | {(ps[0].dtype, ps[0].device)}) == 1  # type: ignore[union-attr]
+    elif (
+        same
+        and ps[0].dim() == 0
+        and all(isinstance(w, Tensor) and w.dim() == 0 for w in ws)
+        and (
+            len({(w.dtype, w.device) for w in ws} | {(ps[0].dtype, ps[0].device)}) == 1  # type: ignore[union-attr]
+        )
     ):  # tensor weights (learned ones: UW, IMTL-L) of the parts' dtype: a dot product too, gradient to both
         terms = [torch.stack(ps) @ torch.stack(ws), *extra.values()]  # type: ignore[arg-type]
     else:
