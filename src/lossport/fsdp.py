@@ -27,6 +27,7 @@ before the first step.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +43,7 @@ from .errors import LossSpecError
 Policy = Callable[[nn.Module], bool]
 
 
+@functools.cache  # called at every forward of the objective: one import attempt per process
 def _fsdp_module_class() -> type | None:
     try:
         from torch.distributed.fsdp import FSDPModule
