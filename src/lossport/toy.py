@@ -86,7 +86,8 @@ def run(
 ) -> Trajectory:
     """Optimise ``x`` from ``start`` with Adam (``lr``) on the two losses balanced by ``balancer`` (a name, an
     instance, or ``None`` for the plain sum). Gradient-level balancers get ``params=[x]``; FAMO its loss floors
-    ``-21 scale`` and ``-21`` (the authors' ``l*``) unless given. The authors use lr 1e-3 for 35,000-50,000 steps;
+    ``-21 scale`` and ``-21`` (the authors' ``l*``) and ``gamma = 0`` (their toy script: the objective does not
+    change, so no regularisation of the logits) unless given. The authors use lr 1e-3 for 35,000-50,000 steps;
     the default here, lr 1e-2 for 5,000 steps, covers a similar distance (lr x steps). With larger steps the
     runs drift along the front differently once there (end points up to 1 apart in x1 for Nash-MTL), and
     methods whose steps shrink in the flat region below the x-axis (MGDA, PCGrad) need the authors' longer run to
@@ -100,8 +101,11 @@ def run(
         kw = dict(balancer_kwargs)
         if cls.kind in ("gramian", "surgery"):
             kw.setdefault("params", [x])
-        if "floor" in inspect.signature(cls).parameters:  # a loss lower bound l* (FAMO)
+        sig = inspect.signature(cls).parameters
+        if "floor" in sig:  # a loss lower bound l* (FAMO), and the authors' toy regularisation gamma = 0
             kw.setdefault("floor", {"f1": -21.0 * scale, "f2": -21.0})
+            if "gamma" in sig:
+                kw.setdefault("gamma", 0.0)
         balancer = resolve(balancer, **kw)
     opt = torch.optim.Adam([x], lr=lr)
 
