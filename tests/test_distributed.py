@@ -1,22 +1,16 @@
 """Two gloo processes with half the batch each reproduce one process with the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import free_port, run_with_a_dying_rank
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lossport
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(nn.Module):
@@ -210,22 +204,8 @@ def dying_worker(r, port, ckpt, q):
 
 
 def test_a_dying_rank_gives_an_error_on_the_others_and_the_checkpoint_survives(tmp_path):
-    import time
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=dying_worker, args=(r, port, str(tmp_path), q)) for r in (0, 1)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert all(not p.is_alive() for p in procs)
-    assert procs[1].exitcode == 3
-    r, msg = q.get(timeout=5)
-    assert r == 0 and msg != "finished", msg
-    assert time.monotonic() - t0 < 120
+    msg = run_with_a_dying_rank(dying_worker, str(tmp_path), timeout=120)
+    assert msg != "finished", msg
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["round"] == 1
     Net().load_state_dict(ck["net"])

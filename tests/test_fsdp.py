@@ -1,24 +1,18 @@
 """FSDP2 (``fully_shard``): two gloo processes with half the batch each train like one process on the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import free_port, run_with_a_dying_rank
 from torch import nn
 
 import lossport
 from lossport.balance import MGDA, UPGrad
 
 pytest.importorskip("torch.distributed.fsdp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(nn.Module):
@@ -342,24 +336,10 @@ def dying_worker(r, port, ckpt, q):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_dying_rank_gives_an_error_on_the_others_and_the_sharded_checkpoint_loads(tmp_path):
-    import time
-
     import torch.distributed.checkpoint as dcp
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=dying_worker, args=(r, port, str(tmp_path), q)) for r in (0, 1)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    assert all(not p.is_alive() for p in procs)
-    assert procs[1].exitcode == 3
-    r, msg = q.get(timeout=5)
-    assert r == 0 and msg != "finished", msg
-    assert time.monotonic() - t0 < 90
+    msg = run_with_a_dying_rank(dying_worker, str(tmp_path), timeout=90)
+    assert msg != "finished", msg
     ck = lossport.training.state.load_checkpoint(tmp_path)
     assert ck["round"] == 1 and ck["sharded"] == "sharded-round1"
     plain = Net()

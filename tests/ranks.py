@@ -1,0 +1,36 @@
+"""Helpers of the multi-process tests (DDP and FSDP under gloo): a free port, and a two-rank run whose rank 1 dies."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_with_a_dying_rank(worker: Callable[..., None], tmp_path: str, timeout: float) -> str:
+    """Start ``worker(rank, port, tmp_path, queue)`` on ranks 0 and 1 (rank 1 is expected to exit with code 3
+    mid-run); assert both processes end within ``timeout`` seconds and return what rank 0 reported (its error
+    message, or ``"finished"``)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, tmp_path, q)) for r in (0, 1)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    assert all(not p.is_alive() for p in procs)
+    assert procs[1].exitcode == 3
+    r, msg = q.get(timeout=5)
+    assert r == 0, (r, msg)
+    assert time.monotonic() - t0 < timeout
+    return msg
