@@ -339,18 +339,20 @@ def memory(T: int, names: list[str]) -> dict[str, float]:
     return out
 
 
-def memory_in_child(T: int, names: list[str]) -> dict[str, float]:
-    """:func:`memory` in a fresh process (malloc must be pinned before the heap grows); empty if unavailable."""
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--memory-of", str(T), "--variants", ",".join(names)],
-        capture_output=True,
-        text=True,
-    )
+def json_from_child(script: str, args: list[str], what: str) -> dict[str, float]:
+    """The JSON object that ``python script *args`` prints on its last line, run in a fresh process (peak memory
+    needs malloc pinned before the heap grows); empty, with a line naming ``what``, if the run failed."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"  (memory at T = {T} failed: {proc.stderr.strip().splitlines()[-1:]})", flush=True)
+        print(f"  ({what} failed: {proc.stderr.strip().splitlines()[-1:]})", flush=True)
         return {}
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     return got if got is not None else {}
+
+
+def memory_in_child(T: int, names: list[str]) -> dict[str, float]:
+    """:func:`memory` in a fresh process; empty if unavailable."""
+    return json_from_child(__file__, ["--memory-of", str(T), "--variants", ",".join(names)], f"memory at T = {T}")
 
 
 # ------------------------------------------------------------------------------------------------------------

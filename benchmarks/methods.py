@@ -56,7 +56,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -70,7 +69,7 @@ from lossport import Losses
 from lossport import balance as B
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/many_tasks.py, also when loaded by path
-from many_tasks import Model, _pin_malloc, peak_extra_mb
+from many_tasks import Model, _pin_malloc, json_from_child, peak_extra_mb
 
 TASKS = (8, 32)
 LR = 1e-3
@@ -476,16 +475,8 @@ def memory(T: int, names: list[str]) -> dict[str, float]:
 
 
 def memory_in_child(T: int, names: list[str]) -> dict[str, float]:
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--memory-of", str(T), "--methods", ",".join(names)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        print(f"  (memory at T = {T} failed: {proc.stderr.strip().splitlines()[-1:]})", flush=True)
-        return {}
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    return got if got is not None else {}
+    """:func:`memory` in a fresh process; empty if unavailable."""
+    return json_from_child(__file__, ["--memory-of", str(T), "--methods", ",".join(names)], f"memory at T = {T}")
 
 
 # ------------------------------------------------------------------------------------------------------------
