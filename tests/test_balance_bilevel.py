@@ -264,18 +264,26 @@ def test_auto_lambda_hypergradient_is_the_look_ahead_derivative():
     assert torch.allclose(torch.tensor([got[k] for k in NAMES], dtype=torch.float64), exact, rtol=1e-4)
 
 
-def test_auto_lambda_leaves_the_net_as_it_was_and_needs_its_context():
+def called_on_a_net(bal):
+    """``bal`` called on ``Net()``'s losses: first without a Context (the refusal naming what it needs), then with
+    a meta batch, the main batch and an SGD optimizer; the net's parameters must be as they were. Returns the net,
+    the objective, the optimizer and the balanced losses (with the graph of the main batch)."""
     net = Net()
     obj = lossport.Objective(SPEC)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     before = [p.detach().clone() for p in net.parameters()]
-    bal = AutoLambda()
-    with pytest.raises(ValueError, match=r"AutoLambda is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
+    name = type(bal).__name__
+    with pytest.raises(ValueError, match=rf"{name} is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
         bal(obj(net, batch()))
     out = bal(
         obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt)
     )
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    return net, obj, opt, out
+
+
+def test_auto_lambda_leaves_the_net_as_it_was_and_needs_its_context():
+    net, obj, opt, out = called_on_a_net(AutoLambda())
     out.total.backward()  # the main batch's graph is intact
     assert all(p.grad is not None for p in net.parameters())
     with pytest.raises(ValueError, match="primary parts \\['z'\\] are not parts"):
@@ -527,17 +535,8 @@ def test_forum_follows_libmtls_update_over_four_steps(inner_lr):
 
 
 def test_forum_leaves_the_net_as_it_was_and_refuses_bad_options():
-    net = Net()
-    obj = lossport.Objective(SPEC)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    before = [p.detach().clone() for p in net.parameters()]
     bal = FORUM()
-    with pytest.raises(ValueError, match=r"FORUM is bilevel: each call needs Context\(meta=.*\['meta', 'train'"):
-        bal(obj(net, batch()))
-    out = bal(
-        obj(net, batch()), Context(meta=lambda: obj(net, batch(5)), train=lambda: obj(net, batch()), optimizer=opt)
-    )
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    net, obj, opt, out = called_on_a_net(bal)
     assert float(out.extra["forum/meta"].detach()) == 0.0
     out.total.backward()
     assert all(p.grad is not None for p in net.parameters())
