@@ -1,4 +1,5 @@
-"""Helpers of the multi-process tests (DDP and FSDP under gloo): a free port, and a two-rank run whose rank 1 dies."""
+"""Helpers of the multi-process tests (DDP and FSDP under gloo): the two-head net, a free port, and a two-rank run
+whose rank 1 dies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,25 @@ import socket
 import time
 from collections.abc import Callable
 
+import torch
 import torch.multiprocessing as mp
+from torch import nn
+
+
+class TwoHeads(nn.Module):
+    """A trunk of ``layers`` Linear(-, 8) + Tanh on 5 inputs, a softmax head ``a`` (3 classes) and a linear head
+    ``b`` (2 values); seeded, so every rank builds the same net."""
+
+    def __init__(self, layers: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(*[m for i in range(layers) for m in (nn.Linear(5 if i == 0 else 8, 8), nn.Tanh())])
+        self.a = nn.Sequential(nn.Linear(8, 3), nn.Softmax(dim=1))
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {"a": self.a(h), "b": self.b(h)}
 
 
 def free_port() -> int:

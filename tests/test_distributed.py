@@ -6,24 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ranks import free_port, run_with_a_dying_rank
-from torch import nn
+from ranks import TwoHeads, free_port, run_with_a_dying_rank
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lossport
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
-        self.a = nn.Sequential(nn.Linear(8, 3), nn.Softmax(dim=1))
-        self.b = nn.Linear(8, 2)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        return {"a": self.a(h), "b": self.b(h)}
+Net = TwoHeads  # one trunk layer
 
 
 def make_batch():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ranks import free_port, run_with_a_dying_rank
+from ranks import TwoHeads, free_port, run_with_a_dying_rank
 from torch import nn
 
 import lossport
@@ -15,17 +15,11 @@ from lossport.balance import MGDA, UPGrad
 pytest.importorskip("torch.distributed.fsdp")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
-        self.a = nn.Sequential(nn.Linear(8, 3), nn.Softmax(dim=1))
-        self.b = nn.Linear(8, 2)
+class Net(TwoHeads):
+    """The two-head net with two trunk layers (so that a wrapping policy has several modules to choose)."""
 
-    def forward(self, x):
-        h = self.trunk(x)
-        return {"a": self.a(h), "b": self.b(h)}
+    def __init__(self) -> None:
+        super().__init__(layers=2)
 
 
 def train_data():
