@@ -171,7 +171,7 @@ class LossportTrainer(Trainer):
     def _make_draws(self) -> RoundDraws | None:
         """The streams of extra and meta batches (:mod:`lossport.training.draws`), or ``None``."""
         bal = self.objective.balancer
-        if bal is None or (bal.batches <= 1 and not bal.meta):
+        if bal is None or not bal.needs_context:
             return None
         ds = self.train_dataset
         if ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
@@ -189,17 +189,13 @@ class LossportTrainer(Trainer):
         """The balancer's Context for the micro-batch ``inputs`` (one draw from every stream)."""
         assert self._draws is not None
         extra, meta = self._draws.next()
-        ev = self.objective.evaluate
-
-        def on(data: Any) -> Any:
-            batch = self._prepare_inputs(data)
-            return lambda: ev(model, batch)
-
-        return Context(
-            extra=tuple(on(x) for x in extra),
-            meta=None if meta is None else on(meta),
-            train=lambda: ev(model, inputs),
-            optimizer=self.optimizer,
+        prepare = self._prepare_inputs
+        return Context.of(
+            lambda data: self.objective.evaluate(model, data),
+            inputs,
+            [prepare(x) for x in extra],
+            None if meta is None else prepare(meta),
+            self.optimizer,
         )
 
     # -- the loss ----------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def inspect(
 def _context(balancer: Any, objective: Objective, net: nn.Module, batch_list: list[Any], i: int) -> Context | None:
     """For a balancer that declares extra batches or a meta batch: the next batches of the inspected ones (in
     turn) as its extra and meta batches; no optimizer (a bilevel method's look-ahead needs the net's: it raises)."""
-    if balancer.batches == 1 and not balancer.meta:
+    if not balancer.needs_context:
         return None
     need = balancer.batches + int(balancer.meta)
     if len(batch_list) < need:
@@ -307,13 +307,14 @@ def _context(balancer: Any, objective: Objective, net: nn.Module, batch_list: li
             f"inspect: {type(balancer).__name__} uses {need} batches per step; inspect at least batches={need}"
         )
 
-    def on(j: int) -> Callable[[], Losses]:
-        return lambda: objective.evaluate(net, batch_list[(i + j) % len(batch_list)])
+    def at(j: int) -> Any:
+        return batch_list[(i + j) % len(batch_list)]
 
-    return Context(
-        extra=tuple(on(j) for j in range(1, balancer.batches)),
-        meta=on(balancer.batches) if balancer.meta else None,
-        train=on(0),
+    return Context.of(
+        lambda data: objective.evaluate(net, data),
+        at(0),
+        [at(j) for j in range(1, balancer.batches)],
+        at(balancer.batches) if balancer.meta else None,
     )
 
 

@@ -149,7 +149,7 @@ def _float(x: Tensor | float) -> float:
 
 def _draws_batches(obj: Objective) -> bool:
     """Whether the objective's balancer takes extra batches or a meta batch."""
-    return obj.balancer is not None and (obj.balancer.batches > 1 or obj.balancer.meta)
+    return obj.balancer is not None and obj.balancer.needs_context
 
 
 def _context(
@@ -157,16 +157,7 @@ def _context(
 ) -> Context:
     """The objective (unbalanced parts) on the extra batches, the meta batch and again on the main batch."""
     extra, meta = more
-
-    def on(data: Any) -> Any:
-        return lambda: obj.evaluate(net, data)
-
-    return Context(
-        extra=tuple(on(x) for x in extra),
-        meta=None if meta is None else on(meta),
-        train=on(batch),
-        optimizer=opt,
-    )
+    return Context.of(lambda data: obj.evaluate(net, data), batch, extra, meta, opt)
 
 
 class LossportCallback(pl.Callback):

@@ -139,7 +139,7 @@ def _context(balancer: Balancer | None, evaluate: Callable[[], Losses], opt: tor
     """The toy's :class:`~lossport.balance.Context`: its losses are deterministic functions of ``x`` (no data), so
     every extra batch and the meta batch are the same two losses; SDMGrad's and MoDo's cross matrix is then the
     Gramian, and Auto-Lambda's meta loss is the sum of the two losses."""
-    if balancer is None or (balancer.batches == 1 and not balancer.meta):
+    if balancer is None or not balancer.needs_context:
         return None
     extra = (evaluate,) * (balancer.batches - 1)
     return Context(extra=extra, meta=evaluate, train=evaluate, optimizer=opt)

@@ -177,6 +177,28 @@ class Context:
     train: Callable[[], Losses] | None = None
     optimizer: torch.optim.Optimizer | None = None
 
+    @classmethod
+    def of(
+        cls,
+        evaluate: Callable[[Any], Losses],
+        batch: Any,
+        extra: Iterable[Any] = (),
+        meta: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> Context:
+        """The context whose closures call ``evaluate`` on each extra batch, on the meta batch (``None``: no
+        meta batch) and on the main ``batch``."""
+
+        def on(data: Any) -> Callable[[], Losses]:
+            return lambda: evaluate(data)
+
+        return cls(
+            extra=tuple(on(x) for x in extra),
+            meta=None if meta is None else on(meta),
+            train=on(batch),
+            optimizer=optimizer,
+        )
+
 
 class Balancer:
     """Base class of every balancing method (see the module docstring for the protocol and the state)."""
@@ -198,6 +220,12 @@ class Balancer:
 
     _device: torch.device | None = None
     """The device the state lives on (``None`` until the first call or :meth:`to`)."""
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether each call needs a :class:`Context` (``batches > 1`` or ``meta``)."""
+        return self.batches > 1 or self.meta
+
     _dtype: torch.dtype | None = None
     """The floating dtype asked for by :meth:`to` (``None``: the parts'), also for state created later."""
 

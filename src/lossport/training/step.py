@@ -15,7 +15,7 @@ says what was and what was not applied, or a skipped batch (``"skip"``) counted 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,19 +139,11 @@ class Stepper:
         """The balancer's :class:`~lossport.balance.Context`: the objective on the other batches, through the
         unwrapped net (no DDP reducer involved; the parts are the global batch's under torchrun)."""
 
-        def on(data: Any) -> Callable[[], Losses]:
-            def evaluate() -> Losses:
-                with autocast(self.precision, self.device):
-                    return self.objective.evaluate(self.inner, data)
+        def evaluate(data: Any) -> Losses:
+            with autocast(self.precision, self.device):
+                return self.objective.evaluate(self.inner, data)
 
-            return evaluate
-
-        return Context(
-            extra=tuple(on(x) for x in extra),
-            meta=None if meta is None else on(meta),
-            train=on(batch),
-            optimizer=self.opt,
-        )
+        return Context.of(evaluate, batch, extra, meta, self.opt)
 
     def _balance(self, raw: Losses, r: int, b: int, context: Context | None = None) -> Losses:
         balancer = self.objective.balancer
