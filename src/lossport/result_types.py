@@ -21,8 +21,9 @@ named ``loss``: the objective names the parts of an output called ``loss`` (a Hu
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,7 +56,10 @@ def weighted_total(
     ps = list(parts.values())
     same = len(ps) > 4 and len({(p.dtype, p.device, p.dim()) for p in ps}) == 1
     if same and all(type(w) is float for w in ws):
-        terms = [torch.stack(ps) @ torch.tensor(ws, dtype=ps[0].dtype, device=ps[0].device), *extra.values()]
+        stacked = torch.stack(ps)
+        plain = all(w == 1.0 for w in ws)  # the plain sum (equal weighting): no weight vector to build
+        total = stacked.sum(0) if plain else stacked @ torch.tensor(ws, dtype=ps[0].dtype, device=ps[0].device)
+        terms = [total, *extra.values()]
     elif (
         same
         and ps[0].dim() == 0
@@ -71,6 +75,25 @@ def weighted_total(
         raise ValueError("no loss part to sum: every part is missing from this batch and there is no extra term")
     total = terms[0]
     for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def vector_total(parts: Mapping[str, Tensor], vector: Tensor, extra: Mapping[str, Tensor]) -> Tensor:
+    """``vector . (parts in order) + sum(extra)``: :func:`weighted_total` with the weights as one tensor (learned
+    weights attached to their parameters: one dot product, one autograd node for all of them)."""
+    ps = list(parts.values())
+    if not ps:
+        return weighted_total(parts, {}, extra)
+    if len({(p.dtype, p.device, p.dim()) for p in ps}) == 1 and ps[0].dim() == 0:
+        dt = torch.promote_types(ps[0].dtype, vector.dtype)
+        total = torch.stack(ps).to(dt) @ vector.to(device=ps[0].device, dtype=dt)
+    else:
+        terms = [p * w for p, w in zip(ps, vector.unbind(0), strict=True)]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+    for t in extra.values():
         total = total + t
     return total
 
@@ -115,14 +138,28 @@ class Losses:
         """The parts as one vector (declaration order), still attached to the graph."""
         return torch.stack([self.parts[k] for k in self.parts])
 
-    def reweighted(self, weights: Mapping[str, Tensor | float], extra: Mapping[str, Tensor] | None = None) -> Losses:
-        """A copy with new weights (and extra terms added to the existing ones); the total is recomputed."""
+    def reweighted(
+        self,
+        weights: Mapping[str, Tensor | float],
+        extra: Mapping[str, Tensor] | None = None,
+        *,
+        vector: Tensor | None = None,
+    ) -> Losses:
+        """A copy with new weights (and extra terms added to the existing ones); the total is recomputed.
+        ``vector``: the same weights as one tensor over the parts in order, attached to the graph where a
+        method trains through them (learned weights); the total is then ``vector . parts + extra``."""
         missing_w = [k for k in self.parts if k not in weights]
         if missing_w:
             raise ValueError(f"reweighted: no weight given for parts {missing_w}")
         new_extra = dict(self.extra)
+        for k in extra or {}:
+            part_key(k)
         new_extra.update(extra or {})
-        return replace(self, weights={k: weights[k] for k in self.parts}, extra=new_extra, _total=None)
+        out = copy.copy(self)  # the same parts (already checked), new weights, extra terms and total
+        out.weights = {k: weights[k] for k in self.parts}
+        out.extra = new_extra
+        out._total = None if vector is None else vector_total(self.parts, vector, new_extra)
+        return out
 
     def as_dict(self) -> dict[str, float]:
         """Floats: ``loss`` (:data:`TOTAL_KEY`, the weighted total), every part (unweighted), every extra term,

@@ -237,11 +237,13 @@ class Balancer:
     # -- the one method a subclass must write ---------------------------------------------------------
     def balance(
         self, losses: Losses
-    ) -> Mapping[str, Tensor | float] | tuple[Mapping[str, Tensor | float], Mapping[str, Tensor]]:
+    ) -> Mapping[str, Tensor | float] | Tensor | tuple[Mapping[str, Tensor | float] | Tensor, Mapping[str, Tensor]]:
         """Balancer weights ``b_i`` by part name, optionally with extra terms for the total.
 
         Return either ``{part: b}`` or ``({part: b}, {extra_name: term})``. Weights may be tensors; they are
-        detached unless the method trains through them (then the subclass says so).
+        detached unless the method trains through them (then the subclass says so). The weights may also come
+        as one vector over ``losses.names`` (in that order): the way for weights attached to the method's own
+        parameters (one node in the graph instead of ``T``).
         """
         raise NotImplementedError
 
@@ -260,12 +262,26 @@ class Balancer:
             b, extra = out
         else:
             b, extra = out, {}
-        unknown = [k for k in b if k not in losses.parts]
-        absent = [k for k in losses.parts if k not in b]
-        if unknown or absent:
+        if isinstance(b, Tensor):
+            return self._apply_vector(losses, b, extra)
+        if b.keys() != losses.parts.keys():
             raise RuntimeError(f"{type(self).__name__} returned weights for {sorted(b)}, parts are {losses.names}")
-        weights = {k: _mul(losses.weights[k], b[k]) for k in losses.parts}
+        static = losses.weights
+        weights = {k: b[k] if type(s := static[k]) is float and s == 1.0 else _mul(s, b[k]) for k in losses.parts}
         return losses.reweighted(weights, extra)
+
+    def _apply_vector(self, losses: Losses, b: Tensor, extra: Mapping[str, Tensor]) -> Losses:
+        """``losses`` weighted by ``b``, the balancer weights of ``losses.names`` as one vector: the applied
+        weights ``s_i b_i`` as numbers in ``weights`` and as one tensor in the total (gradient to ``b``)."""
+        names = losses.names
+        if b.shape != (len(names),):
+            raise RuntimeError(f"{type(self).__name__} returned {tuple(b.shape)} weights, parts are {names}")
+        static = [losses.weights[k] for k in names]
+        if not all(isinstance(s, (int, float)) for s in static):  # tensor static weights: the general way
+            return losses.reweighted({k: _mul(s, w) for k, s, w in zip(names, static, b.unbind(0))}, extra)
+        if any(float(s) != 1.0 for s in static):
+            b = b * torch.tensor(static, dtype=b.dtype, device=b.device)
+        return losses.reweighted(dict(zip(names, b.detach().tolist())), extra, vector=b)
 
     def check_context(self, context: Context | None) -> None:
         """``ValueError`` unless ``context`` holds what this method declared it needs (``batches``, ``meta``)."""

@@ -123,7 +123,7 @@ class LDCMTL(LearnedBalancer):
             return {}, {}
         vals = {k: float(v.detach()) for k, v in losses.parts.items()}
         lt, dlt = self._normalized(vals, names)
-        logits = torch.stack([self._params[k] for k in names])
+        logits = self._vector(names)
         sigma = torch.softmax(logits, dim=0)
         lt_t = torch.tensor(lt, dtype=sigma.dtype, device=sigma.device)
         F = discrepancy_objective(sigma, lt_t, self.lamb)
@@ -216,26 +216,20 @@ class AutoLambda(LearnedBalancer):
         if torch.is_grad_enabled() and names:
             hyper = self.hypergradient(losses, ctx)
             if all(map(math.isfinite, hyper.values())):
-                for k, g in hyper.items():
-                    p = self._params[k]
-                    p.grad = torch.full_like(p, g)
-                assert self._opt is not None
-                self._opt.step()
+                self._update(list(hyper), list(hyper.values()))
                 self.info.pop("auto_lambda/skipped_nonfinite", None)
             else:
                 self.info["auto_lambda/skipped_nonfinite"] = 1.0
-            for p in self._params.values():
-                p.grad = None
-        for k in self._names:
-            self.info[f"auto_lambda/lambda/{k}"] = float(self._params[k].detach())
-        return {k: self._params[k].detach().clone() for k in names}
+        for k, v in self.values.items():
+            self.info[f"auto_lambda/lambda/{k}"] = v
+        return dict(zip(names, self._current(names).unbind(0), strict=True)) if names else {}
 
     def hypergradient(self, losses: Losses, ctx: Context) -> dict[str, float]:
         """``dL_meta(theta')/dlambda_i`` of the parts present, by the class docstring's steps 1-3."""
         assert ctx.optimizer is not None and ctx.meta is not None and ctx.train is not None
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in ctx.optimizer.param_groups]
         params = [p for _, ps in groups for p in ps]
-        lam = {k: float(self._params[k].detach()) for k in losses.names}
+        lam = dict(zip(losses.names, self._current(losses.names).tolist(), strict=True))
         inner = torch.stack([_static(losses, k) * lam[k] * losses.parts[k] for k in losses.names]).sum()
         for term in losses.extra.values():
             inner = inner + term
@@ -345,13 +339,8 @@ class MOML(LearnedBalancer):
         if torch.is_grad_enabled() and len(names) > 1:
             grad = self.hypergradient(losses)
             if bool(torch.isfinite(grad).all()):
-                for k, g in zip(names, grad.tolist()):
-                    self._params[k].grad = torch.full_like(self._params[k], g)
-                assert self._opt is not None
-                self._opt.step()
-            for p in self._params.values():
-                p.grad = None
-        soft = torch.softmax(torch.stack([self._params[k].detach() for k in names]), 0)
+                self._update(names, grad)
+        soft = torch.softmax(self._current(names), 0)
         for k, v in zip(names, soft.tolist()):
             self.info[f"moml/weight/{k}"] = v
         return {k: len(names) * soft[i] for i, k in enumerate(names)}
@@ -362,7 +351,7 @@ class MOML(LearnedBalancer):
         assert ctx is not None and ctx.optimizer is not None and ctx.meta is not None
         names = losses.names
         params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        logits = torch.stack([self._params[k].detach() for k in names]).to(torch.float64)
+        logits = self._current(names).to(torch.float64)
         p = torch.softmax(logits, 0)
         g_f = jacobian_rows(ctx.extra[0](), names, params, scale=losses)
         step = (p.to(g_f.device, g_f.dtype) @ g_f).to(torch.float64)
@@ -478,7 +467,7 @@ class FORUM(LearnedBalancer):
         assert ctx is not None and ctx.optimizer is not None and ctx.meta is not None and ctx.train is not None
         params = [x for g in ctx.optimizer.param_groups for x in g["params"] if x.requires_grad]
         dev = params[0].device
-        p = torch.softmax(torch.stack([self._params[k].detach() for k in names]).to(dev, torch.float64), 0)
+        p = torch.softmax(self._current(names).to(dev, torch.float64), 0)
         s = torch.tensor([_static(losses, k) for k in names], dtype=torch.float64, device=dev)
         sp = (s * p).tolist()
         f = torch.stack([losses.parts[k] * sp[i] for i, k in enumerate(names)]).sum()
@@ -509,12 +498,7 @@ class FORUM(LearnedBalancer):
         nu = max(float(lam @ pi), 0.0)
         grad_alpha = nu * gq_alpha
         if bool(torch.isfinite(grad_alpha).all()):
-            for k, g in zip(names, grad_alpha.tolist()):
-                self._params[k].grad = torch.full_like(self._params[k], g)
-            assert self._opt is not None
-            self._opt.step()
-        for x in self._params.values():
-            x.grad = None
+            self._update(names, grad_alpha)
         c = (lam * inv).to(U.dtype) @ U
         self.info.update({"forum/nu": nu, **{f"forum/lambda/{k}": float(v) for k, v in zip(names, lam)}})
         return {k: nu * pk for k, pk in zip(names, p.tolist())}, {"forum/meta": _zero_valued(params, c)}

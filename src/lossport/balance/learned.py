@@ -1,37 +1,38 @@
 """Learned balancers: weights with parameters of their own, trained by the balancer's own optimizer.
 
 :class:`Uncertainty` (Kendall et al. 2018), :class:`IMTLL` (Liu et al. 2021), :class:`FAMO` (Liu et al. 2023) and
-:class:`GradNorm` (Chen et al. 2018). Each keeps one scalar ``nn.Parameter`` per part, created at the first call
-for every part of the objective (``losses.parts`` and ``losses.missing``), and an Adam optimizer over them with
-the balancer's learning rate and no weight decay (FAMO: its regulariser ``gamma`` as Adam's weight decay, as in
-the paper). The parameters are never given to the net's optimizer:
+:class:`GradNorm` (Chen et al. 2018); the bilevel and router methods of :mod:`lossport.balance.bilevel` share the
+base. Each keeps one learned scalar per part in one vector ``theta`` (an ``nn.Parameter``, in the objective's
+part order), created at the first call for every part of the objective (``losses.parts`` and
+``losses.missing``), and trains it with Adam at the balancer's learning rate and no weight decay (FAMO: its
+regulariser ``gamma`` as Adam's weight decay, as in the paper). ``theta`` is never given to the net's optimizer:
 
-* UW, IMTL-L and GradNorm return terms that carry gradient to their parameters, so the user's
-  ``losses.total.backward()`` fills their ``.grad``; :meth:`Balancer.step` then takes one Adam step and clears it.
+* UW, IMTL-L, GradNorm and LDC-MTL return terms that carry gradient to ``theta``, so the user's
+  ``losses.total.backward()`` fills its ``.grad``; :meth:`Balancer.step` then takes one Adam step and clears it.
 * FAMO's logits get no gradient from the backward; :meth:`FAMO.step` computes their update from the losses
   re-evaluated on the same batch after the net's step.
 
-Missing parts: a part absent from a batch gets no term, so its parameter receives no gradient and Adam skips it
-(its value and Adam moments are unchanged).
+Missing parts: a part absent from a batch gets no term, so no gradient reaches its entry of ``theta`` and Adam
+skips it (its value, moments and step count are unchanged), as if each part had its own parameter.
 
 Signs: UW and IMTL-L need finite losses ``>= 0`` (with a negative loss their objective is unbounded below in the
 learned scale), GradNorm too (its training rates are loss ratios), FAMO losses above ``floor``; each raises an
 error naming the part otherwise.
 
-Device and dtype: the parameters are created on the device of the parts and in their dtype (at least float32:
-half-precision parts give float32 parameters, as an optimizer needs); :meth:`LearnedBalancer.to` moves them
-with Adam's state, and a call with parts on another device brings them there.
+Device and dtype: ``theta`` is created on the device of the parts and in their dtype (at least float32:
+half-precision parts give float32 parameters, as an optimizer needs); :meth:`LearnedBalancer.to` moves it with
+Adam's moments, and a call with parts on another device brings them there.
 
-State (``state_dict``): the part names, the parameter values and dtype and the optimizer's state (deep-copied),
-plus each method's own declared records; loading it into a fresh balancer gives the same subsequent weights.
+State (``state_dict``, format version 2): the part names, ``theta`` (values, dtype, device), Adam's moments and
+step counts, plus each method's own declared records; loading it into a fresh balancer gives the same subsequent
+weights. A version-1 state (one parameter per part, torch's Adam state) is refused with that reason.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -39,15 +40,35 @@ from torch import Tensor, nn
 from .. import distributed
 from ..result_types import Losses
 from .base import Balancer, register
-from .loss_level import _positive
+from .loss_level import _floats, _positive
 
 L = TypeVar("L", bound="LearnedBalancer")
 
 
 class LearnedBalancer(Balancer):
-    """Base of the balancers with one learned scalar per part (see the module docstring)."""
+    """Base of the balancers with one learned scalar per part (see the module docstring).
+
+    The scalars live in one vector ``theta`` (``nn.Parameter`` of shape ``(T,)``, in the objective's part order),
+    trained by Adam (Kingma & Ba, ICLR 2015, Alg. 1; L2 weight decay added to the gradient, as
+    ``torch.optim.Adam``) element by element: each part has its own step count, and a step updates only the
+    parts that received a gradient, so a part missing from a batch keeps its value and moments, exactly as
+    ``torch.optim.Adam`` over one scalar parameter per part (tested). For ``g`` the gradient of a part stepped
+    for the ``t``-th time::
+
+        g <- g + weight_decay * theta
+        m <- beta1 m + (1 - beta1) g,    v <- beta2 v + (1 - beta2) g^2
+        theta <- theta - (lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    with ``beta = (0.9, 0.999)`` and ``eps = 1e-8`` (torch's defaults). One vector instead of ``T`` parameters is
+    one autograd leaf and a handful of vector operations per step: measured in ``benchmarks/cpu_time.py``.
+    """
 
     kind = "learned"
+    version = 2
+    """Format 2: one vector ``theta`` and the Adam moments as vectors (format 1 kept one Adam over ``T``
+    scalar parameters)."""
+    betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    adam_eps: ClassVar[float] = 1e-8
 
     def __init__(self, lr: float, init: float, weight_decay: float = 0.0) -> None:
         super().__init__()
@@ -59,150 +80,228 @@ class LearnedBalancer(Balancer):
         self.init = float(init)
         self.weight_decay = float(weight_decay)
         self._names: list[str] = []
-        self._params: dict[str, nn.Parameter] = {}
-        self._opt: torch.optim.Adam | None = None
+        self._index: dict[str, int] = {}
+        self._theta: nn.Parameter | None = None
+        self._reached: Tensor | None = None  # the parts a gradient reached since the last step (bool, (T,))
+        self._all = torch.ones(0, dtype=torch.bool)  # every part (bool, (T,)): _reached when all were reached
+        self._keys: dict[str, dict[str, str]] = {}  # info keys by prefix and part
+        self._count: int | None = None  # the step count shared by every part (-1: they differ; None: not known)
+        self._exp_avg: Tensor | None
+        self._exp_avg_sq: Tensor | None
+        self._steps: Tensor | None  # Adam steps taken by each part (int64)
+        self.add_state("_exp_avg", None)
+        self.add_state("_exp_avg_sq", None)
+        self.add_state("_steps", None)
 
     # -- parameters ------------------------------------------------------------------------------------
     def _ensure(self, losses: Losses) -> None:
-        if not self._params:
+        if self._theta is None:
             names = list(losses.parts) + [k for k in losses.missing if k not in losses.parts]
             ref = next(iter(losses.parts.values()), None)
             device = ref.device if ref is not None else None
             dtype = self._dtype or (torch.promote_types(ref.dtype, torch.float32) if ref is not None else torch.float32)
-            self._build(names, dict.fromkeys(names, self.init), device, dtype)
+            self._build(names, torch.full((len(names),), self.init, dtype=dtype, device=device))
+            self._exp_avg = torch.zeros_like(self._params_vector())
+            self._exp_avg_sq = torch.zeros_like(self._exp_avg)
+            self._steps = torch.zeros(len(names), dtype=torch.int64, device=device)
             return
-        unknown = [k for k in losses.parts if k not in self._params]
+        unknown = [k for k in losses.parts if k not in self._index]
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}: parts {unknown} were not in the objective when the balancer was "
                 f"first called (parts {self._names}); use a fresh balancer for a different objective"
             )
 
-    def _build(
-        self, names: list[str], values: Mapping[str, Tensor | float], device: torch.device | None, dtype: torch.dtype
-    ) -> None:
+    def _build(self, names: list[str], values: Tensor) -> None:
         self._names = list(names)
-        self._params = {
-            k: nn.Parameter(torch.as_tensor(values[k], dtype=dtype, device=device).detach().clone()) for k in names
-        }
-        self._opt = torch.optim.Adam([self._params[k] for k in names], lr=self.lr, weight_decay=self.weight_decay)
-        self._fast_adam()
+        self._index = {k: i for i, k in enumerate(names)}
+        self._theta = nn.Parameter(values.detach().clone())
+        self._all = torch.ones(len(names), dtype=torch.bool, device=self._theta.device)
+        self._reached = None
+        self._count = None
 
-    def _fast_adam(self) -> None:
-        """Adam's implementation (not its maths): fused (one kernel for the whole update) on the CPU and CUDA,
-        else foreach; not torch's default Python loop over the scalars. Set again after loading Adam's state,
-        whose param groups carry the flags of the run that saved it."""
-        assert self._opt is not None
-        fused = all(p.device.type in ("cpu", "cuda") for p in self._params.values())
-        for group in self._opt.param_groups:
-            group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+    def _params_vector(self) -> nn.Parameter:
+        assert self._theta is not None, "the balancer's parameters are created at its first call"
+        return self._theta
+
+    def _rows(self, names: list[str]) -> Tensor | None:
+        """Indices of ``names`` in ``theta`` (``None``: all parts, in order)."""
+        if names == self._names:
+            return None
+        return torch.tensor([self._index[k] for k in names], dtype=torch.long, device=self._params_vector().device)
+
+    def _vector(self, names: list[str]) -> Tensor:
+        """``theta`` at ``names``, differentiable: a backward through it marks those parts for the next
+        :meth:`step` (the parts it does not reach keep their value and Adam moments)."""
+        theta, rows = self._params_vector(), self._rows(names)
+        out = theta.view_as(theta) if rows is None else theta.index_select(0, rows)
+        if out.requires_grad:
+            mark = self._all
+            if rows is not None:
+                mark = torch.zeros_like(self._all)
+                mark[rows] = True
+            out.register_hook(lambda g, mark=mark: self._reach(mark))
+        return out
+
+    def _reach(self, mark: Tensor) -> None:
+        if self._reached is None or mark is self._all:
+            self._reached = mark
+        elif self._reached is not self._all:
+            self._reached = self._reached | mark
+
+    def _current(self, names: list[str]) -> Tensor:
+        """``theta`` at ``names``, detached (a copy)."""
+        theta, rows = self._params_vector().detach(), self._rows(names)
+        return theta.clone() if rows is None else theta.index_select(0, rows)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [self._params[k] for k in self._names]
+        return [] if self._theta is None else [self._theta]
 
     @property
     def values(self) -> dict[str, float]:
         """Current value of each part's learned parameter."""
-        return {k: float(p.detach()) for k, p in self._params.items()}
+        if self._theta is None:
+            return {}
+        return dict(zip(self._names, self._theta.detach().tolist(), strict=True))
+
+    def _report(self, prefix: str, names: list[str], values: Tensor) -> None:
+        """``info[prefix + name]`` = each value (one host transfer)."""
+        keys = self._keys.get(prefix)
+        if keys is None or len(keys) != len(self._names):
+            keys = self._keys[prefix] = {k: prefix + k for k in self._names}
+        for k, v in zip(names, values.detach().tolist(), strict=True):
+            self.info[keys[k]] = v
+
+    # -- Adam ------------------------------------------------------------------------------------------
+    def _adam(self, grad: Tensor, mask: Tensor | None) -> None:
+        """One Adam step (class docstring) of the parts where ``mask`` is true (``None``: every part), with
+        gradient ``grad`` (T,)."""
+        theta = self._params_vector()
+        assert self._exp_avg is not None and self._exp_avg_sq is not None and self._steps is not None
+        b1, b2 = self.betas
+        with torch.no_grad():
+            g = grad.to(theta.dtype)
+            if self.weight_decay:
+                g = g + self.weight_decay * theta
+            count = self._common_count() if mask is None else -1
+            if count >= 0:  # every part, all at the same step: in place, with host bias corrections
+                self._count = t = count + 1
+                self._steps += 1
+                self._exp_avg.lerp_(g, 1 - b1)
+                self._exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (self._exp_avg_sq.sqrt() / math.sqrt(1 - b2**t)).add_(self.adam_eps)
+                theta.addcdiv_(self._exp_avg, denom, value=-self.lr / (1 - b1**t))
+                return
+            mask = self._all if mask is None else mask
+            self._count = None  # the parts' step counts may differ now: look again at the next step
+            self._steps += mask
+            steps = self._steps.clamp_min(1).to(theta.dtype)
+            m = torch.where(mask, self._exp_avg.lerp(g, 1 - b1), self._exp_avg)
+            v = torch.where(mask, self._exp_avg_sq * b2 + (1 - b2) * g * g, self._exp_avg_sq)
+            denom = v.sqrt() / (1 - b2**steps).sqrt() + self.adam_eps
+            theta.sub_(torch.where(mask, (self.lr / (1 - b1**steps)) * m / denom, 0.0))
+            self._exp_avg, self._exp_avg_sq = m, v
+
+    def _common_count(self) -> int:
+        """The step count shared by every part, or -1 when they differ (kept on the host between steps)."""
+        if self._count is None:
+            assert self._steps is not None
+            lo, hi = torch.aminmax(self._steps)
+            self._count = int(lo) if int(lo) == int(hi) else -1
+        return self._count
+
+    def _update(self, names: list[str], grad: Tensor | list[float]) -> None:
+        """One Adam step of the parts ``names`` with the gradient ``grad`` (one value each), computed by the
+        method itself (FAMO's logits, the bilevel methods' hypergradients)."""
+        if not names:
+            return
+        theta = self._params_vector()
+        full = torch.zeros_like(theta.detach())
+        mask = torch.zeros(len(self._names), dtype=torch.bool, device=theta.device)
+        rows = torch.tensor([self._index[k] for k in names], dtype=torch.long, device=theta.device)
+        full[rows] = torch.as_tensor(grad, dtype=theta.dtype, device=theta.device)
+        mask[rows] = True
+        self._adam(full, None if len(set(names)) == len(self._names) else mask)
 
     # -- protocol --------------------------------------------------------------------------------------
     def step(self, recompute: Callable[[], Losses] | None = None) -> None:
-        """One Adam step on the parameters that received a gradient from the last backward; then clear it.
+        """One Adam step on the parts that received a gradient from the backward passes since the last step;
+        then clear the gradient.
 
         A non-finite gradient (a mixed-precision step that the ``GradScaler`` skipped, for example) skips the
         step, as the scaler does for the net: the parameters and Adam's state are left unchanged."""
-        if self._opt is None or all(p.grad is None for p in self._params.values()):
+        theta, reached = self._theta, self._reached
+        self._reached = None
+        if theta is None or theta.grad is None:
             return
-        if not _finite([p.grad for p in self._params.values() if p.grad is not None]):
-            for p in self._params.values():
-                p.grad = None
+        grad, theta.grad = theta.grad, None
+        if not bool(torch.isfinite(grad).all()):
             self.info["skipped_nonfinite_step"] = 1.0
             return
         self.info.pop("skipped_nonfinite_step", None)
-        self._opt.step()
-        for p in self._params.values():
-            p.grad = None
+        # no mark: a gradient set by hand, for every part
+        self._adam(grad, None if reached is None or reached is self._all else reached)
         self._after_step()
 
     def _after_step(self) -> None:
         """Hook for projections after the Adam step (GradNorm's renormalisation)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """The declared state (header included), the part names, the parameters (detached copies: their
-        values, dtype and device) and Adam's state."""
-        return {
-            **super().state_dict(),
-            "names": list(self._names),
-            "values": {k: p.detach().clone() for k, p in self._params.items()},
-            "optimizer": copy.deepcopy(self._opt.state_dict()) if self._opt is not None else None,
-        }
+        """The declared state (header and Adam's moments included), the part names and ``theta`` (a detached
+        copy: its values, dtype and device)."""
+        theta = None if self._theta is None else self._theta.detach().clone()
+        return {**super().state_dict(), "names": list(self._names), "theta": theta}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        missing = [k for k in ("names", "values", "optimizer") if k not in state]
+        missing = [k for k in ("names", "theta") if k not in state]
         if missing:
             raise ValueError(f"this {type(self).__name__} state lacks {missing}: start the balancer afresh")
-        if not state["names"]:
-            self._names, self._params, self._opt = [], {}, None
+        if state["theta"] is None:
+            self._names, self._index, self._theta, self._reached = [], {}, None, None
             return
-        ref = next(iter(state["values"].values()))
-        device = self._device if self._device is not None else ref.device
-        self._build(list(state["names"]), state["values"], device, ref.dtype)
-        assert self._opt is not None
-        if state["optimizer"] is not None:
-            self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))  # casts Adam's state to the parameters
-            self._fast_adam()
+        theta = state["theta"]
+        device = self._device if self._device is not None else theta.device
+        self._build(list(state["names"]), theta.to(device))
+        self._place_moments()
+
+    def _place_moments(self) -> None:
+        """Adam's moments on ``theta``'s device and in its dtype (the steps stay int64)."""
+        theta = self._params_vector()
+        for n in ("_exp_avg", "_exp_avg_sq"):
+            v = getattr(self, n)
+            if v is not None:
+                setattr(self, n, v.to(device=theta.device, dtype=theta.dtype))
+        if self._steps is not None:
+            self._steps = self._steps.to(theta.device)
 
     def to(self: L, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> L:
-        """Move the declared state, the parameters and Adam's state. The parameters are new ``nn.Parameter``
-        objects afterwards (a move to ``meta`` cannot be made in place): ask :meth:`parameters` again."""
+        """Move the declared state (Adam's moments) and ``theta``. ``theta`` is a new ``nn.Parameter``
+        afterwards (a move to ``meta`` cannot be made in place): ask :meth:`parameters` again."""
         super().to(device, dtype)
         if isinstance(device, torch.dtype):
             device, dtype = None, device
-        if not self._params:
+        if self._theta is None:
             return self
-        moved = {k: p.detach().to(device=device, dtype=dtype) for k, p in self._params.items()}
-        grads = {k: p.grad for k, p in self._params.items()}
-        adam = self._opt.state_dict() if self._opt is not None else None
-        ref = next(iter(moved.values()))
-        self._build(self._names, moved, ref.device, ref.dtype)
-        for k, p in self._params.items():
-            g = grads[k]
-            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
-        if adam is not None and self._opt is not None:
-            self._opt.load_state_dict(adam)  # torch casts the moments to the parameters' device and dtype
-            self._fast_adam()
+        old, reached, old_all = self._theta, self._reached, self._all
+        self._build(self._names, old.detach().to(device=device, dtype=dtype))
+        new = self._params_vector()
+        if old.grad is not None:
+            new.grad = old.grad.to(device=new.device, dtype=new.dtype)
+        self._reached = None if reached is None else self._all if reached is old_all else reached.to(new.device)
+        self._place_moments()
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lr={self.lr})"
 
 
-def _finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of ``tensors`` (the scalars' gradients) is finite: one check per device and dtype, one
-    host sync each."""
-    groups: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype, t.dim() == 0), []).append(t)
-    return all(
-        bool(torch.isfinite(torch.stack(g) if scalar else torch.cat([t.reshape(-1) for t in g])).all())
-        for (_, _, scalar), g in groups.items()
-    )
-
-
 def _values(method: str, losses: Losses) -> list[float]:
     """The parts' values as floats (one host sync), each checked finite and ``>= 0`` (:func:`_positive`)."""
-    parts = [v.detach() for v in losses.parts.values()]
-    same = len({(v.dtype, v.device) for v in parts}) == 1
-    vals = (torch.stack(parts) if same else torch.stack([v.to(torch.float64) for v in parts])).tolist()
+    vals = _floats(losses)
     for k, v in zip(losses.parts, vals, strict=True):
         _positive(method, k, v, _UNBOUNDED)
     return vals
-
-
-def _stacked(params: Mapping[str, nn.Parameter], names: list[str]) -> Tensor:
-    """The parameters of ``names`` as one vector (differentiable: one node in the graph instead of ``T``)."""
-    return torch.stack([params[k] for k in names])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -240,27 +339,32 @@ class Uncertainty(LearnedBalancer):
             if f not in _FORMS:
                 raise ValueError(f"Uncertainty: form of {k!r} must be 'regression' or 'classification', not {f!r}")
         self.forms = forms
+        self._c_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     def _c(self, part: str) -> float:
         return _FORMS[self.forms.get(part, self.forms.get("*", "regression"))]
 
-    def balance(self, losses: Losses) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _factors(self, names: list[str], like: Tensor) -> Tensor:
+        """The forms' factors ``c_i`` of ``names`` as a vector like ``like`` (kept for the next call)."""
+        key = (tuple(names), like.dtype, like.device)
+        if self._c_cache is None or self._c_cache[0] != key:
+            c = torch.tensor([self._c(k) for k in names], dtype=like.dtype, device=like.device)
+            self._c_cache = (key, c)
+        return self._c_cache[1]
+
+    def balance(self, losses: Losses) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
         self._ensure(losses)
-        unknown = [k for k in self.forms if k != "*" and k not in self._params]
+        unknown = [k for k in self.forms if k != "*" and k not in self._index]
         if unknown:
             raise ValueError(f"Uncertainty: form given for {unknown}, which are not loss parts ({self._names})")
         names = list(losses.parts)
         if not names:
             return {}, {}
         _values("Uncertainty", losses)
-        s = _stacked(self._params, names)
-        c = torch.tensor([self._c(k) for k in names], dtype=s.dtype, device=s.device)
-        weights = c * torch.exp(-s)
-        b = dict(zip(names, weights.unbind(0), strict=True))
-        reg = (0.5 * s).sum()
-        for k, v in zip(names, weights.detach().tolist(), strict=True):
-            self.info[f"uw/weight/{k}"] = v
-        return b, {"uncertainty/log_var": reg}
+        s = self._vector(names)
+        weights = self._factors(names, s) * torch.exp(-s)
+        self._report("uw/weight/", names, weights)
+        return weights, {"uncertainty/log_var": 0.5 * s.sum()}
 
     def __repr__(self) -> str:
         return f"Uncertainty(form={self.forms.get('*', self.forms)!r}, lr={self.lr}, init={self.init})"
@@ -282,19 +386,16 @@ class IMTLL(LearnedBalancer):
     def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
         super().__init__(lr=lr, init=init)
 
-    def balance(self, losses: Losses) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def balance(self, losses: Losses) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
         self._ensure(losses)
         names = list(losses.parts)
         if not names:
             return {}, {}
         _values("IMTLL", losses)
-        s = _stacked(self._params, names)
+        s = self._vector(names)
         weights = torch.exp(s)
-        b = dict(zip(names, weights.unbind(0), strict=True))
-        reg = -s.sum()
-        for k, v in zip(names, weights.detach().tolist(), strict=True):
-            self.info[f"imtl_l/weight/{k}"] = v
-        return b, {"imtl_l/scale": reg}
+        self._report("imtl_l/weight/", names, weights)
+        return weights, {"imtl_l/scale": -s.sum()}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -340,11 +441,11 @@ class FAMO(LearnedBalancer):
 
     def _D(self, losses: Losses) -> dict[str, float]:
         out = {}
-        for k, v in losses.parts.items():
-            d = float(v.detach()) - self._floor(k) + self.eps
+        for k, v in zip(losses.parts, _floats(losses), strict=True):
+            d = v - self._floor(k) + self.eps
             if math.isfinite(d) and not d > 0:  # a NaN or inf part is the caller's to report, not a floor problem
                 raise ValueError(
-                    f"FAMO: part {k!r} = {float(v.detach())} is not above its floor {self._floor(k)}; FAMO takes "
+                    f"FAMO: part {k!r} = {v} is not above its floor {self._floor(k)}; FAMO takes "
                     "log(L - floor): set floor= below the smallest value the loss can take"
                 )
             out[k] = d
@@ -354,8 +455,7 @@ class FAMO(LearnedBalancer):
         self._ensure(losses)
         D = self._D(losses)
         names = list(D)
-        xi = torch.stack([self._params[k].detach() for k in names]).double()
-        z = torch.softmax(xi, 0).tolist()
+        z = torch.softmax(self._current(names).double(), 0).tolist()
         c = 1.0 / sum(zi / D[k] for zi, k in zip(z, names, strict=True))
         T = len(names)
         if torch.is_grad_enabled():
@@ -371,7 +471,7 @@ class FAMO(LearnedBalancer):
                 "FAMO.step needs recompute=, a function that evaluates the objective again on the same batch: "
                 "balancer.step(lambda: objective(net, batch)) or objective.step(net, batch)"
             )
-        if self._before is None or self._opt is None:
+        if self._before is None or self._theta is None:
             return
         with torch.no_grad():
             after = self._D(recompute())
@@ -383,18 +483,11 @@ class FAMO(LearnedBalancer):
             self.info["skipped_nonfinite_step"] = 1.0
             return
         self.info.pop("skipped_nonfinite_step", None)
-        params: list[Tensor] = [self._params[k] for k in names]
-        delta = torch.tensor(
-            [math.log(before[k]) - math.log(after[k]) for k in names], dtype=params[0].dtype, device=params[0].device
-        )
-        with torch.enable_grad():
-            z = torch.softmax(torch.stack(params), 0)
-            grads = torch.autograd.grad(z, params, grad_outputs=delta)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        self._opt.step()
-        for p in params:
-            p.grad = None
+        xi = self._current(names)
+        delta = [math.log(before[k]) - math.log(after[k]) for k in names]
+        d = torch.tensor(delta, dtype=xi.dtype, device=xi.device)
+        z = torch.softmax(xi, 0)
+        self._update(names, z * (d - z @ d))  # J_softmax(xi)^T delta, J = diag(z) - z z^T
 
     def __repr__(self) -> str:
         return f"FAMO(lr={self.lr}, gamma={self.gamma}, floor={self.floor})"
@@ -469,7 +562,7 @@ class GradNorm(LearnedBalancer):
     def balance(self, losses: Losses) -> dict[str, float] | tuple[dict[str, float], dict[str, Tensor]]:
         self._ensure(losses)
         names = losses.names
-        b = {k: float(self._params[k].detach()) for k in names}
+        b = dict(zip(names, self._current(names).tolist(), strict=True)) if names else {}
         trainable = all(losses.parts[k].requires_grad for k in names)
         if not torch.is_grad_enabled() or not trainable or not names:
             return b
@@ -498,7 +591,7 @@ class GradNorm(LearnedBalancer):
         ratio = [vals[k] / self._initial[k] if self._initial[k] != 0 else 1.0 for k in names]
         mean_ratio = sum(ratio) / len(ratio)
         r = [x / mean_ratio if mean_ratio != 0 else 1.0 for x in ratio]
-        w = torch.stack([self._params[k] for k in names])
+        w = self._vector(names)
         G = w * torch.tensor(norms, dtype=w.dtype, device=w.device)
         mean_G = float(G.detach().mean())
         target = torch.tensor([mean_G * ri**self.alpha for ri in r], dtype=w.dtype, device=w.device)
@@ -514,15 +607,15 @@ class GradNorm(LearnedBalancer):
         names = self._present
         if not names:
             return
+        w = self._params_vector()
+        present = torch.zeros(len(self._names), dtype=torch.bool, device=w.device)
+        present[[self._index[k] for k in names]] = True
         with torch.no_grad():
             # the sum of the present parts' weights before the step: every weight is renormalised after each
             # step, and the absent parts' weights did not move, so it is T minus their sum
-            total = len(self._names) - sum(float(self._params[k]) for k in self._names if k not in names)
-            for k in names:
-                self._params[k].clamp_(min=1e-6)
-            s = sum(float(self._params[k]) for k in names)
-            for k in names:
-                self._params[k].mul_(total / s)
+            total = len(self._names) - float(w[~present].sum())
+            moved = w.clamp_min(1e-6)
+            w.copy_(torch.where(present, moved * (total / moved[present].sum()), w))
 
     def __repr__(self) -> str:
         return f"GradNorm(alpha={self.alpha}, lr={self.lr})"

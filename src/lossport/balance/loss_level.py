@@ -31,9 +31,19 @@ def _training() -> bool:
     return torch.is_grad_enabled()
 
 
+def _floats(losses: Losses) -> list[float]:
+    """The detached values of the parts present, in order, as floats: one host transfer (not one per part)."""
+    parts = [v.detach() for v in losses.parts.values()]
+    if not parts:
+        return []
+    if len({(v.dtype, v.device) for v in parts}) == 1:
+        return torch.stack(parts).tolist()
+    return torch.stack([v.to("cpu", torch.float64) for v in parts]).tolist()
+
+
 def _values(losses: Losses) -> dict[str, float]:
-    """The detached values of the parts present, as floats."""
-    return {k: float(v.detach()) for k, v in losses.parts.items()}
+    """The detached values of the parts present, as floats (one host transfer)."""
+    return dict(zip(losses.parts, _floats(losses), strict=True))
 
 
 def _positive(method: str, name: str, value: float, why: str = "it divides by the losses or their means") -> None:

@@ -31,6 +31,7 @@ import torch
 
 from ..result_types import Losses
 from .base import Balancer, register
+from .loss_level import _floats
 
 
 def _check_ray(method: str, ray: Mapping[str, float] | None) -> dict[str, float] | None:
@@ -60,7 +61,7 @@ def _ray_of(method: str, ray: dict[str, float] | None, names: list[str]) -> list
 
 
 def _finite_values(method: str, losses: Losses) -> list[float]:
-    vals = [float(losses.parts[k].detach()) for k in losses.names]
+    vals = _floats(losses)
     bad = [k for k, v in zip(losses.names, vals) if not math.isfinite(v)]
     if bad:
         raise ValueError(f"{method}: the parts {bad} are not finite; no scalarization weights can be computed")
