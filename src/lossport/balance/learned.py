@@ -84,7 +84,6 @@ class LearnedBalancer(Balancer):
         self._theta: nn.Parameter | None = None
         self._reached: Tensor | None = None  # the parts a gradient reached since the last step (bool, (T,))
         self._all = torch.ones(0, dtype=torch.bool)  # every part (bool, (T,)): _reached when all were reached
-        self._keys: dict[str, dict[str, str]] = {}  # info keys by prefix and part
         self._count: int | None = None  # the step count shared by every part (-1: they differ; None: not known)
         self._exp_avg: Tensor | None
         self._exp_avg_sq: Tensor | None
@@ -163,14 +162,6 @@ class LearnedBalancer(Balancer):
         if self._theta is None:
             return {}
         return dict(zip(self._names, self._theta.detach().tolist(), strict=True))
-
-    def _report(self, prefix: str, names: list[str], values: Tensor) -> None:
-        """``info[prefix + name]`` = each value (one host transfer)."""
-        keys = self._keys.get(prefix)
-        if keys is None or len(keys) != len(self._names):
-            keys = self._keys[prefix] = {k: prefix + k for k in self._names}
-        for k, v in zip(names, values.detach().tolist(), strict=True):
-            self.info[keys[k]] = v
 
     # -- Adam ------------------------------------------------------------------------------------------
     def _adam(self, grad: Tensor, mask: Tensor | None) -> None:
@@ -363,7 +354,6 @@ class Uncertainty(LearnedBalancer):
         _values("Uncertainty", losses)
         s = self._vector(names)
         weights = self._factors(names, s) * torch.exp(-s)
-        self._report("uw/weight/", names, weights)
         return weights, {"uncertainty/log_var": 0.5 * s.sum()}
 
     def __repr__(self) -> str:
@@ -394,7 +384,6 @@ class IMTLL(LearnedBalancer):
         _values("IMTLL", losses)
         s = self._vector(names)
         weights = torch.exp(s)
-        self._report("imtl_l/weight/", names, weights)
         return weights, {"imtl_l/scale": -s.sum()}
 
 
