@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from lossport.data import MultiDigitsNet, multidigits
 
-LR, BATCH = 2e-3, 64
+LR, BATCH, SIZE = 2e-3, 64, 2000  # lossport compare: 2000 training examples
 LIBMTL = {
     "db_mtl": ("DB_MTL", {"DB_beta": 0.9, "DB_beta_sigma": 0.0}),
     "gradnorm": ("GradNorm", {"alpha": 1.5}),
@@ -81,7 +81,7 @@ def libmtl_step(net: MultiDigitsNet, root: str, name: str) -> tuple[Step, list[n
     """LibMTL's weighting ``name`` attached to ``net``; returns the step and the weighting's own parameters."""
     sys.path.insert(0, str(root))
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from methods import _load_libmtl  # noqa: PLC0415  (benchmarks/methods.py: LibMTL without its trainer)
+    from methods import _load_libmtl  # benchmarks/methods.py: LibMTL without its trainer
 
     _load_libmtl(root)
     cls_name, kwargs = LIBMTL[name]
@@ -140,17 +140,20 @@ def torchjd_step(net: MultiDigitsNet, name: str) -> Step:
         rows = [torch.cat([g.flatten() for g in torch.autograd.grad(L[i], trunk, retain_graph=True)]) for i in range(3)]
         J = torch.stack(rows)
         w = 3 * KrumWeighting(0, 1)(J @ J.T)
-        mtl_backward(list(L), features=net._z, retain_graph=True)  # heads: their own gradients; trunk: the Jacobian in .jac
+        # heads: their own loss's gradient; trunk: the Jacobian (in .jac), aggregated by Krum
+        mtl_backward(list(L), features=net._z, retain_graph=True)
         jac_to_grad(trunk, Krum(0, 1))
         return w
 
     return step
 
 
-def run(method: str, seed: int, epochs: int, head_rule: str, root: str | None) -> tuple[float, float, float]:
+def run(
+    method: str, seed: int, epochs: int, head_rule: str, root: str | None, own_lr: float | None = None
+) -> tuple[float, float, float]:
     torch.manual_seed(seed)
     net = MultiDigitsNet(width=16)
-    train, test = multidigits("train"), multidigits("test")
+    train, test = multidigits("train", size=SIZE), multidigits("test")
     own: list[nn.Parameter] = []
     if method in LIBMTL:
         if not root:
@@ -166,7 +169,10 @@ def run(method: str, seed: int, epochs: int, head_rule: str, root: str | None) -
 
     else:
         raise SystemExit(f"unknown method {method!r}")
-    opt = torch.optim.Adam([*net.parameters(), *own], lr=LR)
+    groups: list[dict[str, Any]] = [{"params": list(net.parameters())}]
+    if own:  # GradNorm's loss_scale: in the net's Adam (LibMTL), at the net's lr unless --own-lr
+        groups.append({"params": own, "lr": own_lr or LR})
+    opt = torch.optim.Adam(groups, lr=LR)
     gen = torch.Generator().manual_seed(seed)
     n = len(train["ink"])
     for epoch in range(epochs):
@@ -194,21 +200,25 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--heads", choices=("plain", "weighted"), default="plain")
+    ap.add_argument("--own-lr", type=float, default=None, help="lr of GradNorm's loss_scale (default: the net's)")
     ap.add_argument("--libmtl", default=None, help="LibMTL source checkout (for db_mtl, gradnorm, moco, modo)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"heads: {args.heads}; {args.epochs} rounds, Adam {LR}, batch {BATCH}; mean ± std over seeds {seeds}")
+    print(f"heads: {args.heads}; GradNorm's lr {args.own_lr or LR}; {args.epochs} rounds, Adam {LR}, batch {BATCH}")
+    print(f"mean ± std over seeds {seeds}")
     print(f"{'method':10} {'left acc':>14} {'right acc':>14} {'ink MAE':>14}   per seed ink MAE")
     for m in args.methods.split(","):
-        res = [run(m, s, args.epochs, args.heads, args.libmtl) for s in seeds]
+        res = [run(m, s, args.epochs, args.heads, args.libmtl, args.own_lr) for s in seeds]
         cols = list(zip(*res))
 
         def pm(v: tuple[float, ...]) -> str:
             return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
 
-        print(f"{m:10} {pm(cols[0]):>14} {pm(cols[1]):>14} {pm(cols[2]):>14}   {[round(v, 2) for v in cols[2]]}",
-              flush=True)
+        print(
+            f"{m:10} {pm(cols[0]):>14} {pm(cols[1]):>14} {pm(cols[2]):>14}   {[round(v, 2) for v in cols[2]]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
