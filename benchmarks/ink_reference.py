@@ -26,6 +26,10 @@ already what lossport gives them).
 
     .venv/bin/python benchmarks/ink_reference.py --methods sum,si,db_mtl --seeds 0,1,2 --epochs 10 \
         --libmtl /tmp/costs/libmtl
+    .venv/bin/python benchmarks/ink_reference.py --methods sum,si,db_mtl,moco --check 4 --libmtl /tmp/costs/libmtl
+
+``--check N``: instead of training, N calls of lossport's balancer and of the reference on the same net and
+batches, and the largest relative difference between their gradients (``sum``, ``si``, ``db_mtl``, ``moco``).
 """
 
 from __future__ import annotations
@@ -194,6 +198,44 @@ def run(
     return score(net, test)
 
 
+def check_gradients(method: str, calls: int, root: str | None) -> None:
+    """Print, for ``calls`` successive calls on fresh batches, the largest relative difference between a parameter
+    tensor's gradient from lossport's balancer and from the reference (same net, same batch); the trunk's
+    reference gradient times lossport's documented factor (MoCo: ``T``). The net moves by the same small sign step
+    after each call, so every call sees new gradients and the methods' states advance alike."""
+    import lossport
+
+    torch.manual_seed(0)
+    net = MultiDigitsNet(width=16)
+    train = multidigits("train", size=SIZE)
+    objective = lossport.Objective({"left": "auto", "right": "auto", "ink": "auto"}, balance=method)
+    if method in LIBMTL:
+        step, _ = libmtl_step(net, str(root), method)
+    else:
+        step = {"sum": lambda L, e, k: L.sum().backward(), "si": lambda L, e, k: L.log().sum().backward()}[method]
+    trunk = len(list(net.trunk.parameters()))
+    factor = 3.0 if method == "moco" else 1.0
+    gen = torch.Generator().manual_seed(0)
+    for k in range(calls):
+        idx = torch.randperm(SIZE, generator=gen)[:BATCH]
+        batch = {key: v[idx] for key, v in train.items()}
+        net.zero_grad()
+        objective(net, batch).total.backward()
+        ours = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+        L, net._z = losses(net, batch)
+        step(L, [], 1)
+        theirs = [p.grad.clone() for p in net.parameters()]
+        rel = max(
+            float((a - (factor if i < trunk else 1.0) * b).norm() / b.norm().clamp_min(1e-30))
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
+        )
+        print(f"{method}: call {k}, largest relative difference of a parameter's gradient {rel:.1e}")
+        with torch.no_grad():
+            for p, g in zip(net.parameters(), theirs, strict=True):
+                p -= 1e-3 * g.sign()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="sum,si,db_mtl,gradnorm,moco,modo,krum,pbi")
@@ -202,8 +244,13 @@ def main() -> None:
     ap.add_argument("--heads", choices=("plain", "weighted"), default="plain")
     ap.add_argument("--own-lr", type=float, default=None, help="lr of GradNorm's loss_scale (default: the net's)")
     ap.add_argument("--libmtl", default=None, help="LibMTL source checkout (for db_mtl, gradnorm, moco, modo)")
+    ap.add_argument("--check", type=int, default=0, help="compare N calls' gradients with lossport's instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.check:
+        for m in args.methods.split(","):
+            check_gradients(m, args.check, args.libmtl)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"heads: {args.heads}; GradNorm's lr {args.own_lr or LR}; {args.epochs} rounds, Adam {LR}, batch {BATCH}")
     print(f"mean ± std over seeds {seeds}")
