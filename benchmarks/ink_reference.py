@@ -65,6 +65,13 @@ def heads(net: MultiDigitsNet) -> list[nn.Module]:
     return [net.left, net.right, net.ink]
 
 
+def weigh_heads(net: MultiDigitsNet, w: Tensor) -> None:
+    """lossport's convention on top of a reference's plain-gradient heads: head ``i``'s gradient times ``w_i``."""
+    for head, wi in zip(heads(net), w.tolist(), strict=True):
+        for p in head.parameters():
+            p.grad.mul_(wi)
+
+
 def losses(net: MultiDigitsNet, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``(L, z)``: the three losses (left and right cross-entropy from the logits, ink MSE) and the trunk's output."""
     z = net.trunk(batch["image"])
@@ -191,9 +198,7 @@ def run(
                 extra.append(losses(net, {k: v[torch.randperm(n, generator=gen)[:BATCH]] for k, v in train.items()})[0])
             w = step(L, extra, epoch)
             if head_rule == "weighted" and method in ("krum", "gradnorm", "modo"):
-                for h, wi in zip(heads(net), w.tolist()):
-                    for p in h.parameters():
-                        p.grad.mul_(wi)
+                weigh_heads(net, w)
             opt.step()
     return score(net, test)
 
