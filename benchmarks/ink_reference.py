@@ -28,6 +28,11 @@ already what lossport gives them).
         --libmtl /tmp/costs/libmtl
     .venv/bin/python benchmarks/ink_reference.py --methods sum,si,db_mtl,moco --check 4 --libmtl /tmp/costs/libmtl
 
+Methods named ``lossport:<name>`` run ``lossport.train`` with that balancer on the same net, data and schedule;
+``--standardise`` replaces ink by ``(ink - mean) / std`` (training set's) in training and test, MAE in ink's units:
+
+    .venv/bin/python benchmarks/ink_reference.py --standardise --methods lossport:gradnorm,lossport:si
+
 ``--check N``: instead of training, N calls of lossport's balancer and of the reference on the same net and
 batches, and the largest relative difference between their gradients (``sum``, ``si``, ``db_mtl``, ``moco``).
 """
@@ -159,13 +164,39 @@ def torchjd_step(net: MultiDigitsNet, name: str) -> Step:
     return step
 
 
+def data(standardise: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """``(train, test, ink's unit)``: with ``standardise``, ink minus the training mean over the training std in
+    both (the unit is that std, to report the MAE in ink's units)."""
+    train, test = multidigits("train", size=SIZE), multidigits("test")
+    if not standardise:
+        return train, test, 1.0
+    mu, sd = train["ink"].mean(), train["ink"].std()
+    return {**train, "ink": (train["ink"] - mu) / sd}, {**test, "ink": (test["ink"] - mu) / sd}, float(sd)
+
+
 def run(
-    method: str, seed: int, epochs: int, head_rule: str, root: str | None, own_lr: float | None = None
+    method: str,
+    seed: int,
+    epochs: int,
+    head_rule: str,
+    root: str | None,
+    own_lr: float | None = None,
+    standardise: bool = False,
 ) -> tuple[float, float, float]:
+    """Left and right test accuracy and ink test MAE (in ink's units) after ``epochs`` rounds of ``method``: a
+    reference, or ``lossport:<name>`` for ``lossport.train`` with that balancer on the same run."""
     torch.manual_seed(seed)
     net = MultiDigitsNet(width=16)
-    train, test = multidigits("train", size=SIZE), multidigits("test")
+    train, test, unit = data(standardise)
     own: list[nn.Parameter] = []
+    if method.startswith("lossport:"):
+        import lossport
+
+        spec = {"left": "auto", "right": "auto", "ink": "auto"}
+        kw = {"epochs": epochs, "batch_size": BATCH, "lr": LR, "device": "cpu", "seed": seed, "progress": False}
+        lossport.train(net, train, spec, balance=method.split(":", 1)[1], **kw)
+        left, right, mae = score(net, test)
+        return left, right, mae * unit
     if method in LIBMTL:
         if not root:
             raise SystemExit(f"{method} needs --libmtl (a LibMTL source checkout)")
@@ -200,7 +231,8 @@ def run(
             if head_rule == "weighted" and method in ("krum", "gradnorm", "modo"):
                 weigh_heads(net, w)
             opt.step()
-    return score(net, test)
+    left, right, mae = score(net, test)
+    return left, right, mae * unit
 
 
 def check_gradients(method: str, calls: int, root: str | None) -> None:
@@ -249,6 +281,7 @@ def main() -> None:
     ap.add_argument("--heads", choices=("plain", "weighted"), default="plain")
     ap.add_argument("--own-lr", type=float, default=None, help="lr of GradNorm's loss_scale (default: the net's)")
     ap.add_argument("--libmtl", default=None, help="LibMTL source checkout (for db_mtl, gradnorm, moco, modo)")
+    ap.add_argument("--standardise", action="store_true", help="ink minus its mean over its std (MAE in ink's units)")
     ap.add_argument("--check", type=int, default=0, help="compare N calls' gradients with lossport's instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -261,7 +294,7 @@ def main() -> None:
     print(f"mean ± std over seeds {seeds}")
     print(f"{'method':10} {'left acc':>14} {'right acc':>14} {'ink MAE':>14}   per seed ink MAE")
     for m in args.methods.split(","):
-        res = [run(m, s, args.epochs, args.heads, args.libmtl, args.own_lr) for s in seeds]
+        res = [run(m, s, args.epochs, args.heads, args.libmtl, args.own_lr, args.standardise) for s in seeds]
         cols = list(zip(*res))
 
         def pm(v: tuple[float, ...]) -> str:
