@@ -35,6 +35,15 @@ def test_hand_loop_is_the_run_of_lossport_train(small, method, balance):
     )  # fmt: skip
     ours = ir.score(net, multidigits("test"))
     assert ir.run(method, 1, 2, "plain", None) == ours
+    assert ir.run(f"lossport:{balance}", 1, 2, "plain", None) == ours
+
+
+def test_standardised_ink_has_the_training_sets_mean_0_and_std_1_and_the_unit_is_its_std(small):
+    train, test, unit = ir.data(True)
+    raw = multidigits("train", size=192)["ink"]
+    assert abs(float(train["ink"].mean())) < 1e-5 and abs(float(train["ink"].std()) - 1) < 1e-5
+    assert unit == pytest.approx(float(raw.std()))
+    assert torch.allclose(test["ink"] * unit + raw.mean(), multidigits("test")["ink"], atol=1e-4)
 
 
 def test_krum_reference_heads_plain_or_weighted(small):
