@@ -80,6 +80,17 @@ def test_krum_outlier_is_never_selected_and_ties_go_to_the_lower_index():
     assert krum(same @ same.T, 0).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_krum_tie_of_the_two_nearest_goes_to_the_lower_index_despite_rounding_in_the_gramian():
+    """With T = f + 3 each score is the distance to the nearest other gradient, so the two mutually nearest
+    gradients tie exactly; a Gramian computed in pieces is symmetric only up to rounding (G_01 != G_10 in the
+    last bits), which must not decide the tie (multidigits, issue 15: lossport's Gramian picked `left` or
+    `right` by rounding)."""
+    J = torch.tensor([[1.0, 0.0], [0.0, 1.0], [30.0, 20.0]], dtype=torch.float64)
+    G = J @ J.T
+    G[1, 0] += 1e-9  # part 1's distance to part 0 now rounds smaller: unsymmetrised, part 1 would win
+    assert krum(G, f=0).tolist() == [1.0, 0.0, 0.0]
+
+
 def test_krum_balancer_weights_are_T_times_the_selection_on_the_shared_gramian():
     net = Net()
     x = batch(1)

@@ -330,7 +330,11 @@ class MoDo(_CarriedSimplex):
         ``z_t1, z_t2``, the update ``J_3^T lambda`` is on the third, the main batch) or 1 (one batch's Gramian:
         biased, outside the paper's guarantee; module docstring).
 
-    Factor ``T``: the paper's and TorchJD's ``lambda`` sums to 1."""
+    Factor ``T``: the paper's and TorchJD's ``lambda`` sums to 1. Heads get ``T lambda_i`` times their gradient
+    (:mod:`~lossport.balance.gramian_base`); LibMTL's MoDo gives them their plain gradient. Since the step on
+    ``lambda`` is not normalised, a part with a much larger gradient (an unscaled regression) sends ``lambda`` to
+    an edge of the simplex at most steps with that part's weight at 0, and its head then trains only on the other
+    steps (multidigits: docs/balancing.md, BENCHMARKS.md)."""
 
     name = "modo"
     kind: ClassVar[str] = "gramian"
