@@ -213,15 +213,25 @@ def _cross(build: Callable[[], Any]) -> Callable[[Model], Step]:
     return make
 
 
-def _scalarizer(build: Callable[[int], Any], update: bool = False) -> Callable[[Model], Step]:
+def _scalarizer(build: Callable[[int], Any], update: bool = False, own_adam: bool = False) -> Callable[[Model], Step]:
+    """TorchJD's scalarizer ``build(T)`` on the model. Its parameters (UW's, IMTL-L's) go into the net's optimizer
+    as TorchJD's documentation shows, or with ``own_adam`` into an Adam of their own at lossport's learning rate
+    (0.025), which is how lossport trains them: the same algorithm as lossport's step."""
+
     def make(m: Model) -> Step:
         s = build(m.T)
-        opt = torch.optim.SGD([*m.params, *s.parameters()], lr=LR)
+        own = list(s.parameters()) if own_adam else []
+        opt = torch.optim.SGD([*m.params, *(p for p in s.parameters() if not own_adam)], lr=LR)
+        adam = torch.optim.Adam(own, lr=0.025, fused=True) if own else None
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
+            if adam is not None:
+                adam.zero_grad(set_to_none=True)
             s(torch.stack(m.forward()[1])).backward()
             opt.step()
+            if adam is not None:
+                adam.step()
             if update:
                 with torch.no_grad():
                     s.update(torch.stack(m.forward()[1]))
@@ -291,8 +301,15 @@ def torchjd_references() -> dict[str, Callable[[Model], Step]]:
     for name, bj in jacobian.items():
         if _importable(name, lambda bj=bj: bj(2)):
             out[name] = _autojac(bj)
-    out.update({name: _scalarizer(b, update) for name, (b, update) in scalar.items()})
+    out.update({name: _scalarizer(b, update, own_adam=name in LEARNED) for name, (b, update) in scalar.items()})
+    # UW and IMTL-L as TorchJD's documentation trains them (their parameters in the net's optimizer), for the record
+    out.update({f"{name}@net_optimizer": _scalarizer(scalar[name][0]) for name in LEARNED})
     return out
+
+
+LEARNED = ("uw", "imtl_l")
+"""The scalarizers with parameters of their own: their TorchJD reference trains them with an Adam of their own, as
+lossport does (``name@net_optimizer``: in the net's SGD, as TorchJD's documentation shows)."""
 
 
 # ------------------------------------------------------------------------------------------------------------

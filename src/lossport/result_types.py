@@ -21,7 +21,6 @@ named ``loss``: the objective names the parts of an output called ``loss`` (a Hu
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,9 +84,10 @@ def vector_total(parts: Mapping[str, Tensor], vector: Tensor, extra: Mapping[str
     ps = list(parts.values())
     if not ps:
         return weighted_total(parts, {}, extra)
-    if len({(p.dtype, p.device, p.dim()) for p in ps}) == 1 and ps[0].dim() == 0:
-        dt = torch.promote_types(ps[0].dtype, vector.dtype)
-        total = torch.stack(ps).to(dt) @ vector.to(device=ps[0].device, dtype=dt)
+    stacked = _stack_scalars(ps)
+    if stacked is not None:
+        dt = torch.promote_types(stacked.dtype, vector.dtype)
+        total = stacked.to(dt) @ vector.to(device=stacked.device, dtype=dt)
     else:
         terms = [p * w for p, w in zip(ps, vector.unbind(0), strict=True)]
         total = terms[0]
@@ -96,6 +96,17 @@ def vector_total(parts: Mapping[str, Tensor], vector: Tensor, extra: Mapping[str
     for t in extra.values():
         total = total + t
     return total
+
+
+def _stack_scalars(ps: list[Tensor]) -> Tensor | None:
+    """The scalar tensors ``ps`` as one vector (dtypes promoted), or ``None`` when they are not all scalars on one
+    device."""
+    if any(p.dim() for p in ps):
+        return None
+    try:
+        return torch.stack(ps)
+    except RuntimeError:  # parts on several devices
+        return None
 
 
 def _times(part: Tensor, w: Tensor | float) -> Tensor:
@@ -155,7 +166,8 @@ class Losses:
         for k in extra or {}:
             part_key(k)
         new_extra.update(extra or {})
-        out = copy.copy(self)  # the same parts (already checked), new weights, extra terms and total
+        out = object.__new__(Losses)  # the same parts (already checked), new weights, extra terms and total
+        out.__dict__.update(self.__dict__)
         out.weights = {k: weights[k] for k in self.parts}
         out.extra = new_extra
         out._total = None if vector is None else vector_total(self.parts, vector, new_extra)
