@@ -65,6 +65,14 @@ def _static(losses: Losses, like: Tensor) -> Tensor:
     return torch.tensor(s, dtype=like.dtype, device=like.device)
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, from its extremes: one reduction pass, no boolean copy of ``x``
+    (``torch.aminmax`` propagates NaN)."""
+    if x.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
 def _zero_valued(xs: list[Tensor], c: Tensor) -> Tensor:
     """``sum_x <x - sg(x), c_x>``: value zero, gradient ``c_x`` on each ``x`` (``c`` flattened over ``xs``)."""
     term = None
@@ -99,7 +107,7 @@ class _Surgery(GramianBalancer):
         names = losses.names
         J, xs = self.compute_jacobian(losses)
         b, c, state = self.surgery(J, xs, losses, _static(losses, J))
-        if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(c).all())):
+        if not (_all_finite(b) and _all_finite(c)):
             bad = [k for k, ok in zip(names, torch.isfinite(J).all(dim=1).tolist()) if not ok]
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradients of {bad or names} are not finite although the losses "
