@@ -9,8 +9,7 @@ from torchjd.aggregation import ExcessMTLWeighting, KrumWeighting
 from torchjd.aggregation import TrimmedMean as TJTrimmedMean
 
 import lossport
-from lossport.balance import ExcessMTL, Krum, TrimmedMean, resolve
-from lossport.balance import robust
+from lossport.balance import ExcessMTL, Krum, TrimmedMean, resolve, robust
 from lossport.balance.robust import krum, trimmed_mean
 from lossport.gramian import gramian_reference
 from lossport.graph import shared_parameters
@@ -136,7 +135,9 @@ def test_trimmed_mean_equals_torchjd(seed, T, k):
         assert torch.allclose(trimmed_mean(J, k), TJTrimmedMean(k)(J), atol=1e-5, rtol=1e-5), kind
 
 
-@pytest.mark.parametrize("T,k", [(3, 1), (4, 1), (7, 3), (8, 1), (9, 2), (32, 1), (32, 15), (33, 16), (64, 31), (128, 63)])
+@pytest.mark.parametrize(
+    "T,k", [(3, 1), (4, 1), (7, 3), (8, 1), (9, 2), (32, 1), (32, 15), (33, 16), (64, 31), (128, 63)]
+)
 def test_trimmed_mean_averages_the_values_a_sort_keeps(T, k):
     """The selection network keeps, in every column, exactly the values between the k smallest and the k largest
     (ties, repeated rows and infinities included); the sort path (T = 64, k = 31) too; both agree with TorchJD."""
@@ -332,3 +333,15 @@ def test_excess_mtl_failed_call_leaves_its_state_as_it_was(monkeypatch):
     assert after["steps"] == before["steps"] and after["logw"] == before["logw"]
     assert all(torch.equal(after["sq"][k], before["sq"][k]) for k in NAMES)
     assert obj(net, batch(6)).weights == obj2(net, batch(6)).weights
+
+
+def test_excess_mtl_gramian_falls_back_to_float64_products_where_float32_ones_overflow(monkeypatch):
+    """The Gramian (finite check, diagnostics) comes from float32 products; where they overflow (a gradient
+    above 1.8e19 in norm) it is recomputed in float64, so finite gradients are never reported as non-finite."""
+    bal = ExcessMTL()
+    for J in (torch.tensor([[3e19, 0.0, 1.0], [1.0, 2.0, 3.0]]), torch.randn(2, 5000)):
+        monkeypatch.setattr(bal, "compute_jacobian", lambda losses, J=J: (J, []))
+        G = bal.compute_gramian(None)  # type: ignore[arg-type]
+        assert G.dtype == torch.float64 and bool(torch.isfinite(G).all())
+        assert torch.allclose(G, J.double() @ J.double().T, rtol=1e-5)
+    bal._jac = None
