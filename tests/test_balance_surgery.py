@@ -6,7 +6,7 @@ from torch import nn
 
 import lossport
 from lossport.balance import DBMTL, GradDrop, resolve
-from lossport.balance.surgery import purity_sign, sign_purity_keep
+from lossport.balance.surgery import purity_sign, sign_purity_keep, stacked
 from lossport.graph import shared_parameters
 
 
@@ -351,3 +351,14 @@ def test_a_skipped_batch_keeps_the_accumulated_gradient():
     )
     assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(skipped.parameters(), reference.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(skipped.parameters(), Net().parameters()))
+
+
+def test_stacked_reads_consecutive_rows_of_one_tensor_without_a_copy():
+    Y = torch.randn(4, 6)
+    rows = list(Y.unbind(0))
+    view = stacked(rows)
+    assert torch.equal(view, Y) and view.data_ptr() == Y.data_ptr()
+    assert stacked(rows[1:]).data_ptr() == rows[1].data_ptr() and torch.equal(stacked(rows[1:]), Y[1:])
+    for other in ([rows[1], rows[0]], [rows[0], rows[2]], [r.clone() for r in rows], [Y[:, 0], Y[:, 1]]):
+        out = stacked(other)
+        assert torch.equal(out, torch.stack(other)) and out.data_ptr() != Y.data_ptr()

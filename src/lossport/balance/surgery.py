@@ -81,6 +81,24 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
+def stacked(rows: list[Tensor]) -> Tensor:
+    """``torch.stack(rows)`` (``T x P``), without the copy when the rows are the consecutive rows of one tensor (a
+    method's state kept as views of its last ``T x P`` buffer): then a view of that tensor, to be read only."""
+    first = rows[0]
+    P = first.numel()
+    same = P > 0 and all(
+        r.dim() == 1
+        and r.numel() == P
+        and r.stride() == (1,)
+        and r.dtype == first.dtype
+        and r.device == first.device
+        and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and r.storage_offset() == first.storage_offset() + i * P
+        for i, r in enumerate(rows)
+    )
+    return torch.as_strided(first, (len(rows), P), (P, 1)) if same else torch.stack(rows)
+
+
 def _zero_valued(xs: list[Tensor], c: Tensor) -> Tensor:
     """``sum_x <x - sg(x), c_x>``: value zero, gradient ``c_x`` on each ``x`` (``c`` flattened over ``xs``)."""
     term = None
@@ -278,8 +296,8 @@ class DBMTL(_Surgery):
                 avg = {}
                 state["_restarts"] = self._restarts + 1
             # h_i = g_i + rate (avg_i - g_i), or (1 - rate) g_i for a new part, in one T x P buffer (same roundings)
-            h = torch.stack([avg[n].to(g) if n in avg else g[i] for i, n in enumerate(names)])
-            h.sub_(g).mul_(rate).add_(g)
+            old = stacked([avg[n].to(g) if n in avg else g[i] for i, n in enumerate(names)])  # read only
+            h = torch.sub(old, g).mul_(rate).add_(g)
             for i, n in enumerate(names):
                 if n not in avg:
                     h[i] = (1 - rate) * g[i]
@@ -307,4 +325,4 @@ class DBMTL(_Surgery):
         return out
 
 
-__all__ = ["DBMTL", "GradDrop", "purity_sign", "sign_purity_keep"]
+__all__ = ["DBMTL", "GradDrop", "purity_sign", "sign_purity_keep", "stacked"]
