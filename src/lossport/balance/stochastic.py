@@ -428,9 +428,8 @@ class MoCo(_Surgery):
         target = torch.div(J, J.norm(dim=1, keepdim=True) + 1e-8).mul_((vals * s)[:, None])
         beta_k = self.beta / k**self.beta_sigma
         old = stacked([tracks[n].to(J) if n in tracks else torch.zeros_like(J[0]) for n in names])  # read only
-        Y = torch.add(old, target.sub_(old).mul_(beta_k))  # target - Y = -(Y - target) exactly
+        Y = target.sub_(old).mul_(beta_k).add_(old)  # target - Y = -(Y - target) exactly; Y + t = t + Y
         del old
-        del target
         lam = torch.tensor([self._lambda.get(n, 1.0 / T) for n in names], dtype=torch.float64, device=J.device)
         YY = gram64(Y) + self.rho * torch.eye(T, dtype=torch.float64, device=J.device)
         lam = torch.softmax(lam - self.gamma / k**self.gamma_sigma * (YY @ lam), dim=0)
