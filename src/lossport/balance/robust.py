@@ -90,8 +90,10 @@ def _drop_extremes(rows: Tensor) -> Tensor:
 
 def _network_pays(T: int, trim_number: int) -> bool:
     """Whether removing the extremes by :func:`_drop_extremes` (about ``3 (T - 2j)`` elementwise operations per
-    column at round ``j``) costs less than a sort (measured on the CPU at one thread: an elementwise operation
-    costs about a fifth of a sort's ``log2 T`` comparisons per value)."""
+    column at round ``j``) should cost less than sorting the columns (``~T log2 T`` comparisons each): the rule
+    ``sum_j (T - 2j) <= 3 T log2 T``. Measured on one CPU thread, ``T x 656,896``: the sort 85 ms at ``T = 8``,
+    710 ms at ``T = 32``; the network 12 ms at ``T = 8``, 59 / 190 / 310 / 410 ms at ``T = 32`` with
+    ``trim_number`` 1 / 4 / 8 / 15."""
     work = sum(T - 2 * j for j in range(trim_number))  # rows entering each round
     return work <= 3 * T * max(1.0, math.log2(T))
 
