@@ -9,7 +9,7 @@ from torchjd.aggregation import ExcessMTLWeighting, KrumWeighting
 from torchjd.aggregation import TrimmedMean as TJTrimmedMean
 
 import lossport
-from lossport.balance import ExcessMTL, Krum, TrimmedMean, resolve
+from lossport.balance import ExcessMTL, Krum, TrimmedMean, resolve, robust
 from lossport.balance.robust import krum, trimmed_mean
 from lossport.gramian import gramian_reference
 from lossport.graph import shared_parameters
@@ -144,6 +144,35 @@ def test_krum_every_k_features_mode_and_state_round_trip():
 def test_trimmed_mean_equals_torchjd(seed, T, k):
     for kind, J in matrices(T, seed=seed).items():
         assert torch.allclose(trimmed_mean(J, k), TJTrimmedMean(k)(J), atol=1e-5, rtol=1e-5), kind
+
+
+@pytest.mark.parametrize(
+    "T,k", [(3, 1), (4, 1), (7, 3), (8, 1), (9, 2), (32, 1), (32, 15), (33, 16), (64, 31), (128, 63)]
+)
+def test_trimmed_mean_averages_the_values_a_sort_keeps(T, k):
+    """The selection network keeps, in every column, exactly the values between the k smallest and the k largest
+    (ties, repeated rows and infinities included); the sort path (T = 64, k = 31) too; both agree with TorchJD."""
+    g = torch.Generator().manual_seed(T + k)
+    J = torch.randn(T, 300, generator=g).round(decimals=1)  # many ties
+    J[1] = J[0]
+    J[2, :5], J[-1, 5:10] = float("inf"), float("-inf")
+    kept = J
+    if robust._network_pays(T, k):
+        for _ in range(k):
+            kept = robust._drop_extremes(kept)
+        assert torch.equal(torch.sort(kept, dim=0).values, torch.sort(J, dim=0).values[k : T - k])
+    else:
+        assert T == 128
+    finite = J[:, 10:]
+    assert torch.allclose(trimmed_mean(finite, k), TJTrimmedMean(k)(finite), atol=1e-6, rtol=1e-6)
+
+
+def test_trimmed_mean_orders_nan_as_the_sort_does():
+    nan = float("nan")
+    J = torch.tensor([[1.0, 2.0], [nan, 3.0], [4.0, nan], [0.0, nan], [2.0, 1.0]])
+    expected = torch.tensor([7 / 3, nan])  # NaN sorts last: trimmed in column 0, one of two kept in column 1
+    assert torch.allclose(trimmed_mean(J, 1), expected, equal_nan=True)
+    assert torch.allclose(TJTrimmedMean(1)(J), expected, equal_nan=True)
 
 
 def test_trimmed_mean_gives_the_trunk_T_times_torchjds_aggregation_and_heads_their_plain_gradient():
@@ -315,3 +344,15 @@ def test_excess_mtl_failed_call_leaves_its_state_as_it_was(monkeypatch):
     assert after["steps"] == before["steps"] and after["logw"] == before["logw"]
     assert all(torch.equal(after["sq"][k], before["sq"][k]) for k in NAMES)
     assert obj(net, batch(6)).weights == obj2(net, batch(6)).weights
+
+
+def test_excess_mtl_gramian_falls_back_to_float64_products_where_float32_ones_overflow(monkeypatch):
+    """The Gramian (finite check, diagnostics) comes from float32 products; where they overflow (a gradient
+    above 1.8e19 in norm) it is recomputed in float64, so finite gradients are never reported as non-finite."""
+    bal = ExcessMTL()
+    for J in (torch.tensor([[3e19, 0.0, 1.0], [1.0, 2.0, 3.0]]), torch.randn(2, 5000)):
+        monkeypatch.setattr(bal, "compute_jacobian", lambda losses, J=J: (J, []))
+        G = bal.compute_gramian(None)  # type: ignore[arg-type]
+        assert G.dtype == torch.float64 and bool(torch.isfinite(G).all())
+        assert torch.allclose(G, J.double() @ J.double().T, rtol=1e-5)
+    bal._jac = None

@@ -6,7 +6,7 @@ from torch import nn
 
 import lossport
 from lossport.balance import DBMTL, GradDrop, resolve
-from lossport.balance.surgery import sign_purity_keep
+from lossport.balance.surgery import purity_sign, sign_purity_keep, stacked
 from lossport.graph import shared_parameters
 
 
@@ -72,6 +72,27 @@ def test_sign_purity_masks_by_hand():
     assert torch.equal(sign_purity_keep(S, U), keep)
     tie = torch.tensor([[1.0], [-1.0]])  # purity 0.5 = U: nobody keeps it
     assert not sign_purity_keep(tie, torch.tensor([0.5])).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sign_purity_keep_and_the_dropped_entries_equal_their_definition(seed):
+    """The arithmetic forms (``S * sign(P - U) > 0``; dropped = ``J - sign * relu(sign * J)``) equal the
+    comparisons of Algorithm 1 (``sign(S_i) == (+1 if P > U, -1 if P < U, none if P = U)``) and
+    ``where(keep, 0, J)``, on ties (``P = U``), zero columns, zero entries and infinities."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(5, 400, generator=g).round()  # many zeros
+    S[:, :20] = 0.0
+    S[seed, 20:25] = float("inf")
+    P = 0.5 * (1 + S.sum(0) / S.abs().sum(0))
+    U = torch.rand(400, generator=g)
+    U[30:80] = P[30:80].nan_to_num(0.5)  # ties
+    chosen = torch.where(P > U, 1.0, torch.where(P < U, -1.0, float("nan")))
+    keep = S.sign() == chosen
+    assert torch.equal(sign_purity_keep(S, U), keep)
+    sign = purity_sign(S, U)
+    kept = torch.mul(S, sign).clamp_min_(0.0).mul_(sign)
+    finite = slice(25, None)
+    assert torch.equal(torch.sub(S, kept)[:, finite], torch.where(keep, 0.0, S)[:, finite])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -330,3 +351,14 @@ def test_a_skipped_batch_keeps_the_accumulated_gradient():
     )
     assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(skipped.parameters(), reference.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(skipped.parameters(), Net().parameters()))
+
+
+def test_stacked_reads_consecutive_rows_of_one_tensor_without_a_copy():
+    Y = torch.randn(4, 6)
+    rows = list(Y.unbind(0))
+    view = stacked(rows)
+    assert torch.equal(view, Y) and view.data_ptr() == Y.data_ptr()
+    assert stacked(rows[1:]).data_ptr() == rows[1].data_ptr() and torch.equal(stacked(rows[1:]), Y[1:])
+    for other in ([rows[1], rows[0]], [rows[0], rows[2]], [r.clone() for r in rows], [Y[:, 0], Y[:, 1]]):
+        out = stacked(other)
+        assert torch.equal(out, torch.stack(other)) and out.data_ptr() != Y.data_ptr()

@@ -68,7 +68,7 @@ from .base import Balancer
 _MODES = ("params", "features")
 
 
-def gram64(Y: Tensor, chunk: int = 1 << 15) -> Tensor:
+def gram64(Y: Tensor, chunk: int = 1 << 13) -> Tensor:
     """``Y Y^T`` in float64 for a ``T x P`` ``Y`` of any float dtype, casting ``chunk`` columns at a time (no float64
     copy of ``Y``: the chunks stay in cache); equal to ``Y.double() @ Y.double().T`` up to the order of the float64
     sums."""

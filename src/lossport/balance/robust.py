@@ -15,6 +15,7 @@ or corrupted, and seldom what one wants when every part matters.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from ..result_types import Losses
 from .base import register
 from .gramian_base import GramianBalancer, _shallow_restore, _shallow_snapshot, gram64
-from .surgery import _BLOCK, _Surgery
+from .surgery import _BLOCK, _all_finite, _Surgery
 from .weighting import check_gramian
 
 _DISTANCES = ("squared", "euclidean")
@@ -63,17 +64,70 @@ def krum(G: Tensor, f: int, m: int = 1, distance: str = "squared") -> Tensor:
     return w
 
 
+def _tournament(x: Tensor, low: bool) -> tuple[Tensor, list[Tensor]]:
+    """The column-wise minimum (``low``) or maximum of the rows of ``x`` by a knockout tournament of
+    ``torch.minimum``/``torch.maximum`` over halves, and the losers' rows: with the winner, the same multiset of
+    values in every column."""
+    losers: list[Tensor] = []
+    while x.shape[0] > 1:
+        q = x.shape[0] // 2
+        a, b = x[:q], x[q : 2 * q]
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        win, lose = (lo, hi) if low else (hi, lo)
+        losers.append(lose)
+        x = win if x.shape[0] == 2 * q else torch.cat([win, x[2 * q :]])
+    return x, losers
+
+
+def _drop_extremes(rows: Tensor) -> Tensor:
+    """``rows`` (``m x B``, ``m >= 3``) without the smallest and the largest value of each column: ``(m - 2) x B``,
+    the remaining values of each column in no particular order (a selection network of about ``3m / 2``
+    min/max comparators; the values are moved, never computed, so the multiset is exact)."""
+    m = rows.shape[0]
+    h = m // 2
+    a, b = rows[:h], rows[h : 2 * h]
+    low, kept = _tournament(torch.minimum(a, b), low=True)  # the minimum is among the pairs' smaller values ...
+    high, more = _tournament(torch.maximum(a, b), low=False)  # ... the maximum among their larger ones
+    kept += more
+    if m % 2:  # the odd row out: against the minimum, then the larger of the two against the maximum
+        kept.append(torch.minimum(high, torch.maximum(low, rows[2 * h :])))
+    return torch.cat(kept)
+
+
+def _network_pays(T: int, trim_number: int) -> bool:
+    """Whether removing the extremes by :func:`_drop_extremes` (about ``3 (T - 2j)`` elementwise operations per
+    column at round ``j``) should cost less than sorting the columns (``~T log2 T`` comparisons each): the rule
+    ``sum_j (T - 2j) <= 3 T log2 T``. Measured on one CPU thread, ``T x 656,896``: the sort 85 ms at ``T = 8``,
+    710 ms at ``T = 32``; the network 12 ms at ``T = 8``, 59 / 190 / 310 / 410 ms at ``T = 32`` with
+    ``trim_number`` 1 / 4 / 8 / 15."""
+    work = sum(T - 2 * j for j in range(trim_number))  # rows entering each round
+    return work <= 3 * T * max(1.0, math.log2(T))
+
+
 def trimmed_mean(J: Tensor, trim_number: int) -> Tensor:
     """Coordinate-wise trimmed mean of the rows of ``J`` (``T x P``) (Yin, Chen, Ramchandran, Bartlett,
     "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018, the ``beta``-trimmed
     mean with ``beta = trim_number / T``): in every column, drop the ``trim_number`` largest and the
     ``trim_number`` smallest entries and average the ``T - 2 trim_number`` left. ``trim_number = 0`` is the
-    mean. Needs ``T >= 2 trim_number + 1``."""
+    mean. Needs ``T >= 2 trim_number + 1``.
+
+    The extremes are removed by a min/max selection network (:func:`_drop_extremes`, ``trim_number`` rounds)
+    where that costs less than sorting every column (:func:`_network_pays`), else by ``torch.sort``: the same
+    values are averaged either way (only the order of the float additions differs). A column holding NaN is
+    averaged as after ``torch.sort`` (NaN above ``+inf``, as TorchJD's ``TrimmedMean``)."""
     T = J.shape[0]
     if 2 * trim_number + 1 > T:
         raise ValueError(f"trimmed_mean needs at least 2 * trim_number + 1 = {2 * trim_number + 1} rows, got {T}")
-    kept = torch.sort(J, dim=0).values[trim_number : T - trim_number]
-    return kept.mean(dim=0)
+    if trim_number == 0:
+        return J.mean(dim=0)
+    if _network_pays(T, trim_number):
+        kept = J
+        for _ in range(trim_number):
+            kept = _drop_extremes(kept)
+        out = kept.mean(dim=0)
+        if not bool(out.isnan().any()):  # min/max spread NaN, which the sort would order (and maybe trim)
+            return out
+    return torch.sort(J, dim=0).values[trim_number : T - trim_number].mean(dim=0)
 
 
 def _count(name: str, value: Any, low: int) -> int:
@@ -242,8 +296,15 @@ class ExcessMTL(GramianBalancer):
         _shallow_restore(self, before)
 
     def compute_gramian(self, losses: Losses) -> Tensor:
+        """``G`` (float64) for the finite check and the diagnostics only (the weights come from the Jacobian):
+        from float32 products, as the surgery methods' diagnostics (a third of the cost of float64 ones at
+        ``T = 8``), or by :func:`gram64` where those overflow or the gradients are in another dtype."""
         J, _ = self.compute_jacobian(losses)
         self._jac = J.detach()
+        if self._jac.dtype in (torch.float32, torch.float64):
+            G = (self._jac @ self._jac.T).to(torch.float64)
+            if _all_finite(G):
+                return G
         return gram64(self._jac)  # float64, without a float64 copy of J
 
     def balance(self, losses: Losses) -> dict[str, Tensor | float]:
@@ -265,11 +326,16 @@ class ExcessMTL(GramianBalancer):
             self._restarts += 1
         self._width = J.shape[1]
         dtype = self._dtype or J.dtype  # the accumulators' dtype: the one asked by to(), else the gradients'
+        sq = torch.empty(J.shape[1], dtype=dtype, device=J.device)  # two buffers for every part's row
+        root = torch.empty_like(sq)
+        excess = []
         for i, k in enumerate(names):
-            sq_i = J[i].detach().to(dtype) ** 2
-            acc = self._sq[k].to(sq_i) + sq_i if k in self._sq else sq_i.clone()
+            g = J[i].detach().to(dtype)
+            torch.mul(g, g, out=sq)  # g ** 2, the same rounding
+            acc = self._sq[k].to(sq) + sq if k in self._sq else sq.clone()
             self._sq[k] = acc
-            e = float(sq_i.div_(torch.add(acc, 1e-7).sqrt_()).sum())  # sq_i / sqrt(acc + 1e-7), one buffer
+            excess.append(sq.div_(torch.add(acc, 1e-7, out=root).sqrt_()).sum())  # sum sq / sqrt(acc + 1e-7)
+        for k, e in zip(names, torch.stack(excess).tolist() if excess else []):  # one transfer
             n = self._steps.get(k, 0)
             self._steps[k] = n + 1
             if n < self.n_warmup_steps:

@@ -47,7 +47,7 @@ from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
 from .gramian_base import GramianBalancer, gram64
-from .surgery import _Surgery
+from .surgery import _Surgery, stacked
 from .weighting import check_gramian
 
 C = TypeVar("C", bound="CRMOGM")
@@ -431,9 +431,9 @@ class MoCo(_Surgery):
         # in place, with the same roundings as Y - beta_k (Y - J / (||J|| + 1e-8) * (vals s)): one T x P buffer
         target = torch.div(J, J.norm(dim=1, keepdim=True) + 1e-8).mul_((vals * s)[:, None])
         beta_k = self.beta / k**self.beta_sigma
-        Y = torch.stack([tracks[n].to(J) if n in tracks else torch.zeros_like(J[0]) for n in names])
-        Y.add_(target.sub_(Y).mul_(beta_k))  # target - Y = -(Y - target) exactly
-        del target
+        old = stacked([tracks[n].to(J) if n in tracks else torch.zeros_like(J[0]) for n in names])  # read only
+        Y = target.sub_(old).mul_(beta_k).add_(old)  # target - Y = -(Y - target) exactly; Y + t = t + Y
+        del old
         lam = torch.tensor([self._lambda.get(n, 1.0 / T) for n in names], dtype=torch.float64, device=J.device)
         YY = gram64(Y) + self.rho * torch.eye(T, dtype=torch.float64, device=J.device)
         lam = torch.softmax(lam - self.gamma / k**self.gamma_sigma * (YY @ lam), dim=0)

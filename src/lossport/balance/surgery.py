@@ -45,6 +45,16 @@ from .gramian_base import GramianBalancer, diagnostics
 _BLOCK = 16384  # columns of the Jacobian processed at a time (a few MB of temporaries)
 
 
+def purity_sign(S: Tensor, U: Tensor) -> Tensor:
+    """The sign GradDrop keeps per coordinate (Chen et al., NeurIPS 2020, Algorithm 1 with ``f(P) = P``): ``+1``
+    where the positive sign purity ``P = (1 + sum_i S_i / sum_i |S_i|) / 2`` exceeds the draw ``U``, ``-1`` where
+    it is below, ``0`` (kept by nobody) where ``P = U`` or every ``S_i`` is zero (``P`` NaN). ``S``: ``T x ...``,
+    ``U``: ``S.shape[1:]``. (``sign(P - U)`` is the comparison exactly: ``P`` and ``U`` are 0 or far above the
+    subnormal range, so their difference is zero only where they are equal.)"""
+    P = 0.5 * (1 + S.sum(0) / S.abs().sum(0))
+    return torch.sign(P - U).nan_to_num_(0.0)
+
+
 def sign_purity_keep(S: Tensor, U: Tensor) -> Tensor:
     """GradDrop's masks (Chen et al., NeurIPS 2020, Algorithm 1 with ``f(P) = P``): which part keeps which
     coordinate (boolean, ``T x ...``).
@@ -52,17 +62,41 @@ def sign_purity_keep(S: Tensor, U: Tensor) -> Tensor:
     ``S`` (``T x ...``): the per-part sign statistics (the gradients themselves, or for activations the batch
     sums of ``sign(z) * dL_i/dz``); ``U``: uniform draws of shape ``S.shape[1:]``. Per coordinate the positive
     sign purity is ``P = (1 + sum_i S_i / sum_i |S_i|) / 2``; part ``i`` keeps it where ``P > U`` and ``S_i > 0``
-    or ``P < U`` and ``S_i < 0``. A coordinate where every ``S_i`` is zero (or ``P = U``) is kept by nobody. The
-    update is ``sum_i (leak_i + (1 - leak_i) keep_i) g_i``."""
-    P = 0.5 * (1 + S.sum(0) / S.abs().sum(0))  # NaN where every S_i is 0: kept by nobody below
-    chosen = torch.where(P > U, 1.0, torch.where(P < U, -1.0, float("nan"))).to(S.dtype)
-    return S.sign() == chosen
+    or ``P < U`` and ``S_i < 0`` (``S_i`` times :func:`purity_sign` positive). A coordinate where every ``S_i`` is
+    zero (or ``P = U``) is kept by nobody. The update is ``sum_i (leak_i + (1 - leak_i) keep_i) g_i``."""
+    return (S * purity_sign(S, U)) > 0
 
 
 def _static(losses: Losses, like: Tensor) -> Tensor:
     """The static weights ``s_i`` of the parts present, as a vector like ``like``."""
     s = [float(w.detach()) if isinstance(w := losses.weights[k], Tensor) else float(w) for k in losses.names]
     return torch.tensor(s, dtype=like.dtype, device=like.device)
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, from its extremes: one reduction pass, no boolean copy of ``x``
+    (``torch.aminmax`` propagates NaN)."""
+    if x.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
+def stacked(rows: list[Tensor]) -> Tensor:
+    """``torch.stack(rows)`` (``T x P``), without the copy when the rows are the consecutive rows of one tensor (a
+    method's state kept as views of its last ``T x P`` buffer): then a view of that tensor, to be read only."""
+    first = rows[0]
+    P = first.numel()
+    same = P > 0 and all(
+        r.dim() == 1
+        and r.numel() == P
+        and r.stride() == (1,)
+        and r.dtype == first.dtype
+        and r.device == first.device
+        and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and r.storage_offset() == first.storage_offset() + i * P
+        for i, r in enumerate(rows)
+    )
+    return torch.as_strided(first, (len(rows), P), (P, 1)) if same else torch.stack(rows)
 
 
 def _zero_valued(xs: list[Tensor], c: Tensor) -> Tensor:
@@ -99,7 +133,7 @@ class _Surgery(GramianBalancer):
         names = losses.names
         J, xs = self.compute_jacobian(losses)
         b, c, state = self.surgery(J, xs, losses, _static(losses, J))
-        if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(c).all())):
+        if not (_all_finite(b) and _all_finite(c)):
             bad = [k for k, ok in zip(names, torch.isfinite(J).all(dim=1).tolist()) if not ok]
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradients of {bad or names} are not finite although the losses "
@@ -168,7 +202,10 @@ class GradDrop(_Surgery):
             dropped = torch.empty(J.shape[1], dtype=J.dtype, device=J.device)
             for a in range(0, J.shape[1], _BLOCK):  # column blocks: T x P temporaries would cost more than the maths
                 Jb = J[:, a : a + _BLOCK]
-                dropped[a : a + _BLOCK] = torch.where(sign_purity_keep(Jb, U[a : a + _BLOCK]), 0.0, Jb).T @ s
+                sign = purity_sign(Jb, U[a : a + _BLOCK])
+                # the kept entries are sign * relu(sign * J) (exact: products by +-1 and 0), the dropped ones J - kept
+                kept = torch.mul(Jb, sign).clamp_min_(0.0).mul_(sign)
+                dropped[a : a + _BLOCK] = torch.sub(Jb, kept, out=kept).T @ s
             return b, -(1 - self.leak) * dropped, {"generator": gen}
         pieces = []
         offset = 0
@@ -259,8 +296,8 @@ class DBMTL(_Surgery):
                 avg = {}
                 state["_restarts"] = self._restarts + 1
             # h_i = g_i + rate (avg_i - g_i), or (1 - rate) g_i for a new part, in one T x P buffer (same roundings)
-            h = torch.stack([avg[n].to(g) if n in avg else g[i] for i, n in enumerate(names)])
-            h.sub_(g).mul_(rate).add_(g)
+            old = stacked([avg[n].to(g) if n in avg else g[i] for i, n in enumerate(names)])  # read only
+            h = torch.sub(old, g).mul_(rate).add_(g)
             for i, n in enumerate(names):
                 if n not in avg:
                     h[i] = (1 - rate) * g[i]
@@ -288,4 +325,4 @@ class DBMTL(_Surgery):
         return out
 
 
-__all__ = ["DBMTL", "GradDrop", "sign_purity_keep"]
+__all__ = ["DBMTL", "GradDrop", "purity_sign", "sign_purity_keep", "stacked"]
