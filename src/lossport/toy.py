@@ -18,6 +18,7 @@ norm of the min-norm convex combination of the two gradients (0 exactly at Paret
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -251,6 +252,11 @@ class Batch:
         ]
 
 
+def _same(losses: Losses) -> Losses:
+    """The recompute closure of :func:`run_loss_level` (the losses after the step, computed once)."""
+    return losses
+
+
 class _Adam:
     """``torch.optim.Adam`` (betas 0.9, 0.999, eps 1e-8, no weight decay) on a NumPy array, with the arithmetic
     of its single-tensor CPU step (``m.lerp_(g, 0.1)``, ``v.mul_(0.999).addcmul_(g, g, value=0.001)``, ``x +=
@@ -346,9 +352,9 @@ def run_loss_level(
         warned += bool(rec)
         w = np.array([[float(o.weights["f1"]), float(o.weights["f2"])] for o in outs])
         opt.step((w[:, None, :] @ J)[:, 0])
-        after = _closed_form(x, scale)[0]
-        for i, b in enumerate(bals):
-            b.step(lambda i=i: parts(after[i]))
+        after = [parts(v) for v in _closed_form(x, scale)[0]]
+        for b, a in zip(bals, after):
+            b.step(functools.partial(_same, a))
         if (every and step % every == 0) or step == steps:
             path.append(x.copy())
     return Batch(method, pts, torch.from_numpy(np.stack(path)), warned)
