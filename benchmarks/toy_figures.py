@@ -20,6 +20,13 @@ those in the authors' protocol (BENCHMARKS.md compares the end points).
 
     .venv/bin/python benchmarks/toy_figures.py                       # every method, ~1 h on a loaded machine
     .venv/bin/python benchmarks/toy_figures.py --methods ew,mgda,nash_mtl,fairgrad --out /tmp/toy.png
+
+``--authors`` draws instead ``docs/toy.png`` in the authors' protocols (Adam lr 1e-3, first loss x 0.1): the
+methods of :data:`lossport.toy.BATCHED` for 35,000 steps (Nash-MTL's) through :func:`lossport.toy.run_batched`
+and FAMO for 50,000 (its own, ``gamma = 0``) through :func:`lossport.toy.run_loss_level` (~5 min in all), and
+prints their end points.
+
+    .venv/bin/python benchmarks/toy_figures.py --authors
 """
 
 from __future__ import annotations
@@ -54,6 +61,20 @@ def run_method(method: str, steps: int, lr: float) -> tuple[list[toy.Trajectory]
     return trajs, len(rec), ""
 
 
+def authors(path: str) -> None:
+    """The papers' methods in the authors' protocols (module docstring), one panel each, with their end points."""
+    t0 = time.time()
+    runs = toy.run_batched([m for m in PAPER if m != "famo"], every=35)
+    runs["famo"] = toy.run_loss_level("famo", every=50)
+    for m, batch in runs.items():
+        ends = " ".join(f"({float(e[0]):6.2f},{float(e[1]):6.2f})" for e in batch.ends)
+        front = sum(on_front(e) for e in batch.ends)
+        print(f"{m:10s} {ends}  front {front}/5  warned {batch.warned:5d}", flush=True)
+    print(f"{time.time() - t0:.0f} s")
+    toy.plot({m: runs[m].trajectories() for m in PAPER}, path=path, cols=4)
+    print(f"figure: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="", help="comma-separated names (default: every registered method)")
@@ -62,8 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cols", type=int, default=6)
     ap.add_argument("--out", default="docs/toy-all.png")
     ap.add_argument("--paper-out", default="docs/toy.png")
+    ap.add_argument("--authors", action="store_true", help="the papers' methods in the authors' protocols")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.authors:
+        authors(args.paper_out)
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or available()
     print(f"Adam lr {args.lr:g}, {args.steps} steps, starts {list(toy.STARTS)}")
     ran: dict[str, list[toy.Trajectory]] = {}

@@ -300,20 +300,22 @@ def run_batched(
     prev: dict[str, Tensor | None] = dict.fromkeys(weigh)
     warned = dict.fromkeys(weigh, 0)
     path = [x.copy()]
-    for step in range(1, steps + 1):
-        J = _closed_form(x, scale)[1]
-        G = torch.from_numpy(J @ J.swapaxes(-1, -2))
-        ws = []
-        for m, (name, f) in enumerate(weigh.items()):
-            with warnings.catch_warnings(record=True) as rec:
-                warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for step in range(1, steps + 1):
+            J = _closed_form(x, scale)[1]
+            G = torch.from_numpy(J @ J.swapaxes(-1, -2))
+            ws = []
+            for m, (name, f) in enumerate(weigh.items()):
                 w = f(G[m * S : (m + 1) * S], prev[name])
-            warned[name] += bool(rec)
-            prev[name] = w
-            ws.append(w)
-        opt.step((torch.cat(ws).numpy()[:, None, :] @ J)[:, 0])
-        if (every and step % every == 0) or step == steps:
-            path.append(x.copy())
+                if rec:  # the steps on which the weighting warned
+                    warned[name] += 1
+                    rec.clear()
+                prev[name] = w
+                ws.append(w)
+            opt.step((torch.cat(ws).numpy()[:, None, :] @ J)[:, 0])
+            if (every and step % every == 0) or step == steps:
+                path.append(x.copy())
     xs = torch.from_numpy(np.stack(path)).reshape(len(path), len(weigh), S, 2)
     return {name: Batch(name, pts, xs[:, m], warned[name]) for m, name in enumerate(weigh)}
 
