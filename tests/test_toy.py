@@ -14,6 +14,7 @@ import torch
 
 from lossport import toy
 from lossport.balance import weighting as W
+from lossport.solvers import SolverWarning
 
 
 def test_values_minima_and_pareto_point():
@@ -115,6 +116,14 @@ def test_the_batched_weightings_are_lossports():
         k = sphi / float(q[int(obj.argmin())].sqrt())
         ref = (0.5 + k * torch.stack([x, 1 - x])) / 1.25
         assert torch.allclose(wi, ref, rtol=1e-3, atol=1e-4), (g, wi, ref)
+    # g1 = 2u, g2 = -u with a large radius (c = 10): w* = (1/3, 2/3), where g_w* = 0 (with c = 0.5 the linear
+    # term wins, w* = (0, 1)); the coefficient is capped at 1e4 with a warning
+    opposite = torch.tensor([[[4.0, -2.0], [-2.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    assert torch.allclose(W.cagrad(opposite[:1], 0.5)[0], torch.tensor([0.5, 0.5 + 0.25], dtype=torch.float64) / 1.25)
+    with pytest.warns(SolverWarning, match="in 1 of 2 Gramians.*capped at 10000"):
+        w = W.cagrad(opposite, 10.0)
+    assert torch.allclose(w[0], (0.5 + 1e4 * torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)) / 101)
+    assert torch.allclose(w[1], W.cagrad(opposite[1], 10.0))
 
 
 # -- the Nash-MTL protocol (first loss x 0.1, Adam lr 1e-3, 35,000 steps) -------------------------------------
