@@ -120,7 +120,7 @@ def test_the_batched_weightings_are_lossports():
     # term wins, w* = (0, 1)); the coefficient is capped at 1e4 with a warning
     opposite = torch.tensor([[[4.0, -2.0], [-2.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
     assert torch.allclose(W.cagrad(opposite[:1], 0.5)[0], torch.tensor([0.5, 0.5 + 0.25], dtype=torch.float64) / 1.25)
-    with pytest.warns(SolverWarning, match="in 1 of 2 Gramians.*capped at 10000"):
+    with pytest.warns(SolverWarning, match=r"in 1 of 2 Gramians.*capped at 10000"):
         w = W.cagrad(opposite, 10.0)
     assert torch.allclose(w[0], (0.5 + 1e4 * torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)) / 101)
     assert torch.allclose(w[1], W.cagrad(opposite[1], 10.0))
@@ -246,7 +246,7 @@ def test_moco_needs_losses_at_least_zero_and_rests_where_they_are_zero():
     negative (most of the toy) the track would point up that loss's slope, so lossport refuses with the part."""
     t = toy.run("moco", (0.0, 0.0), steps=5)
     assert bool((t.xs == 0).all())
-    with pytest.raises(ValueError, match="MoCo needs finite losses >= 0.*'f1'"):
+    with pytest.raises(ValueError, match=r"MoCo needs finite losses >= 0.*'f1'"):
         toy.run("moco", (9.0, -1.0), steps=2)
 
 
