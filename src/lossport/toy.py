@@ -14,6 +14,12 @@ With ``x = (x1, x2)`` and ``LOWER = 5e-6``::
 at their boundary (as ``torch.clamp`` in the authors' code), so the start (0, 0) moves. The Pareto set is the
 curve ``x2 = x2*(x1)`` for ``x1`` in [-7, 7], ``x2*`` between -8.3551 and -8.4345; :func:`pareto_residual` is the
 norm of the min-norm convex combination of the two gradients (0 exactly at Pareto-stationary points).
+
+:func:`run` optimises one start with any balancer through autograd. The authors' protocols (35,000-100,000
+Adam steps) are run by :func:`run_batched` (every method x start in one array: closed-form gradients,
+:func:`losses_and_jacobian`, and lossport's weighting functions, :func:`batched_weighting`) and
+:func:`run_loss_level` (FAMO's balancers through their public API), which take the steps of :func:`run` with
+the registered balancer (``tests/test_toy.py``).
 """
 
 from __future__ import annotations
@@ -134,7 +140,7 @@ def run(
     the default here, lr 1e-2 for 5,000 steps, covers a similar distance (lr x steps). With larger steps the
     runs drift along the front differently once there (end points up to 1 apart in x1 for Nash-MTL), and
     methods whose steps shrink in the flat region below the x-axis (MGDA, PCGrad) need the authors' longer run to
-    cross it: ``tests/test_toy.py`` compares the protocols from the five starts."""
+    cross it: :func:`run_batched` runs that one fast."""
     x = torch.tensor([float(start[0]), float(start[1])], dtype=torch.float64, requires_grad=True)
     name = balancer if isinstance(balancer, str) else type(balancer).__name__ if balancer is not None else "sum"
     if isinstance(balancer, str):
