@@ -425,7 +425,7 @@ class MoCo(_Surgery):
             tracks = {}
             state["_restarts"] = self._restarts + 1
         vals = torch.stack([losses.parts[n].detach() for n in names]).to(J)
-        for n, v in zip(names, (vals * s).tolist(), strict=True):  # L_i g_i: a negative L_i points the track uphill
+        for n, v in zip(names, vals.tolist(), strict=True):  # L_i g_i: a negative L_i points the track uphill
             _positive("MoCo", n, v, "it tracks L_i g_i / ||g_i||, which points up part i's slope when L_i < 0")
         # in place, with the same roundings as Y - beta_k (Y - J / (||J|| + 1e-8) * (vals s)): one T x P buffer
         target = torch.div(J, J.norm(dim=1, keepdim=True) + 1e-8).mul_((vals * s)[:, None])
