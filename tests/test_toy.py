@@ -202,7 +202,7 @@ CAGRAD_STARTS = [(-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)]  # its toy.py (the paper
 def test_cagrad_in_its_own_protocol_reaches_the_minimum_of_the_average_loss_from_every_start():
     """CAGrad (Fig. 1, Sec. 5.1): with both losses unscaled, CAGrad "converges to the minimum of the average
     loss" (the balanced point (0, -8.3551), both losses -15.092) where GD gets stuck. Its runs cross the upper
-    valleys slowly: from (-8.5, 7.5) and (9, 9) they are still in the upper half-plane after 50,000 steps and
+    valleys slowly: from (-8.5, 7.5) and (9, 9) they are still in the upper half-plane after 40,000 steps and
     reach the point between 60,000 and 80,000 (BENCHMARKS.md), so the whole 100,000 steps are run."""
     weigh = {"cagrad": toy.batched_weighting("cagrad", c=0.5)}
     ends = toy.run_batched(weigh, CAGRAD_STARTS, steps=100_000, scale=1.0)["cagrad"].ends
