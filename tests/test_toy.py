@@ -151,7 +151,7 @@ def test_sum_is_stuck_from_the_rightmost_start_and_favours_l2():
     assert float(ends[2][1]) > 0 and toy.pareto_residual(ends[2]) > 1e-2  # (9, 9): never leaves the upper half
     for i in (0, 1, 3, 4):
         l1, l2 = scaled_losses(ends[i])
-        assert float(ends[i][0]) < -5.0 and l2 < -19.0 < -5.0 < l1, (toy.STARTS[i], ends[i], l1, l2)
+        assert float(ends[i][0]) < -5.0 and l2 < -19.0 and l1 > -5.0, (toy.STARTS[i], ends[i], l1, l2)
 
 
 def test_mgda_is_inclined_towards_l1_the_task_with_the_smaller_gradient():
