@@ -1,25 +1,24 @@
-"""Toy-problem figures (issue 15, item 3): each registered balancer's trajectories from the five standard starts.
+"""Toy-problem figures (issue 15): each registered balancer's trajectories from the five standard starts.
 
-The two-task problem of :mod:`lossport.toy` (losses 0.1 L1, L2 as in Nash-MTL and FAMO), Adam, every method of
-``lossport.balance.available()`` (or ``--methods``) through :func:`lossport.toy.run`, so methods registered later
-are included when the script is rerun. Writes
+The two-task problem of :mod:`lossport.toy` (losses 0.1 L1, L2 as in Nash-MTL and FAMO), Adam. Two modes:
 
-* ``--paper-out`` (``docs/toy.png``): the methods whose papers show the toy problem (sum, MGDA, PCGrad, CAGrad,
-  Nash-MTL, FAMO, FairGrad) that ran;
-* ``--out`` (``docs/toy-all.png``): every method that ran, ``--cols`` panels a row;
-
-and prints, per method, the end points, how many of the five reached the Pareto set (min-norm residual below
-1e-2, ``x2 < -8.3``, ``|x1| <= 7.05``), the steps that warned and the seconds. A method that cannot run on this
-problem (e.g. Uncertainty weighting needs losses >= 0, Krum needs at least 3 parts) is listed with its error.
-
-The default protocol, Adam lr 3.5e-2 for 1,000 steps (the one of ``tests/test_toy.py``), covers the distance of
-the authors' lr 1e-3 for 35,000 steps: Nash-MTL and FairGrad reach the front from all five starts in both, but
-methods whose steps shrink in the flat region below the x-axis (the sum, MGDA, PCGrad) have not crossed it yet
-from some starts; ``python tests/test_toy.py 35000 1e-3 ew,mgda,pcgrad,nash_mtl docs/toy-protocol.png`` runs
-those in the authors' protocol (BENCHMARKS.md compares the end points).
+* default: every method of ``lossport.balance.available()`` (or ``--methods``) through :func:`lossport.toy.run`
+  (the balancers themselves, so methods registered later are included when the script is rerun) in a cheap
+  protocol, Adam lr 3.5e-2 for 1,000 steps (about the distance of the authors' lr 1e-3 for 35,000 steps, but
+  not their end points: the sum, MGDA and PCGrad have not crossed the flat region below the x-axis yet from
+  some starts); writes ``--out`` (``docs/toy-all.png``), ``--cols`` panels a row, and ``--paper-out`` if given.
+  Prints, per method, the end points, how many of the five reached the Pareto set (min-norm residual below
+  1e-2, ``x2 < -8.3``, ``|x1| <= 7.05``), the steps that warned and the seconds. A method that cannot run on
+  this problem (e.g. Uncertainty weighting needs losses >= 0, Krum needs at least 3 parts) is listed with its
+  error.
+* ``--authors``: the methods whose papers show the toy (sum, MGDA, PCGrad, CAGrad, Nash-MTL, FAMO, FairGrad) in
+  the authors' protocols, Adam lr 1e-3: FAMO for 50,000 steps (its own, ``gamma = 0``) through
+  :func:`lossport.toy.run_loss_level`, the others for 35,000 (Nash-MTL's) through
+  :func:`lossport.toy.run_batched`; writes ``--paper-out`` (``docs/toy.png``), ~5 min.
 
     .venv/bin/python benchmarks/toy_figures.py                       # every method, ~1 h on a loaded machine
     .venv/bin/python benchmarks/toy_figures.py --methods ew,mgda,nash_mtl,fairgrad --out /tmp/toy.png
+    .venv/bin/python benchmarks/toy_figures.py --authors
 """
 
 from __future__ import annotations
@@ -54,6 +53,20 @@ def run_method(method: str, steps: int, lr: float) -> tuple[list[toy.Trajectory]
     return trajs, len(rec), ""
 
 
+def authors(path: str) -> None:
+    """The papers' methods in the authors' protocols (module docstring), one panel each, with their end points."""
+    t0 = time.time()
+    runs = toy.run_batched([m for m in PAPER if m != "famo"], every=35)
+    runs["famo"] = toy.run_loss_level("famo", every=50)
+    for m, batch in runs.items():
+        ends = " ".join(f"({float(e[0]):6.2f},{float(e[1]):6.2f})" for e in batch.ends)
+        front = sum(on_front(e) for e in batch.ends)
+        print(f"{m:10s} {ends}  front {front}/5  warned {batch.warned:5d}", flush=True)
+    print(f"{time.time() - t0:.0f} s")
+    toy.plot({m: runs[m].trajectories() for m in PAPER}, path=path, cols=4)
+    print(f"figure: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="", help="comma-separated names (default: every registered method)")
@@ -61,9 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=3.5e-2)
     ap.add_argument("--cols", type=int, default=6)
     ap.add_argument("--out", default="docs/toy-all.png")
-    ap.add_argument("--paper-out", default="docs/toy.png")
+    ap.add_argument("--paper-out", default="", help="the papers' methods (default: docs/toy.png with --authors)")
+    ap.add_argument("--authors", action="store_true", help="the papers' methods in the authors' protocols")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.authors:
+        authors(args.paper_out or "docs/toy.png")
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or available()
     print(f"Adam lr {args.lr:g}, {args.steps} steps, starts {list(toy.STARTS)}")
     ran: dict[str, list[toy.Trajectory]] = {}

@@ -47,6 +47,7 @@ from ..result_types import Losses
 from ..solvers import project_simplex
 from .base import register, resolve
 from .gramian_base import GramianBalancer, gram64
+from .loss_level import _positive
 from .surgery import _Surgery, stacked
 from .weighting import check_gramian
 
@@ -428,6 +429,8 @@ class MoCo(_Surgery):
             tracks = {}
             state["_restarts"] = self._restarts + 1
         vals = torch.stack([losses.parts[n].detach() for n in names]).to(J)
+        for n, v in zip(names, vals.tolist(), strict=True):  # L_i g_i: a negative L_i points the track uphill
+            _positive("MoCo", n, v, "it tracks L_i g_i / ||g_i||, which points up part i's slope when L_i < 0")
         # in place, with the same roundings as Y - beta_k (Y - J / (||J|| + 1e-8) * (vals s)): one T x P buffer
         target = torch.div(J, J.norm(dim=1, keepdim=True) + 1e-8).mul_((vals * s)[:, None])
         beta_k = self.beta / k**self.beta_sigma

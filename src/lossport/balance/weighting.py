@@ -76,8 +76,15 @@ def pcgrad(G: Tensor, order: list[list[int]]) -> Tensor:
     random order ``order[i]``, loses its component along ``g_j`` when ``<g_i^PC, g_j> < 0``. Every ``g_i^PC``
     is ``J^T c_i`` and each inner product is ``c_i^T G e_j``; ``w = sum_i c_i`` (sum reduction). For ``T = 2``
     with ``G_12 < 0``: ``w = (1 - G_12/G_11, 1 - G_12/G_22)``. Scale-invariant (solved on ``G / max |G_ij|``).
-    Exactly opposite ``g, -g``: each is projected onto the normal plane of the other, to 0: ``w = (1, 1)``."""
+    Exactly opposite ``g, -g``: each is projected onto the normal plane of the other, to 0: ``w = (1, 1)``.
+    Batched over leading dimensions for ``T = 2`` (whose only orders are ``[[1], [0]]``), by that formula."""
     G = _gram(G, "pcgrad")[0]
+    if G.dim() > 2:
+        if G.shape[-1] != 2 or [list(o) for o in order] != [[1], [0]]:
+            raise ValueError(f"pcgrad: batched Gramians are solved for T = 2 only, not {tuple(G.shape)}")
+        g01, d = G[..., 0, 1], G.diagonal(dim1=-2, dim2=-1)
+        proj = (g01[..., None] < 0) & (d > 0)  # w_i = 1 - G_12/G_ii: from the other part's projection on g_i
+        return torch.where(proj, 1 - g01[..., None] / torch.where(proj, d, 1.0), 1.0)
     T = G.shape[0]
     C = torch.eye(T, dtype=torch.float64, device=G.device)
     for i in range(T):
@@ -118,6 +125,10 @@ def cagrad(G: Tensor, c: float = 0.4, *, names: Sequence[str] | None = None, bou
     naming the parts and the weights: the update is ``g_0 + bound g_w*``, continuous in ``G`` and equal to the
     authors' ``g_0`` in the limit ``g_w* = 0``."""
     G, _ = _gram(G, "cagrad")
+    if G.shape[-1] == 2:
+        return _cagrad2(G, c, names, bound)
+    if G.dim() != 2:
+        raise ValueError(f"cagrad: batched Gramians (*batch, T, T) are solved for T = 2 only, not {tuple(G.shape)}")
     T = G.shape[0]
     avg = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
     g0 = float((avg @ G @ avg).clamp_min(0).sqrt())
@@ -146,6 +157,46 @@ def cagrad(G: Tensor, c: float = 0.4, *, names: Sequence[str] | None = None, bou
         )
         return out
     return (avg + k * w) / (1 + c * c)
+
+
+def _cagrad2(G: Tensor, c: float, names: Sequence[str] | None, bound: float) -> Tensor:
+    """:func:`cagrad` for two parts in closed form, batched over leading dimensions (``G`` already scaled). With
+    ``w = (x, 1 - x)``: ``w^T G w = q(x) = a x^2 + 2 beta x + G_22`` (``a = G_11 + G_22 - 2 G_12``, ``beta = G_12 -
+    G_22``) and the objective's derivative is ``delta + sqrt(phi) y / sqrt(q)`` with ``y = a x + beta``, ``delta
+    = (G_11 - G_22) / 2``. Since ``a q = y^2 + D`` (``D = det G``), the stationary point has ``y^2 (phi a -
+    delta^2) = delta^2 D`` and ``sign y = -sign delta``; when ``phi a <= delta^2`` the derivative has the sign of
+    ``delta`` everywhere and the minimum is the end ``x = 0`` or 1. The objective is convex: ``x`` clipped to
+    [0, 1] is the minimiser."""
+    G11, G22, G12 = G[..., 0, 0], G[..., 1, 1], G[..., 0, 1]
+    g0 = (0.25 * (G11 + G22 + 2 * G12)).clamp_min(0).sqrt()
+    sphi = c * g0
+    a = G11 + G22 - 2 * G12
+    beta = G12 - G22
+    delta = 0.5 * (G11 - G22)
+    D = (G11 * G22 - G12 * G12).clamp_min(0)
+    den = sphi * sphi * a - delta * delta
+    inside = den > 0
+    y = -torch.sign(delta) * (delta * delta * D / torch.where(inside, den, torch.ones_like(den))).sqrt()
+    pos = a > 0
+    x = torch.where(pos, (y - beta) / torch.where(pos, a, torch.ones_like(a)), torch.full_like(a, 0.5))
+    x = torch.where(inside | ~pos, x, torch.where(delta > 0, torch.zeros_like(x), torch.ones_like(x)))
+    x = x.clamp(0.0, 1.0)
+    w = torch.stack([x, 1 - x], -1)
+    gw = (a * x * x + 2 * beta * x + G22).clamp_min(0).sqrt()
+    k = sphi / torch.where(gw > 0, gw, torch.ones_like(gw))
+    capped = (g0 > 0) & ((gw == 0) | (k > bound))
+    k = torch.where(capped, torch.full_like(k, bound), torch.where(g0 > 0, k, torch.zeros_like(k)))
+    out = (0.5 + k[..., None] * w) / torch.where(g0 > 0, 1 + c * c, 1.0)[..., None]
+    if bool(capped.any()):
+        first = out[capped][0]
+        warnings.warn(
+            f"cagrad: the convex hull of the gradients of {_labels(names, 2)} (nearly) contains 0 (e.g. exactly "
+            f"opposite gradients) in {int(capped.sum())} of {capped.numel()} Gramians: the coefficient "
+            f"sqrt(phi)/||g_w|| is capped at {bound:g}; weights {[float(f'{v:.6g}') for v in first.tolist()]}",
+            SolverWarning,
+            stacklevel=3,
+        )
+    return out
 
 
 def _normalized_gramian(G: Tensor, eps: float) -> tuple[Tensor, Tensor]:
