@@ -97,30 +97,15 @@ def libmtl_step(net: MultiDigitsNet, root: str, name: str) -> tuple[Step, list[n
     """LibMTL's weighting ``name`` attached to ``net``; returns the step and the weighting's own parameters."""
     sys.path.insert(0, str(root))
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from methods import _load_libmtl  # benchmarks/methods.py: LibMTL without its trainer
+    from methods import _load_libmtl, libmtl_model  # benchmarks/methods.py: LibMTL without its trainer, its harness
 
     _load_libmtl(root)
     cls_name, kwargs = LIBMTL[name]
     cls = importlib.import_module(f"LibMTL.weighting.{cls_name}").__dict__[cls_name]
     import numpy as np
 
-    class Harness(cls):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            nn.Module.__init__(self)
-            self.encoder = net.trunk
-            self.decoders = nn.ModuleDict({"left": net.left, "right": net.right, "ink": net.ink})
-            self.task_name, self.task_num = list(self.decoders), 3
-            self.device, self.rep_grad, self.multi_input = torch.device("cpu"), False, False
-            self.epoch, self.train_loss_buffer = 0, np.ones((3, 1))
-
-        def get_share_params(self) -> Any:
-            return self.encoder.parameters()
-
-        def zero_grad_share_params(self) -> None:
-            self.encoder.zero_grad(set_to_none=False)
-
-    model = Harness()
-    model.init_param()
+    decoders = {"left": net.left, "right": net.right, "ink": net.ink}
+    model = libmtl_model(cls, net.trunk, decoders, 0, np.ones((3, 1)))
     own = [p for n, p in model.named_parameters() if not n.startswith(("encoder.", "decoders."))]
     first: list[Tensor] = []  # GradNorm: the losses of round 0, whose mean is LibMTL's train_loss_buffer[:, 0]
 

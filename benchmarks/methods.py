@@ -370,22 +370,20 @@ def libmtl_references(root: str | None) -> dict[str, Callable[[Model], Step]]:
     return out
 
 
-def _libmtl_step(m: Model, cls: type, kwargs: dict[str, Any]) -> Step:
-    class Harness(cls):  # type: ignore[misc, valid-type]
-        """The attributes LibMTL's architectures give a weighting (``abstract_arch.AbsArchitecture``)."""
+def libmtl_model(cls: type, encoder: nn.Module, decoders: dict[str, nn.Module], epoch: int, buffer: Any) -> Any:
+    """An instance of LibMTL's weighting class ``cls`` with the attributes LibMTL's architectures give it
+    (``abstract_arch.AbsArchitecture``): the shared ``encoder``, the task ``decoders``, ``rep_grad=False``, the
+    current ``epoch`` and the ``train_loss_buffer`` (tasks x epochs); ``init_param`` called."""
 
+    class Harness(cls):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             nn.Module.__init__(self)
-            self.encoder = m.trunk
-            self.decoders = nn.ModuleDict({f"task{t}": h for t, h in enumerate(m.heads)})
+            self.encoder = encoder
+            self.decoders = nn.ModuleDict(decoders)
             self.task_name = list(self.decoders)
-            self.task_num, self.device, self.rep_grad, self.multi_input = m.T, torch.device("cpu"), False, False
-            # epoch 4 on the first (warm-up) call, 5 after: past the warm-up of STCH (4 epochs, whose last one
-            # records the nadir), DWA (2) and GradNorm (1), so that every method runs its full rule
-            self.epoch, self.epochs = 4, 6
-            import numpy as np
-
-            self.train_loss_buffer = np.ones((m.T, 6))
+            self.task_num, self.device = len(decoders), torch.device("cpu")
+            self.rep_grad, self.multi_input = False, False
+            self.epoch, self.train_loss_buffer = epoch, buffer
 
         def get_share_params(self) -> Any:
             return self.encoder.parameters()
@@ -395,6 +393,17 @@ def _libmtl_step(m: Model, cls: type, kwargs: dict[str, Any]) -> Step:
 
     model = Harness()
     model.init_param()
+    return model
+
+
+def _libmtl_step(m: Model, cls: type, kwargs: dict[str, Any]) -> Step:
+    import numpy as np
+
+    # epoch 4 on the first (warm-up) call, 5 after: past the warm-up of STCH (4 epochs, whose last one records the
+    # nadir), DWA (2) and GradNorm (1), so that every method runs its full rule
+    heads = {f"task{t}": h for t, h in enumerate(m.heads)}
+    model = libmtl_model(cls, m.trunk, heads, 4, np.ones((m.T, 6)))
+    model.epochs = 6
     opt = torch.optim.SGD([*m.params, *(p for p in model.parameters() if p.requires_grad and p not in set(m.params))])
     for g in opt.param_groups:
         g["lr"] = LR
