@@ -66,7 +66,7 @@ def weighted_total(
         and (
             len({(w.dtype, w.device) for w in ws} | {(ps[0].dtype, ps[0].device)}) == 1  # type: ignore[union-attr]
         )
-    ):  # tensor weights (learned ones: UW, IMTL-L) of the parts' dtype: a dot product too, gradient to both
+    ):  # scalar tensor weights of the parts' dtype (tensor static weights, say): a dot product too, gradient to both
         terms = [torch.stack(ps) @ torch.stack(ws), *extra.values()]  # type: ignore[arg-type]
     else:
         terms = [_times(p, w) for p, w in zip(ps, ws)] + list(extra.values())
@@ -166,7 +166,7 @@ class Losses:
         for k in extra or {}:
             part_key(k)
         new_extra.update(extra or {})
-        out = object.__new__(Losses)  # the same parts (already checked), new weights, extra terms and total
+        out = object.__new__(type(self))  # the same parts (already checked), new weights, extra terms and total
         out.__dict__.update(self.__dict__)
         out.weights = {k: weights[k] for k in self.parts}
         out.extra = new_extra
