@@ -32,8 +32,7 @@ import torch
 from lossport import toy
 from lossport.balance import available
 
-PAPER = ("ew", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo", "fairgrad")
-"""Methods whose papers report the toy problem (CAGrad, Nash-MTL, FAMO and FairGrad figures)."""
+PAPER = toy.PAPER_METHODS
 
 
 def on_front(end: torch.Tensor) -> bool:

@@ -65,6 +65,22 @@ def test_compare_and_inspect_subcommands(tmp_path, capsys):
     assert "ink" in capsys.readouterr().out and (tmp_path / "i.png").exists()
 
 
+def test_toy_subcommand_reports_a_method_that_cannot_run_and_draws_the_others(tmp_path, capsys):
+    """UW needs losses >= 0 and the toy's go down to -20: the method is listed with its error, the others run and
+    are drawn, and the command exits 1 (as ``lossport compare`` does)."""
+    assert main(["toy", "--methods", "uw,ew", "--steps", "20", "--out", str(tmp_path / "toy.png")]) == 1
+    out = capsys.readouterr().out
+    assert "uw         not run: ValueError: Uncertainty needs finite losses >= 0" in out and "ew         end" in out
+    assert (tmp_path / "toy.png").exists()
+
+
+def test_toy_subcommand_default_methods_all_run(tmp_path, capsys):
+    args = build_parser().parse_args(["toy"])
+    assert args.methods.split(",") == ["ew", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo"]
+    assert main(["toy", "--steps", "10", "--out", str(tmp_path / "toy.png")]) == 0
+    assert "not run" not in capsys.readouterr().out
+
+
 def test_toy_subcommand(tmp_path, capsys):
     from lossport.cli import main
 

@@ -202,19 +202,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_methods(n_loss: int, n_gradient: int, loss_kinds: tuple[str, ...] = ("learned", "loss")) -> str:
-    """The plain sum, then the first loss-level (of ``loss_kinds``) and gradient-level methods of the balancers'
-    own preference order (:func:`lossport.balance.suggest`)."""
+def _default_methods(n_loss: int, n_gradient: int) -> str:
+    """The plain sum, then the first loss-level (learned or from the losses) and gradient-level methods of the
+    balancers' own preference order (:func:`lossport.balance.suggest`)."""
     from .balance import suggest
 
-    names = [*suggest(["static"])[:1], *suggest(loss_kinds)[:n_loss], *suggest(["gramian"])[:n_gradient]]
+    names = [*suggest(["static"])[:1], *suggest(["learned", "loss"])[:n_loss], *suggest(["gramian"])[:n_gradient]]
     return ",".join(names)
 
 
 # ----------------------------------------------------------------------------------------------------- toy
 def add_toy(sub: Any) -> None:
     p = sub.add_parser("toy", help="trajectories of balancers on the two-task toy problem (CAGrad/Nash-MTL/FAMO)")
-    p.add_argument("--methods", default=_default_methods(2, 4, ("learned",)), help="comma-separated balancer names")
+    from .toy import PAPER_METHODS
+
+    p.add_argument(
+        "--methods",
+        default=",".join(m for m in PAPER_METHODS if m != "fairgrad"),
+        help="comma-separated balancer names (default: the methods whose papers show this problem, FairGrad aside: "
+        "its solver is slow near the front)",
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--out", type=Path, default=Path("lossport-toy.png"))
@@ -225,13 +232,21 @@ def cmd_toy(args: argparse.Namespace) -> int:
     from . import toy
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    trajs = toy.run_all(methods, steps=args.steps, lr=args.lr)
-    for name, ts in trajs.items():
-        ends = ", ".join(f"({float(t.end[0]):.2f}, {float(t.end[1]):.2f})" for t in ts)
-        print(f"{name:10s} end points: {ends}")
-    toy.plot(trajs, path=str(args.out))
-    print(f"figure: {args.out}")
-    return 0
+    trajs: dict[str, list[toy.Trajectory]] = {}
+    failed = 0
+    for m in methods:
+        try:
+            trajs[m] = toy.run_all([m], steps=args.steps, lr=args.lr)[m]
+        except Exception as e:  # a method that does not fit the problem (losses < 0 here): reported, the others run
+            failed += 1
+            print(f"{m:10s} not run: {type(e).__name__}: {e}")
+            continue
+        ends = ", ".join(f"({float(t.end[0]):.2f}, {float(t.end[1]):.2f})" for t in trajs[m])
+        print(f"{m:10s} end points: {ends}")
+    if trajs:
+        toy.plot(trajs, path=str(args.out))
+        print(f"figure: {args.out}")
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------- the command

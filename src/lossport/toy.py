@@ -41,6 +41,8 @@ from .result_types import Losses
 LOWER = 5e-6
 STARTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 """The five starting points of the Nash-MTL and FAMO code."""
+PAPER_METHODS: tuple[str, ...] = ("ew", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo", "fairgrad")
+"""The methods whose papers show this toy problem (CAGrad, Nash-MTL, FAMO and FairGrad figures)."""
 PARETO_X2 = -8.3552
 """The x2 of the Pareto segment as the authors' plots draw it (``x1`` in [-7, 7])."""
 
@@ -411,6 +413,7 @@ def run_all(methods: Sequence[str | None], **kwargs: Any) -> dict[str, list[Traj
 __all__ = [
     "BATCHED",
     "LOWER",
+    "PAPER_METHODS",
     "PARETO_X2",
     "STARTS",
     "Batch",
