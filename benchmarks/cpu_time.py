@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import methods as M
+from gramian import interleaved_rounds
 from many_tasks import Model
 
 
@@ -114,16 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         compare_trees(args.trees.split(","), rest, args.rounds)
         return
     torch.set_num_threads(1)
-    todo = steps(args.T, args.names.split(","), args.libmtl)
-    for step in todo.values():
-        step()
-        step()
-    times: dict[str, list[float]] = {n: [] for n in todo}
-    for _ in range(args.reps):
-        for n, step in todo.items():
-            t = time.process_time()
-            step()
-            times[n].append(time.process_time() - t)
+    times = interleaved_rounds(steps(args.T, args.names.split(","), args.libmtl), args.reps, 2, time.process_time)
     import lossport
 
     medians = {n: statistics.median(v) * 1e3 for n, v in times.items()}

@@ -187,17 +187,25 @@ def timings(
 ) -> dict[str, tuple[float, float]]:
     """(median, mean) ms of one step of every variant (``make(model)``), interleaved; ``reps`` a multiple of 10
     so that the mean of an ``every=10`` variant is its amortised cost."""
-    m = Model(T)
-    vs = make(m)
-    for f in vs.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {k: [] for k in vs}
-    for _ in range(reps):
-        for k, f in vs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_rounds(make(Model(T)), reps)
     return {k: (statistics.median(v) * 1e3, statistics.fmean(v) * 1e3) for k, v in times.items()}
+
+
+def interleaved_rounds(
+    steps: dict[str, Callable[[], None]], reps: int, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
+    """Seconds of each call of each step function (by ``clock``): ``warmup`` untimed calls each, then ``reps``
+    rounds calling every step once in turn (interleaved, so that drifts of the shared machine hit all alike)."""
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, f in steps.items():
+            t0 = clock()
+            f()
+            times[k].append(clock() - t0)
+    return times
 
 
 def memory(T: int) -> dict[str, float | None]:

@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -34,7 +33,7 @@ from torchjd import scalarization as S
 from lossport.balance import COSMOS, NTKMTL, NTKMTLSR, PBI, Balancer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gramian import Model, balanced_step, sum_step
+from gramian import Model, balanced_step, interleaved_rounds, sum_step
 
 
 def scalarizer_step(m: Model, scalarizer: nn.Module) -> Callable[[], None]:
@@ -117,16 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for T in args.tasks:
-        m = Model(T)
-        steps = variants(m)
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for f in steps.values():
-            f()  # warm-up
-        for _ in range(args.reps):
-            for k, f in steps.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_rounds(variants(Model(T)), args.reps)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"T = {T}: median step (ms), x the plain sum; lossport / reference")
         for k, v in med.items():

@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -34,6 +33,7 @@ from lossport.balance.stochastic import cross, jacobian_rows
 from lossport.result_types import Losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gramian import interleaved_rounds
 from many_tasks import Model
 
 
@@ -116,15 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         m = Model(T)
         chosen = {"sum", *args.variants}
         steps = {name: make_step(m, make) for name, make in VARIANTS.items() if name in chosen}
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for f in steps.values():
-            f()  # warm-up
         check_cross(m)
-        for _ in range(args.reps):
-            for k, f in steps.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_rounds(steps, args.reps)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"T = {T}: median of {args.reps} steps (ms), ratio to the plain sum")
         for k, v in med.items():
