@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+import lossport
+
 
 class MultiHead(nn.Module):
     def __init__(self, names: Sequence[str]) -> None:
@@ -28,3 +30,11 @@ def multihead_batch(names: Sequence[str], seed: int = 0, n: int = 32, spread: fl
     for i, k in enumerate(names):
         out[k] = (1 + spread * i) * torch.randn(n, 1, generator=g) + i
     return out
+
+
+def unit_losses(names: Sequence[str], missing: Sequence[str] = ()) -> lossport.Losses:
+    """Parts of value 1 for ``names`` (static weights 1), ``missing`` absent: the ``losses`` argument of a
+    Gramian balancer's ``weigh`` when only the Gramian matters."""
+    return lossport.Losses(
+        parts={k: torch.tensor(1.0) for k in names}, weights=dict.fromkeys(names, 1.0), missing=tuple(missing)
+    )

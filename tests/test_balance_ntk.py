@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from multihead import MultiHead, multihead_batch
+from multihead import MultiHead, multihead_batch, unit_losses
 
 import lossport
 from lossport.balance import CRMOGM, NTKMTL, NTKMTLSR, resolve
@@ -24,10 +24,6 @@ def Net() -> MultiHead:
 
 def batch(seed: int = 0, n: int = 32) -> dict[str, torch.Tensor]:
     return multihead_batch(NAMES, seed, n)
-
-
-def fake_losses(names):
-    return lossport.Losses(parts={k: torch.tensor(1.0) for k in names}, weights=dict.fromkeys(names, 1.0))
 
 
 # ------------------------------------------------------------------------------------ the authors' rules
@@ -110,16 +106,16 @@ def test_max_norm_gives_the_authors_clipped_shared_update():
 
 def test_closed_form_from_the_gramian_diagonal():
     G = torch.tensor([[4.0, 1.0, 0.0], [1.0, 1.0, 0.5], [0.0, 0.5, 0.25]], dtype=torch.float64)
-    w = NTKMTL().weigh(G, fake_losses(NAMES))
+    w = NTKMTL().weigh(G, unit_losses(NAMES))
     mean = (4.0 + 1.0 + 0.25) / 3
     assert w.tolist() == pytest.approx([math.sqrt(mean / 4.0), math.sqrt(mean / 1.0), math.sqrt(mean / 0.25)])
-    assert NTKMTL().weigh(2.5 * torch.eye(3, dtype=torch.float64), fake_losses(NAMES)).tolist() == [1.0, 1.0, 1.0]
+    assert NTKMTL().weigh(2.5 * torch.eye(3, dtype=torch.float64), unit_losses(NAMES)).tolist() == [1.0, 1.0, 1.0]
     # the equalised kernels: b_i^2 G_ii is the same for every part
     assert (w**2 * G.diagonal()).tolist() == pytest.approx([mean] * 3)
     # scale-free, and a zero gradient gets 1 and stays out of the mean
-    assert torch.allclose(NTKMTL().weigh(1e-200 * G, fake_losses(NAMES)), w)
+    assert torch.allclose(NTKMTL().weigh(1e-200 * G, unit_losses(NAMES)), w)
     Z = torch.diag(torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64))
-    assert NTKMTL().weigh(Z, fake_losses(NAMES)).tolist() == pytest.approx([1.0, math.sqrt(2.5), math.sqrt(2.5 / 4)])
+    assert NTKMTL().weigh(Z, unit_losses(NAMES)).tolist() == pytest.approx([1.0, math.sqrt(2.5), math.sqrt(2.5 / 4)])
     assert ntk_weights(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
 
 
@@ -147,7 +143,7 @@ def test_errors_and_crmogm_base():
     with pytest.raises(ValueError, match="not on parameters: drop params=, or use 'ntkmtl'"):
         NTKMTLSR(params=[torch.zeros(1)])
     with pytest.raises(FloatingPointError, match="NaN or inf"):
-        NTKMTL().weigh(torch.tensor([[float("nan")]]), fake_losses(["a"]))
+        NTKMTL().weigh(torch.tensor([[float("nan")]]), unit_losses(["a"]))
     CRMOGM(base="ntkmtl")  # a function of the Gramian
     with pytest.raises(TypeError, match="function of the Gramian"):
         CRMOGM(base="ntkmtl_sr")  # needs the per-example gradients

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from multihead import MultiHead, multihead_batch
+from multihead import MultiHead, multihead_batch, unit_losses
 from torchjd.aggregation import PCDWeighting
 
 import lossport
@@ -23,12 +23,6 @@ def Net() -> MultiHead:
 
 def batch(seed: int = 0, n: int = 32) -> dict[str, torch.Tensor]:
     return multihead_batch(NAMES, seed, n)
-
-
-def fake_losses(names, missing=()):
-    return lossport.Losses(
-        parts={k: torch.tensor(1.0) for k in names}, weights=dict.fromkeys(names, 1.0), missing=missing
-    )
 
 
 def jacobians(T, seed):
@@ -57,7 +51,7 @@ def test_weights_equal_torchjd_over_three_steps(seed, tau):
         for step in range(3):
             Js = J * (1 + 0.5 * step) + 0.1 * step * torch.randn(J.shape, generator=g, dtype=torch.float64)
             G = Js @ Js.T
-            w, r = mine.weigh(G, fake_losses(names)), ref(G)
+            w, r = mine.weigh(G, unit_losses(names)), ref(G)
             assert torch.allclose(w, r, rtol=1e-5, atol=1e-9 * float(r.abs().max())), (kind, step)
             assert torch.allclose(w @ Js, r @ Js, rtol=1e-5, atol=1e-7 * float(Js.norm())), (kind, step)
 
@@ -177,7 +171,7 @@ def test_many_parts_equal_torchjd(T, force_active_set, monkeypatch):
                 for step in range(2):
                     Js = J * (1 + 0.5 * step)
                     G = Js @ Js.T
-                    w, r = mine.weigh(G, fake_losses(names)), ref(G)
+                    w, r = mine.weigh(G, unit_losses(names)), ref(G)
                     assert torch.allclose(w, r, rtol=1e-5, atol=1e-9 * float(r.abs().max())), (kind, tau, step)
     if force_active_set:
         assert len(calls) >= 30  # every case with a violated constraint took the active-set path

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from multihead import MultiHead, multihead_batch
+from multihead import MultiHead, multihead_batch, unit_losses
 from torchjd.aggregation import CRMOGMWeighting, IMTLGWeighting, MoDoWeighting, SDMGradWeighting, UPGradWeighting
 
 import lossport
@@ -21,10 +21,6 @@ def Net() -> MultiHead:
 
 def batch(seed: int = 0, n: int = 32) -> dict[str, torch.Tensor]:
     return multihead_batch(NAMES, seed, n)
-
-
-def fake_losses(names):
-    return lossport.Losses(parts={k: torch.tensor(1.0) for k in names}, weights=dict.fromkeys(names, 1.0))
 
 
 def jacobians(T, seed):
@@ -47,19 +43,19 @@ def test_equals_torchjd_times_T_over_three_steps(seed, base, tj):
         for step in range(3):
             Js = J + 0.3 * step * torch.randn(J.shape, generator=g, dtype=torch.float64)
             G = Js @ Js.T
-            assert torch.allclose(mine.weigh(G, fake_losses(names)), T * ref(G), rtol=1e-5, atol=1e-6), (kind, step)
+            assert torch.allclose(mine.weigh(G, unit_losses(names)), T * ref(G), rtol=1e-5, atol=1e-6), (kind, step)
 
 
 def test_moving_average_by_hand_and_missing_part_keeps_its_average():
     bal = CRMOGM(base="imtl_g", alpha=0.5)
     base = resolve("imtl_g")
     Gs = [torch.diag(torch.tensor(d, dtype=torch.float64)) for d in ([1.0, 4.0, 9.0], [4.0, 1.0, 1.0])]
-    hat = [base.weigh(G, fake_losses(NAMES)) for G in Gs]
-    assert torch.allclose(bal.weigh(Gs[0], fake_losses(NAMES)), hat[0])  # lambda_0 = the first weights
-    assert torch.allclose(bal.weigh(Gs[1], fake_losses(NAMES)), 0.5 * hat[0] + 0.5 * hat[1])
+    hat = [base.weigh(G, unit_losses(NAMES)) for G in Gs]
+    assert torch.allclose(bal.weigh(Gs[0], unit_losses(NAMES)), hat[0])  # lambda_0 = the first weights
+    assert torch.allclose(bal.weigh(Gs[1], unit_losses(NAMES)), 0.5 * hat[0] + 0.5 * hat[1])
     G2 = torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64))
-    h2 = base.weigh(G2, fake_losses(["a", "c"]))
-    w = bal.weigh(G2, fake_losses(["a", "c"]))
+    h2 = base.weigh(G2, unit_losses(["a", "c"]))
+    w = bal.weigh(G2, unit_losses(["a", "c"]))
     avg = 0.5 * hat[0] + 0.5 * hat[1]
     assert torch.allclose(w, 0.5 * avg[[0, 2]] + 0.5 * h2)
     assert bal.state_dict()["lambda"]["b"] == pytest.approx(float(avg[1]))  # b absent: its average is kept
@@ -149,7 +145,7 @@ def test_carried_simplex_methods_equal_torchjd_times_T_over_three_steps(seed, mi
         for step in range(3):
             Js = J + 0.1 * step * torch.randn(J.shape, generator=g, dtype=torch.float64)
             G = Js @ Js.T
-            w, r = a.weigh(G, fake_losses(names)), T * b(G)
+            w, r = a.weigh(G, unit_losses(names)), T * b(G)
             assert torch.allclose(w, r, rtol=1e-6, atol=1e-9), (kind, step)
             assert w.sum().item() == pytest.approx(T)
             interior |= bool(((w > 1e-6) & (w < T - 1e-6)).sum() >= 2)
@@ -184,9 +180,9 @@ def test_sdmgrad_with_lambda_large_tends_to_the_mean_and_state_round_trip():
 def test_carried_weights_of_a_missing_part_are_kept():
     bal = MoDo(gamma=0.05)
     G = torch.tensor([[1.0, 0.2, 0.1], [0.2, 2.0, 0.3], [0.1, 0.3, 0.5]], dtype=torch.float64)
-    bal.weigh(G, fake_losses(NAMES))
+    bal.weigh(G, unit_losses(NAMES))
     before = dict(bal.state_dict()["w"])
-    bal.weigh(G[[0, 2]][:, [0, 2]], fake_losses(["a", "c"]))
+    bal.weigh(G[[0, 2]][:, [0, 2]], unit_losses(["a", "c"]))
     after = bal.state_dict()["w"]
     assert after["b"] == before["b"]
     assert after["a"] + after["c"] == pytest.approx(before["a"] + before["c"])
@@ -332,7 +328,7 @@ def test_three_batch_mode_errors():
         MoDo(gramian="features", features="h")
     assert MoDo(gramian="features", features="h", batches=1).batches == 1
     with pytest.raises(ValueError, match="SDMGrad uses 3 independent training batches per step and got 1 extra"):
-        SDMGrad()(fake_losses(NAMES), Context(extra=(lambda: fake_losses(NAMES),)))
+        SDMGrad()(unit_losses(NAMES), Context(extra=(lambda: unit_losses(NAMES),)))
 
 
 def test_cross_matrix_layer_by_layer_equals_the_explicit_jacobians_with_parts_missing_from_a_batch():
