@@ -3,13 +3,17 @@ whose rank 1 dies."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+
+import lossport
 
 
 class TwoHeads(nn.Module):
@@ -53,3 +57,20 @@ def run_with_a_dying_rank(worker: Callable[..., None], tmp_path: str, timeout: f
     assert r == 0, (r, msg)
     assert time.monotonic() - t0 < timeout
     return msg
+
+
+def train_and_die(rank: int, q: Any, run: Callable[[list[lossport.callbacks.Callback]], object]) -> None:
+    """The body of a :func:`run_with_a_dying_rank` worker: ``run(callbacks)`` trains with a callback that makes
+    rank 1 exit with code 3, without a word, at the first batch of round 2; the rank puts ``(rank, "finished")``
+    or ``(rank, "<error type>: <message>")`` on ``q``."""
+
+    class Die(lossport.callbacks.Callback):
+        def on_batch_end(self, state: Any) -> None:
+            if rank == 1 and state.round == 2 and state.batch == 0:
+                os._exit(3)  # a rank that dies mid-round, without a word
+
+    try:
+        run([Die()])
+        q.put((rank, "finished"))
+    except Exception as e:
+        q.put((rank, f"{type(e).__name__}: {e}"))

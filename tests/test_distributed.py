@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ranks import TwoHeads, free_port, run_with_a_dying_rank
+from ranks import TwoHeads, free_port, run_with_a_dying_rank, train_and_die
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lossport
@@ -177,18 +177,9 @@ def dying_worker(r, port, ckpt, q):
     )
     torch.set_num_threads(1)
 
-    class Die(lossport.callbacks.Callback):
-        def on_batch_end(self, state):
-            if r == 1 and state.round == 2 and state.batch == 0:
-                os._exit(3)  # a rank that dies mid-round, without a word
-
-    try:
-        lossport.train(
-            Net(), train_data(), epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt, callbacks=[Die()]
-        )
-        q.put((r, "finished"))
-    except Exception as e:
-        q.put((r, f"{type(e).__name__}: {e}"))
+    train_and_die(r, q, lambda callbacks: lossport.train(
+        Net(), train_data(), epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt, callbacks=callbacks
+    ))  # fmt: skip
 
 
 def test_a_dying_rank_gives_an_error_on_the_others_and_the_checkpoint_survives(tmp_path):

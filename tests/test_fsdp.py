@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ranks import TwoHeads, free_port, run_with_a_dying_rank
+from ranks import TwoHeads, free_port, run_with_a_dying_rank, train_and_die
 from torch import nn
 
 import lossport
@@ -312,20 +312,10 @@ def test_sharded_checkpoints_resume_bit_identical(two_rank_runs, tmp_dir):
 
 def dying_worker(r, port, ckpt, q):
     launch(r, port, {"LOSSPORT_DIST_TIMEOUT": "10"})
-
-    class Die(lossport.callbacks.Callback):
-        def on_batch_end(self, state):
-            if r == 1 and state.round == 2 and state.batch == 0:
-                os._exit(3)  # a rank that dies mid-round, without a word
-
-    try:
-        lossport.train(
-            Net(), train_data(), balance="upgrad", epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt,
-            callbacks=[Die()], distributed="fsdp",
-        )  # fmt: skip
-        q.put((r, "finished"))
-    except Exception as e:
-        q.put((r, f"{type(e).__name__}: {e}"))
+    train_and_die(r, q, lambda callbacks: lossport.train(
+        Net(), train_data(), balance="upgrad", epochs=4, batch_size=8, seed=1, progress=False, checkpoint=ckpt,
+        callbacks=callbacks, distributed="fsdp",
+    ))  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
