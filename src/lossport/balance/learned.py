@@ -253,22 +253,11 @@ class LearnedBalancer(Balancer):
             return
         theta = state["theta"]
         device = self._device if self._device is not None else theta.device
-        self._build(list(state["names"]), theta.to(device))
-        self._place_moments()
-
-    def _place_moments(self) -> None:
-        """Adam's moments on ``theta``'s device and in its dtype (the steps stay int64)."""
-        theta = self._params_vector()
-        for n in ("_exp_avg", "_exp_avg_sq"):
-            v = getattr(self, n)
-            if v is not None:
-                setattr(self, n, v.to(device=theta.device, dtype=theta.dtype))
-        if self._steps is not None:
-            self._steps = self._steps.to(theta.device)
+        self._build(list(state["names"]), theta.to(device))  # the moments came on that device too (_import)
 
     def to(self: L, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> L:
-        """Move the declared state (Adam's moments) and ``theta``. ``theta`` is a new ``nn.Parameter``
-        afterwards (a move to ``meta`` cannot be made in place): ask :meth:`parameters` again."""
+        """Move the declared state (Adam's moments, by :meth:`Balancer.to`) and ``theta``. ``theta`` is a new
+        ``nn.Parameter`` afterwards (a move to ``meta`` cannot be made in place): ask :meth:`parameters` again."""
         super().to(device, dtype)
         if isinstance(device, torch.dtype):
             device, dtype = None, device
@@ -280,7 +269,6 @@ class LearnedBalancer(Balancer):
         if old.grad is not None:
             new.grad = old.grad.to(device=new.device, dtype=new.dtype)
         self._reached = None if reached is None else self._all if reached is old_all else reached.to(new.device)
-        self._place_moments()
         return self
 
     def __repr__(self) -> str:
