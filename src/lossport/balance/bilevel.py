@@ -35,7 +35,7 @@ from ..result_types import Losses
 from ..solvers import interior_qp, min_norm_simplex
 from .base import Context, register
 from .learned import LearnedBalancer
-from .loss_level import _training
+from .loss_level import _training, _values
 from .stochastic import cross, jacobian_rows
 from .surgery import _zero_valued
 
@@ -121,7 +121,7 @@ class LDCMTL(LearnedBalancer):
         names = losses.names
         if not names:
             return {}, {}
-        vals = {k: float(v.detach()) for k, v in losses.parts.items()}
+        vals = _values(losses)
         lt, dlt = self._normalized(vals, names)
         logits = self._vector(names)
         sigma = torch.softmax(logits, dim=0)

@@ -543,7 +543,7 @@ class GradNorm(LearnedBalancer):
         trainable = all(losses.parts[k].requires_grad for k in names)
         if not torch.is_grad_enabled() or not trainable or not names:
             return b
-        vals = {k: float(losses.parts[k].detach()) for k in names}
+        vals = dict(zip(names, _floats(losses), strict=True))
         for k, v in vals.items():
             _positive("GradNorm", k, v, "its training rates are ratios L_i / L_i(0)")
             self._initial.setdefault(k, v)

@@ -41,6 +41,7 @@ from .. import distributed
 from ..result_types import Losses
 from .base import register
 from .gramian_base import GramianBalancer, diagnostics
+from .loss_level import _floats
 
 _BLOCK = 16384  # columns of the Jacobian processed at a time (a few MB of temporaries)
 
@@ -274,7 +275,7 @@ class DBMTL(_Surgery):
             self.add_state(name, value)
 
     def _values(self, losses: Losses) -> list[float]:
-        return [float(losses.parts[k].detach()) + self.eps for k in losses.names]
+        return [v + self.eps for v in _floats(losses)]
 
     def between(self, losses: Losses) -> dict[str, float]:
         single = len(losses.names) == 1
