@@ -266,8 +266,7 @@ class Balancer:
             return self._apply_vector(losses, b, extra)
         if b.keys() != losses.parts.keys():
             raise RuntimeError(f"{type(self).__name__} returned weights for {sorted(b)}, parts are {losses.names}")
-        static = losses.weights
-        weights = {k: b[k] if type(s := static[k]) is float and s == 1.0 else _mul(s, b[k]) for k in losses.parts}
+        weights = {k: _mul(losses.weights[k], b[k]) for k in losses.parts}
         return losses.reweighted(weights, extra)
 
     def _apply_vector(self, losses: Losses, b: Tensor, extra: Mapping[str, Tensor]) -> Losses:
